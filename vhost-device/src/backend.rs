@@ -1,0 +1,845 @@
+//! vhost-user plumbing: turns vrings, kicks and timer ticks into calls on the [`Card`] model,
+//! and completions back into used-ring entries and interrupts.
+//!
+//! Everything read from guest memory is treated as hostile: descriptor chains are validated
+//! completely before the device writes a single byte, malformed requests get the answer the
+//! specification defines (a status code, or used length 0), and nothing here panics on guest
+//! input.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use thiserror::Error;
+use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
+use vdaq_wire::config::CONFIG_SIZE;
+use vdaq_wire::control::{self, CommandHeader, ResponseHeader};
+use vdaq_wire::event::{fault, EVENT_SIZE};
+use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
+use vdaq_wire::{feature, queue};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::model::{BufferWriteError, Card, Completion, Limits, ReadBuffer, Settings};
+
+/// Guest memory as the backend sees it.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type MemorySnapshot = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+
+/// Epoll token of the sample-clock timer. Tokens up to `queue::COUNT` belong to the queues and
+/// the library's exit event.
+pub const TIMER_EVENT: u16 = queue::COUNT + 1;
+
+/// Largest control request (header + payload) the device reads; larger ones are BAD_SIZE.
+const MAX_COMMAND_BYTES: usize = 4096;
+
+/// Errors of this module that end the backend's setup (never caused by the guest).
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// The device model refused the power-on settings.
+    #[error("invalid device settings: {0}")]
+    Settings(#[from] crate::model::SettingsError),
+    /// A timer or event fd could not be created.
+    #[error("cannot create {what}: {source}")]
+    Fd {
+        /// Which fd.
+        what: &'static str,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+/// What is wrong with a descriptor chain the guest made available.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChainError {
+    /// A device-readable descriptor where only device-writable ones may be.
+    #[error("device-readable descriptor in a device-writable buffer")]
+    WrongDirection,
+    /// A device-readable descriptor after a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// A descriptor's address range is not (entirely) guest memory.
+    #[error("descriptor outside guest memory")]
+    OutOfBounds,
+    /// The chain loops, points past the table, or has a bad indirect table.
+    #[error("broken descriptor chain (loop, bad next index or bad indirect table)")]
+    Broken,
+    /// More descriptors than the device accepts.
+    #[error("more than {MAX_CHAIN_DESCRIPTORS} descriptors in one chain")]
+    TooManyDescriptors,
+    /// Not even room for the header.
+    #[error("chain too short for the header")]
+    TooShort,
+}
+
+/// One contiguous piece of a descriptor chain in guest memory.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    addr: GuestAddress,
+    len: usize,
+}
+
+/// Device-readable and device-writable parts of a validated chain.
+#[derive(Debug, Default)]
+struct ChainLayout {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+}
+
+impl ChainLayout {
+    fn writable_bytes(&self) -> usize {
+        self.writable.iter().map(|s| s.len).sum()
+    }
+
+    fn readable_bytes(&self) -> usize {
+        self.readable.iter().map(|s| s.len).sum()
+    }
+}
+
+/// Walks `chain`, checking every descriptor before anything is written: direction order
+/// (readable first), bounds, length, and that the chain ended where its last descriptor says.
+fn validate_chain(
+    chain: DescriptorChain<MemorySnapshot>,
+    mem: &GuestMemoryMmap<()>,
+) -> Result<ChainLayout, ChainError> {
+    let mut layout = ChainLayout::default();
+    let mut count = 0;
+    let mut last_has_next = false;
+    for desc in chain {
+        count += 1;
+        if count > MAX_CHAIN_DESCRIPTORS {
+            return Err(ChainError::TooManyDescriptors);
+        }
+        let len = desc.len() as usize;
+        let access = if desc.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        if len > 0 && !mem.check_range(desc.addr(), len, access) {
+            return Err(ChainError::OutOfBounds);
+        }
+        let segment = Segment {
+            addr: desc.addr(),
+            len,
+        };
+        if desc.is_write_only() {
+            layout.writable.push(segment);
+        } else if layout.writable.is_empty() {
+            layout.readable.push(segment);
+        } else {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        last_has_next = desc.has_next();
+    }
+    // The iterator stops early, without an error, on loops, out-of-range next indices and bad
+    // indirect tables; a last descriptor that still claims a successor gives it away.
+    if count == 0 || last_has_next {
+        return Err(ChainError::Broken);
+    }
+    Ok(layout)
+}
+
+/// Writes `data` at byte `offset` of the area made of `segments`. Fails without writing
+/// anything if the area is too small.
+fn write_segments(
+    mem: &GuestMemoryMmap<()>,
+    segments: &[Segment],
+    mut offset: usize,
+    mut data: &[u8],
+) -> Result<(), BufferWriteError> {
+    let total: usize = segments.iter().map(|s| s.len).sum();
+    let error = BufferWriteError {
+        offset,
+        len: data.len(),
+    };
+    if offset.checked_add(data.len()).is_none_or(|end| end > total) {
+        return Err(error);
+    }
+    for segment in segments {
+        if data.is_empty() {
+            break;
+        }
+        if offset >= segment.len {
+            offset -= segment.len;
+            continue;
+        }
+        let n = (segment.len - offset).min(data.len());
+        let addr = segment
+            .addr
+            .checked_add(offset as u64)
+            .ok_or(BufferWriteError { ..error })?;
+        mem.write_slice(&data[..n], addr)
+            .map_err(|_| BufferWriteError { ..error })?;
+        data = &data[n..];
+        offset = 0;
+    }
+    Ok(())
+}
+
+/// A read buffer posted on the data queue, validated, in guest memory.
+#[derive(Debug)]
+pub struct GuestBuffer {
+    head: u16,
+    writable: Vec<Segment>,
+    capacity: usize,
+    mem: GuestMemoryHandle,
+}
+
+impl ReadBuffer for GuestBuffer {
+    fn payload_capacity(&self) -> usize {
+        self.capacity - HEADER_SIZE
+    }
+
+    fn write_payload(&mut self, offset: usize, data: &[u8]) -> Result<(), BufferWriteError> {
+        let mem = self.mem.memory();
+        write_segments(&mem, &self.writable, HEADER_SIZE + offset, data)
+    }
+
+    fn write_header(&mut self, header: &BufferHeader) -> Result<(), BufferWriteError> {
+        let mem = self.mem.memory();
+        write_segments(&mem, &self.writable, 0, header.as_bytes())
+    }
+}
+
+/// Logs each kind of guest error once at warning level, then at debug level, so a hostile or
+/// broken guest cannot flood the log.
+#[derive(Debug, Default)]
+struct GuestErrorLog {
+    seen: std::collections::HashSet<String>,
+}
+
+impl GuestErrorLog {
+    fn report(&mut self, queue_name: &str, what: impl std::fmt::Display) {
+        let message = format!("{queue_name} queue: {what}");
+        if self.seen.insert(message.clone()) {
+            warn!("{message} (further reports of this kind at debug level)");
+        } else {
+            debug!("{message}");
+        }
+    }
+}
+
+/// A device-writable buffer posted on the event queue.
+#[derive(Debug)]
+struct EventSlot {
+    head: u16,
+    writable: Vec<Segment>,
+}
+
+/// Options of one device instance that are not acquisition settings.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOptions {
+    /// Power-on acquisition settings.
+    pub settings: Settings,
+    /// Card limits (FIFO depth, rate range, channels).
+    pub limits: Limits,
+    /// Largest virtqueue size offered.
+    pub queue_size: u16,
+    /// Period of the device's sample-clock tick.
+    pub tick: Duration,
+}
+
+/// The vhost-user backend of one vdaq device.
+pub struct DaqBackend {
+    card: Card<GuestBuffer>,
+    options: DeviceOptions,
+    mem: Option<GuestMemoryHandle>,
+    event_idx: bool,
+    acked_features: u64,
+    epoch: Instant,
+    timer: TimerFd,
+    timer_armed: bool,
+    exit_consumer: EventConsumer,
+    exit_notifier: EventNotifier,
+    frontend: Option<Backend>,
+    vrings: Vec<VringRwLock>,
+    event_slots: VecDeque<EventSlot>,
+    completions: Vec<Completion<GuestBuffer>>,
+    errors: GuestErrorLog,
+}
+
+impl std::fmt::Debug for DaqBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaqBackend")
+            .field("card", &self.card)
+            .field("event_idx", &self.event_idx)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DaqBackend {
+    /// A backend for one device with the given options.
+    pub fn new(options: DeviceOptions) -> Result<Self, BackendError> {
+        let card = Card::new(options.settings, options.limits)?;
+        let timer = TimerFd::new().map_err(|source| BackendError::Fd {
+            what: "sample-clock timer",
+            source: io::Error::from_raw_os_error(source.errno()),
+        })?;
+        set_nonblocking(&timer).map_err(|source| BackendError::Fd {
+            what: "sample-clock timer",
+            source,
+        })?;
+        let (exit_consumer, exit_notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .map_err(|source| BackendError::Fd {
+            what: "exit event",
+            source,
+        })?;
+        Ok(DaqBackend {
+            card,
+            options,
+            mem: None,
+            event_idx: false,
+            acked_features: 0,
+            epoch: Instant::now(),
+            timer,
+            timer_armed: false,
+            exit_consumer,
+            exit_notifier,
+            frontend: None,
+            vrings: Vec::new(),
+            event_slots: VecDeque::new(),
+            completions: Vec::new(),
+            errors: GuestErrorLog::default(),
+        })
+    }
+
+    /// The sample-clock timer's fd, to register with the daemon's epoll loop as
+    /// [`TIMER_EVENT`].
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The device model (for tests and statistics).
+    pub fn card(&self) -> &Card<GuestBuffer> {
+        &self.card
+    }
+
+    /// Device clock: ns since this backend was created.
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn memory(&self) -> Option<GuestMemoryHandle> {
+        self.mem.clone()
+    }
+
+    /// Pops every available chain of `vring`, handing each to `take`. Follows the EVENT_IDX
+    /// protocol: notifications are off while draining and the ring is re-checked after
+    /// turning them back on, so a buffer made available in between is not missed.
+    fn drain_available(
+        &mut self,
+        vring: &VringRwLock,
+        queue_name: &'static str,
+        mut take: impl FnMut(&mut Self, DescriptorChain<MemorySnapshot>, &GuestMemoryMmap<()>),
+    ) -> io::Result<()> {
+        let Some(mem_handle) = self.memory() else {
+            return Ok(());
+        };
+        loop {
+            if self.event_idx {
+                vring.disable_notification().map_err(to_io)?;
+            }
+            let mem = mem_handle.memory();
+            let chains = {
+                let mut state = vring.get_mut();
+                state
+                    .get_queue_mut()
+                    .iter(mem_handle.memory())
+                    .map(|iter| iter.collect::<Vec<_>>())
+            };
+            let chains = match chains {
+                Ok(chains) => chains,
+                Err(err) => {
+                    // The avail index is nonsense: the ring cannot be trusted any more.
+                    self.errors
+                        .report(queue_name, format_args!("corrupt ring: {err}"));
+                    self.needs_reset(fault::QUEUE_CORRUPT);
+                    return Ok(());
+                }
+            };
+            for chain in chains {
+                take(self, chain, &mem);
+            }
+            if !self.event_idx || !vring.enable_notification().map_err(to_io)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn needs_reset(&mut self, fault_code: u32) {
+        let now = self.now_ns();
+        self.card.enter_needs_reset(fault_code, now);
+        if let Some(frontend) = &self.frontend {
+            // The virtio status byte belongs to the frontend; a config-change notification
+            // makes the driver read `state` and see NEEDS_RESET (see the spec).
+            if let Err(err) = frontend.handle_config_change() {
+                warn!("cannot send config-change notification: {err}");
+            }
+        }
+    }
+
+    fn process_data_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem_handle) = self.memory() else {
+            return Ok(());
+        };
+        self.drain_available(vring, "data", |this, chain, mem| {
+            let head = chain.head_index();
+            let buffer = validate_chain(chain, mem).and_then(|layout| {
+                if !layout.readable.is_empty() {
+                    return Err(ChainError::WrongDirection);
+                }
+                let capacity = layout.writable_bytes();
+                if capacity < HEADER_SIZE {
+                    return Err(ChainError::TooShort);
+                }
+                Ok(GuestBuffer {
+                    head,
+                    writable: layout.writable,
+                    capacity,
+                    mem: mem_handle.clone(),
+                })
+            });
+            match buffer {
+                Ok(buffer) => {
+                    let now = this.now_ns();
+                    this.card.post(buffer, now, &mut this.completions);
+                }
+                Err(err) => {
+                    this.errors.report("data", err);
+                    this.card.count_rejected();
+                    if let Err(err) = vring.add_used(head, 0) {
+                        this.errors
+                            .report("data", format_args!("add_used failed: {err}"));
+                    }
+                    this.signal(vring);
+                }
+            }
+        })
+    }
+
+    fn process_control_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
+        let Some(control_vring) = vrings.get(usize::from(queue::CONTROL)) else {
+            return Ok(());
+        };
+        self.drain_available(control_vring, "control", |this, chain, mem| {
+            let head = chain.head_index();
+            let used_len = this.execute_command(chain, mem, vrings);
+            if let Err(err) = control_vring.add_used(head, used_len) {
+                this.errors
+                    .report("control", format_args!("add_used failed: {err}"));
+            }
+            this.signal(control_vring);
+        })
+    }
+
+    /// Runs one control request; returns the used length of its reply.
+    fn execute_command(
+        &mut self,
+        chain: DescriptorChain<MemorySnapshot>,
+        mem: &GuestMemoryMmap<()>,
+        vrings: &[VringRwLock],
+    ) -> u32 {
+        let layout = match validate_chain(chain, mem) {
+            Ok(layout) => layout,
+            Err(err) => {
+                self.errors.report("control", err);
+                self.card.count_rejected();
+                return 0;
+            }
+        };
+        let reply_space = layout.writable_bytes();
+        if reply_space < size_of::<ResponseHeader>() {
+            self.errors
+                .report("control", "no room for the reply header");
+            self.card.count_rejected();
+            return 0;
+        }
+        let reply = |this: &mut Self, status: u32, payload: &[u8]| -> u32 {
+            let header = ResponseHeader {
+                status: status.into(),
+                reserved: 0.into(),
+            };
+            let mut bytes = header.as_bytes().to_vec();
+            bytes.extend_from_slice(payload);
+            match write_segments(mem, &layout.writable, 0, &bytes) {
+                Ok(()) => bytes.len() as u32,
+                Err(err) => {
+                    this.errors.report("control", err);
+                    0
+                }
+            }
+        };
+        let request_len = layout.readable_bytes();
+        if request_len < size_of::<CommandHeader>() || request_len > MAX_COMMAND_BYTES {
+            self.errors
+                .report("control", format_args!("request of {request_len} bytes"));
+            self.card.count_rejected();
+            return reply(self, control::status::BAD_SIZE, &[]);
+        }
+        let mut request = vec![0u8; request_len];
+        let mut filled = 0;
+        for segment in &layout.readable {
+            if mem
+                .read_slice(&mut request[filled..filled + segment.len], segment.addr)
+                .is_err()
+            {
+                self.card.count_rejected();
+                return reply(self, control::status::BAD_SIZE, &[]);
+            }
+            filled += segment.len;
+        }
+        let (header_bytes, payload) = request.split_at(size_of::<CommandHeader>());
+        let Ok(header) = CommandHeader::read_from_bytes(header_bytes) else {
+            return reply(self, control::status::BAD_SIZE, &[]);
+        };
+        let op = header.opcode.get();
+        if control::command_payload_size(op).is_some()
+            && reply_space < size_of::<ResponseHeader>() + control::reply_payload_size(op)
+        {
+            self.errors.report(
+                "control",
+                format_args!("reply area too small for opcode {op}"),
+            );
+            self.card.count_rejected();
+            return reply(self, control::status::BAD_SIZE, &[]);
+        }
+        let now = self.now_ns();
+        let result = self.card.execute(op, payload, now, &mut self.completions);
+        if result.status != control::status::OK {
+            self.errors.report(
+                "control",
+                format_args!("opcode {op} answered with status {}", result.status),
+            );
+            if matches!(
+                result.status,
+                control::status::UNSUPPORTED | control::status::BAD_SIZE
+            ) {
+                self.card.count_rejected();
+            }
+        }
+        // Data buffers completed by this command (STOP, FLUSH) reach the used ring before the
+        // reply does, so a driver that sees the reply finds them already returned.
+        if let Some(data) = vrings.get(usize::from(queue::DATA)) {
+            self.publish_completions(data, true);
+        }
+        reply(self, result.status, &result.payload)
+    }
+
+    fn process_event_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        self.drain_available(vring, "event", |this, chain, mem| {
+            let head = chain.head_index();
+            match validate_chain(chain, mem) {
+                Ok(layout)
+                    if layout.readable.is_empty() && layout.writable_bytes() >= EVENT_SIZE =>
+                {
+                    this.event_slots.push_back(EventSlot {
+                        head,
+                        writable: layout.writable,
+                    });
+                }
+                Ok(_) => this.reject_event_buffer(vring, head, ChainError::TooShort),
+                Err(err) => this.reject_event_buffer(vring, head, err),
+            }
+        })
+    }
+
+    fn reject_event_buffer(&mut self, vring: &VringRwLock, head: u16, err: ChainError) {
+        self.errors.report("event", err);
+        self.card.count_rejected();
+        if let Err(err) = vring.add_used(head, 0) {
+            self.errors
+                .report("event", format_args!("add_used failed: {err}"));
+        }
+        self.signal(vring);
+    }
+
+    /// Moves pending events into posted event buffers.
+    fn deliver_events(&mut self, vring: &VringRwLock) {
+        let Some(mem) = self.memory() else {
+            return;
+        };
+        let mem = mem.memory();
+        let mut delivered = false;
+        while self.card.has_events() && !self.event_slots.is_empty() {
+            let (Some(slot), Some(event)) = (self.event_slots.pop_front(), self.card.pop_event())
+            else {
+                break;
+            };
+            let used_len = match write_segments(&mem, &slot.writable, 0, event.as_bytes()) {
+                Ok(()) => EVENT_SIZE as u32,
+                Err(err) => {
+                    self.errors.report("event", err);
+                    0
+                }
+            };
+            if let Err(err) = vring.add_used(slot.head, used_len) {
+                self.errors
+                    .report("event", format_args!("add_used failed: {err}"));
+            }
+            delivered = true;
+        }
+        if delivered {
+            self.signal(vring);
+        }
+    }
+
+    /// Puts completed read buffers on the used ring and notifies the driver when the
+    /// coalescing policy (or `force`) says so.
+    fn publish_completions(&mut self, vring: &VringRwLock, force: bool) {
+        for completion in self.completions.drain(..) {
+            if let Err(err) = vring.add_used(completion.buffer.head, completion.used_len) {
+                self.errors
+                    .report("data", format_args!("add_used failed: {err}"));
+            }
+        }
+        let now = self.now_ns();
+        if self.card.take_notification(now, force) {
+            self.signal(vring);
+        }
+    }
+
+    /// Notifies the driver if its notification suppression allows it.
+    fn signal(&mut self, vring: &VringRwLock) {
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(err) = vring.signal_used_queue() {
+                    debug!("signal_used_queue failed: {err}");
+                }
+            }
+            Ok(false) => {}
+            Err(err) => self
+                .errors
+                .report("used", format_args!("cannot read used_event: {err}")),
+        }
+    }
+
+    /// After any event: advance the card, publish what completed, deliver events, keep the
+    /// timer running exactly while the card has time-driven work.
+    fn pump(&mut self, vrings: &[VringRwLock]) {
+        let now = self.now_ns();
+        self.card.advance(now, &mut self.completions);
+        if let Some(data) = vrings.get(usize::from(queue::DATA)) {
+            self.publish_completions(data, false);
+        }
+        if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
+            self.deliver_events(events);
+        }
+        self.update_timer();
+    }
+
+    fn update_timer(&mut self) {
+        let wanted = self.card.wants_ticks();
+        if wanted == self.timer_armed {
+            return;
+        }
+        let result = if wanted {
+            self.timer.reset(self.options.tick, Some(self.options.tick))
+        } else {
+            self.timer.clear()
+        };
+        match result {
+            Ok(()) => self.timer_armed = wanted,
+            Err(err) => warn!(
+                "cannot {} the sample-clock timer: {err}",
+                if wanted { "arm" } else { "disarm" }
+            ),
+        }
+    }
+
+    fn release_held_buffers(&mut self, reason: &str) {
+        let now = self.now_ns();
+        let returned = self.card.flush(now, &mut self.completions);
+        if returned > 0 {
+            info!("{reason}: returned {returned} held read buffers as flushed");
+        }
+        if let Some(data) = self.vrings.get(usize::from(queue::DATA)).cloned() {
+            self.publish_completions(&data, true);
+        } else {
+            self.completions.clear();
+        }
+    }
+}
+
+fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFL on an fd we own reads flags and touches no memory.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on an fd we own only changes its status flags.
+    if unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn to_io(err: virtio_queue::Error) -> io::Error {
+    io::Error::other(err.to_string())
+}
+
+impl VhostUserBackendMut for DaqBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(queue::COUNT)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.options.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        feature::DEVICE_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+        self.card
+            .set_crc_enabled(features & (1 << feature::DAQ_F_CRC32) != 0);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&mut self) {
+        let released = self.card.reset();
+        self.event_slots.clear();
+        self.completions.clear();
+        debug!("device reset; {} read buffers released", released.len());
+        self.update_timer();
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.card.config_space();
+        let bytes = config.as_bytes();
+        let start = offset as usize;
+        match start.checked_add(size as usize) {
+            Some(end) if end <= CONFIG_SIZE => bytes[start..end].to_vec(),
+            _ => {
+                debug!("GET_CONFIG outside the {CONFIG_SIZE}-byte config space: {offset}+{size}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The configuration space is read-only (settings change through CONFIGURE, which
+        // answers with a status); writes are ignored, as the spec says.
+        self.errors.report(
+            "config",
+            format_args!("ignored write of {} bytes at offset {offset}", buf.len()),
+        );
+        Ok(())
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryHandle) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        self.frontend = Some(backend);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((
+            self.exit_consumer.try_clone().ok()?,
+            self.exit_notifier.try_clone().ok()?,
+        ))
+    }
+
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        // Buffers the device holds must not outlive the ring: return them before the
+        // frontend reads the ring base, so a paused or reset driver gets every one back.
+        match u16::try_from(queue_index) {
+            Ok(queue::DATA) => self.release_held_buffers("data queue stopped"),
+            Ok(queue::EVENT) => {
+                if let Some(vring) = self.vrings.get(usize::from(queue::EVENT)).cloned() {
+                    while let Some(slot) = self.event_slots.pop_front() {
+                        if let Err(err) = vring.add_used(slot.head, 0) {
+                            self.errors
+                                .report("event", format_args!("add_used failed: {err}"));
+                        }
+                    }
+                    self.signal(&vring);
+                }
+                self.event_slots.clear();
+            }
+            _ => {}
+        }
+        self.update_timer();
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if self.vrings.is_empty() {
+            self.vrings = vrings.to_vec();
+        }
+        if evset != EventSet::IN {
+            debug!("unexpected event set {evset:?} for event {device_event}");
+        }
+        let result = match device_event {
+            queue::DATA => match vrings.get(usize::from(queue::DATA)) {
+                Some(vring) => self.process_data_queue(vring),
+                None => Ok(()),
+            },
+            queue::CONTROL => self.process_control_queue(vrings),
+            queue::EVENT => match vrings.get(usize::from(queue::EVENT)) {
+                Some(vring) => self.process_event_queue(vring),
+                None => Ok(()),
+            },
+            TIMER_EVENT => {
+                // Expiration count is not needed: the card works from the clock, not ticks.
+                if let Err(err) = self.timer.wait() {
+                    if err.errno() != libc::EAGAIN {
+                        debug!("timer read failed: {err}");
+                    }
+                }
+                Ok(())
+            }
+            other => {
+                warn!("unknown device event {other}");
+                Ok(())
+            }
+        };
+        if let Err(err) = result {
+            // A queue-level failure is the guest's doing; report it and keep serving.
+            self.errors
+                .report("vring", format_args!("event {device_event}: {err}"));
+        }
+        self.pump(vrings);
+        Ok(())
+    }
+}
+

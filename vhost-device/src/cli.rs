@@ -1,0 +1,375 @@
+//! Command-line options, in rust-vmm vhost-device conventions plus QEMU's vhost-user
+//! backend-program conventions (`--print-capabilities`, `--fd`).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{error::ErrorKind, Parser, ValueEnum};
+use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
+
+use crate::backend::DeviceOptions;
+use crate::model::{Limits, Settings};
+
+/// Where the daemon takes vhost-user connections from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Listen on these socket paths, one device each.
+    Paths(Vec<PathBuf>),
+    /// Serve the listening socket inherited as this fd.
+    Fd(i32),
+}
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Connection source.
+    pub endpoint: Endpoint,
+    /// Per-device options.
+    pub device: DeviceOptions,
+}
+
+/// What `main` should do.
+#[derive(Debug)]
+pub enum Action {
+    /// Run the daemon.
+    Serve(DaemonConfig),
+    /// Exit now with this code (help, version, capabilities were printed).
+    Exit(ExitCode),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    S16,
+    S32,
+    F32,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SignalArg {
+    Counter,
+    Sine,
+    Square,
+    Sawtooth,
+    Noise,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ClockArg {
+    /// Sample in real time at --rate; a full FIFO overruns.
+    Paced,
+    /// Fill buffers as fast as the driver posts them (throughput mode).
+    Free,
+}
+
+/// vhost-user backend for vdaq, a virtual data-acquisition card.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Location of the vhost-user Unix domain socket. With --socket-count N > 1, the
+    /// sockets are PATH0 .. PATH{N-1}.
+    #[arg(short = 's', long, value_name = "PATH", conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+
+    /// Number of devices (one socket each).
+    #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    socket_count: u16,
+
+    /// Serve the already-listening vhost-user socket inherited as this file descriptor.
+    #[arg(long, value_name = "FDNUM")]
+    fd: Option<i32>,
+
+    /// Print the backend's capabilities as JSON and exit (vhost-user backend convention).
+    #[arg(long)]
+    print_capabilities: bool,
+
+    /// Paced sample rate in Hz.
+    #[arg(short = 'r', long, default_value_t = 100_000)]
+    rate: u32,
+
+    /// Channels per frame.
+    #[arg(long, default_value_t = 4)]
+    channels: u16,
+
+    /// Sample format.
+    #[arg(long, value_enum, default_value_t = FormatArg::S16)]
+    format: FormatArg,
+
+    /// Signal source.
+    #[arg(long, value_enum, default_value_t = SignalArg::Counter)]
+    signal: SignalArg,
+
+    /// Frequency of periodic signals, in Hz.
+    #[arg(long, default_value_t = 1000.0)]
+    signal_freq: f64,
+
+    /// Signal amplitude in per mille of full scale (0..=1000).
+    #[arg(long, default_value_t = 900)]
+    amplitude: u16,
+
+    /// Seed of the noise source.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+
+    /// Sample clock mode.
+    #[arg(long, value_enum, default_value_t = ClockArg::Paced)]
+    clock: ClockArg,
+
+    /// Latency bound in µs: longest a sampled frame waits before its buffer completes.
+    #[arg(long, default_value_t = 10_000)]
+    latency_us: u32,
+
+    /// FIFO depth in frames.
+    #[arg(long, default_value_t = 65_536)]
+    fifo_frames: u32,
+
+    /// FIFO watermark in frames (data moves into buffers at this level).
+    #[arg(long, default_value_t = 256)]
+    watermark: u32,
+
+    /// Completed buffers per interrupt (1 = no coalescing).
+    #[arg(long, default_value_t = 1)]
+    coalesce: u16,
+
+    /// Most channels a frame may carry.
+    #[arg(long, default_value_t = 64)]
+    max_channels: u16,
+
+    /// Largest virtqueue size offered to the driver (power of two).
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
+
+    /// Period of the device's clock tick, in µs.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    tick_us: u32,
+}
+
+/// Parses the command line. `Err` is a one-line message for exit code 2.
+pub fn parse<I, T>(args: I) -> Result<Action, String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(err) => {
+            return match err.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    // clap renders help and version itself.
+                    let _ = err.print();
+                    Ok(Action::Exit(ExitCode::SUCCESS))
+                }
+                _ => Err(one_line(&err)),
+            };
+        }
+    };
+    if args.print_capabilities {
+        println!("{}", capabilities_json());
+        return Ok(Action::Exit(ExitCode::SUCCESS));
+    }
+    let endpoint = match (&args.socket_path, args.fd) {
+        (Some(path), None) => Endpoint::Paths(socket_paths(path, args.socket_count)),
+        (None, Some(fd)) if fd >= 0 => {
+            if args.socket_count != 1 {
+                return Err("--fd serves one device; drop --socket-count".into());
+            }
+            Endpoint::Fd(fd)
+        }
+        (None, Some(fd)) => {
+            return Err(format!(
+                "--fd {fd} is not a file descriptor; pass the inherited socket's number"
+            ))
+        }
+        _ => return Err("missing --socket-path; pass --socket-path PATH (or --fd FDNUM)".into()),
+    };
+    if !args.queue_size.is_power_of_two() {
+        return Err(format!(
+            "--queue-size {} is not a power of two; use e.g. 256 or 1024",
+            args.queue_size
+        ));
+    }
+    let settings = Settings {
+        rate_hz: args.rate,
+        channels: args.channels,
+        format: match args.format {
+            FormatArg::S16 => SampleFormat::S16,
+            FormatArg::S32 => SampleFormat::S32,
+            FormatArg::F32 => SampleFormat::F32,
+        },
+        signal: match args.signal {
+            SignalArg::Counter => SignalKind::Counter,
+            SignalArg::Sine => SignalKind::Sine,
+            SignalArg::Square => SignalKind::Square,
+            SignalArg::Sawtooth => SignalKind::Sawtooth,
+            SignalArg::Noise => SignalKind::Noise,
+        },
+        signal_freq_mhz: hz_to_mhz(args.signal_freq).ok_or_else(|| {
+            format!(
+                "--signal-freq {} is out of range; use 0 to 4294967 Hz",
+                args.signal_freq
+            )
+        })?,
+        amplitude_permille: args.amplitude,
+        seed: args.seed,
+        clock: match args.clock {
+            ClockArg::Paced => ClockMode::Paced,
+            ClockArg::Free => ClockMode::FreeRunning,
+        },
+        latency_us: args.latency_us,
+        watermark_frames: args.watermark,
+        coalesce_buffers: args.coalesce,
+    };
+    let limits = Limits {
+        max_channels: args.max_channels,
+        fifo_frames: args.fifo_frames,
+        ..Limits::default()
+    };
+    if args.fifo_frames == 0 {
+        return Err("--fifo-frames must be at least 1".into());
+    }
+    settings
+        .validate(&limits)
+        .map_err(|err| format!("{err}; fix the matching option (see --help)"))?;
+    Ok(Action::Serve(DaemonConfig {
+        endpoint,
+        device: DeviceOptions {
+            settings,
+            limits,
+            queue_size: args.queue_size,
+            tick: Duration::from_micros(u64::from(args.tick_us)),
+        },
+    }))
+}
+
+fn hz_to_mhz(hz: f64) -> Option<u32> {
+    let mhz = (hz * 1000.0).round();
+    (hz.is_finite() && (0.0..=f64::from(u32::MAX)).contains(&mhz)).then_some(mhz as u32)
+}
+
+/// Socket paths for `count` devices: PATH itself for one, PATH0..PATH{N-1} for more.
+fn socket_paths(path: &std::path::Path, count: u16) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![path.to_path_buf()];
+    }
+    (0..count)
+        .map(|i| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(i.to_string());
+            PathBuf::from(name)
+        })
+        .collect()
+}
+
+/// clap's first error line plus where to look, e.g.
+/// `error: unexpected argument '--foo' found; see --help`.
+fn one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let first = rendered
+        .lines()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    format!("{first}; run with --help for the valid options")
+}
+
+/// The `--print-capabilities` document (docs/interop/vhost-user.json in QEMU).
+pub fn capabilities_json() -> String {
+    serde_json::json!({
+        "type": "daq",
+        "features": [],
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(args: &[&str]) -> Result<Action, String> {
+        parse(std::iter::once("vhost-device-daq").chain(args.iter().copied()))
+    }
+
+    fn config(args: &[&str]) -> DaemonConfig {
+        match parse_args(args) {
+            Ok(Action::Serve(config)) => config,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_a_valid_device() {
+        let config = config(&["-s", "/tmp/daq.sock"]);
+        assert_eq!(
+            config.endpoint,
+            Endpoint::Paths(vec!["/tmp/daq.sock".into()])
+        );
+        assert_eq!(config.device.settings.rate_hz, 100_000);
+        assert_eq!(config.device.settings.signal, SignalKind::Counter);
+    }
+
+    #[test]
+    fn socket_count_suffixes_the_path() {
+        let config = config(&["--socket-path", "/tmp/d", "--socket-count", "3"]);
+        assert_eq!(
+            config.endpoint,
+            Endpoint::Paths(vec!["/tmp/d0".into(), "/tmp/d1".into(), "/tmp/d2".into()])
+        );
+    }
+
+    #[test]
+    fn device_options_are_applied() {
+        let config = config(&[
+            "-s",
+            "x",
+            "--rate",
+            "48000",
+            "--channels",
+            "8",
+            "--format",
+            "f32",
+            "--signal",
+            "sine",
+            "--signal-freq",
+            "440.5",
+            "--clock",
+            "free",
+            "--coalesce",
+            "8",
+        ]);
+        let s = config.device.settings;
+        assert_eq!(s.rate_hz, 48_000);
+        assert_eq!(s.channels, 8);
+        assert_eq!(s.format, SampleFormat::F32);
+        assert_eq!(s.signal, SignalKind::Sine);
+        assert_eq!(s.signal_freq_mhz, 440_500);
+        assert_eq!(s.clock, ClockMode::FreeRunning);
+        assert_eq!(s.coalesce_buffers, 8);
+    }
+
+    #[test]
+    fn misuse_gives_one_line_naming_the_fix() {
+        for (args, needle) in [
+            (&["--socket-path"][..], "--socket-path"),
+            (&["-s", "x", "--bogus"][..], "--bogus"),
+            (&[][..], "--socket-path"),
+            (&["-s", "x", "--channels", "0"][..], "channel count 0"),
+            (&["-s", "x", "--watermark", "999999"][..], "watermark"),
+            (&["-s", "x", "--queue-size", "100"][..], "power of two"),
+            (&["-s", "x", "--fd", "3"][..], "--fd"),
+            (&["-s", "x", "--format", "u8"][..], "u8"),
+        ] {
+            let message = parse_args(args).expect_err("misuse must fail");
+            assert!(!message.contains('\n'), "one line: {message:?}");
+            assert!(message.contains(needle), "{message:?} names {needle}");
+        }
+    }
+
+    #[test]
+    fn capabilities_are_json_with_type_and_features() {
+        let value: serde_json::Value =
+            serde_json::from_str(&capabilities_json()).expect("valid JSON");
+        assert_eq!(value["type"], "daq");
+        assert!(value["features"].is_array());
+    }
+}

@@ -1,0 +1,11 @@
+//! `vhost-device-daq`: the vdaq virtual data-acquisition card as a vhost-user backend.
+//!
+//! - [`model`]: the card (clock, FIFO, completer, commands), free of any vhost type;
+//! - [`backend`]: vrings and descriptors ⇄ model calls;
+//! - [`cli`]: command-line options → device options;
+//! - [`daemon`]: sockets, connections, reconnection.
+
+pub mod backend;
+pub mod cli;
+pub mod daemon;
+pub mod model;

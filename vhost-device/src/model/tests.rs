@@ -1,0 +1,510 @@
+use super::*;
+use vdaq_wire::pattern::verify_counter;
+
+/// A read buffer in plain memory; can be told to fail writes.
+#[derive(Debug)]
+struct VecBuffer {
+    bytes: Vec<u8>,
+    fail_writes: bool,
+}
+
+impl VecBuffer {
+    fn new(total: usize) -> Self {
+        VecBuffer {
+            bytes: vec![0xaa; total],
+            fail_writes: false,
+        }
+    }
+
+    fn header(&self) -> BufferHeader {
+        BufferHeader::read_from_bytes(&self.bytes[..HEADER_SIZE]).expect("header")
+    }
+
+    fn payload(&self) -> &[u8] {
+        let header = self.header();
+        &self.bytes[HEADER_SIZE..HEADER_SIZE + header.payload_bytes().expect("format")]
+    }
+}
+
+impl ReadBuffer for VecBuffer {
+    fn payload_capacity(&self) -> usize {
+        self.bytes.len().saturating_sub(HEADER_SIZE)
+    }
+
+    fn write_payload(&mut self, offset: usize, data: &[u8]) -> Result<(), BufferWriteError> {
+        if self.fail_writes {
+            return Err(BufferWriteError {
+                offset,
+                len: data.len(),
+            });
+        }
+        self.bytes[HEADER_SIZE + offset..HEADER_SIZE + offset + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_header(&mut self, header: &BufferHeader) -> Result<(), BufferWriteError> {
+        if self.bytes.len() < HEADER_SIZE {
+            return Err(BufferWriteError {
+                offset: 0,
+                len: HEADER_SIZE,
+            });
+        }
+        self.bytes[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+        Ok(())
+    }
+}
+
+const MS: u64 = 1_000_000;
+
+fn settings() -> Settings {
+    Settings {
+        rate_hz: 1000,
+        channels: 2,
+        format: SampleFormat::S32,
+        signal: SignalKind::Counter,
+        signal_freq_mhz: 1000,
+        amplitude_permille: 1000,
+        seed: 1,
+        clock: ClockMode::Paced,
+        latency_us: 1_000_000,
+        watermark_frames: 1,
+        coalesce_buffers: 1,
+    }
+}
+
+fn limits(fifo_frames: u32) -> Limits {
+    Limits {
+        fifo_frames,
+        ..Limits::default()
+    }
+}
+
+fn card(settings: Settings, fifo_frames: u32) -> Card<VecBuffer> {
+    Card::new(settings, limits(fifo_frames)).expect("valid settings")
+}
+
+/// A buffer with room for `frames` frames of 2 × S32.
+fn buffer(frames: usize) -> VecBuffer {
+    VecBuffer::new(HEADER_SIZE + frames * 8)
+}
+
+/// Verifies a completed counter-pattern buffer and returns its header.
+fn verified(completion: &Completion<VecBuffer>) -> BufferHeader {
+    let header = completion.buffer.header();
+    assert_eq!(header.status, buffer_status::OK);
+    let payload = completion.buffer.payload();
+    assert_eq!(completion.used_len as usize, HEADER_SIZE + payload.len());
+    let first_sample = header.first_frame.get() * u64::from(header.channels.get());
+    assert_eq!(
+        verify_counter(SampleFormat::S32, first_sample, payload),
+        None,
+        "payload follows the counter pattern"
+    );
+    header
+}
+
+#[test]
+fn free_running_fills_every_posted_buffer_with_a_continuous_stream() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    assert_eq!(card.start(0), control::status::OK);
+    for _ in 0..3 {
+        card.post(buffer(100), 5, &mut out);
+    }
+    card.advance(10, &mut out);
+    assert_eq!(out.len(), 3);
+    for (i, completion) in out.iter().enumerate() {
+        let header = verified(completion);
+        assert_eq!(header.sequence.get(), i as u64);
+        assert_eq!(header.first_frame.get(), 100 * i as u64);
+        assert_eq!(header.frame_count.get(), 100);
+        assert_eq!(header.rate_hz.get(), 0);
+        assert_eq!(header.flags.get() & flags::OVERRUN, 0);
+    }
+    assert_eq!(card.counters().frames_delivered, 300);
+    assert_eq!(card.counters().frames_produced, 300);
+}
+
+#[test]
+fn paced_clock_produces_frames_at_the_configured_rate() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(buffer(50), 0, &mut out);
+    card.post(buffer(50), 0, &mut out);
+    card.start(0);
+    card.advance(49 * MS, &mut out);
+    assert!(out.is_empty(), "49 frames do not fill a 50-frame buffer");
+    assert_eq!(card.counters().frames_produced, 49);
+    card.advance(120 * MS, &mut out);
+    assert_eq!(out.len(), 2);
+    let second = verified(&out[1]);
+    assert_eq!(second.first_frame.get(), 50);
+    // Frame 50 was sampled 50 ms after START.
+    assert_eq!(second.timestamp_ns.get(), 50 * MS);
+    assert_eq!(card.counters().frames_produced, 120);
+    assert_eq!(card.frames_pending(), 20);
+}
+
+#[test]
+fn overrun_drops_frames_counts_them_and_flags_the_next_buffer() {
+    let mut card = card(settings(), 100);
+    let mut out = Vec::new();
+    card.start(0);
+    // 250 frames due, FIFO holds 100, no buffer: 150 dropped.
+    card.advance(250 * MS, &mut out);
+    assert_eq!(card.counters().frames_dropped, 150);
+    card.post(buffer(100), 250 * MS, &mut out);
+    card.post(buffer(100), 250 * MS, &mut out);
+    card.advance(260 * MS, &mut out);
+    // First buffer: the 100 FIFO frames (0..100). Frames 250..260 follow the gap.
+    assert_eq!(out.len(), 1, "the gap completes the first buffer");
+    let first = verified(&out[0]);
+    assert_eq!(first.first_frame.get(), 0);
+    assert_eq!(first.frame_count.get(), 100);
+    assert_eq!(first.flags.get() & flags::OVERRUN, 0);
+    card.flush(260 * MS, &mut out);
+    let second = verified(&out[1]);
+    assert_eq!(second.first_frame.get(), 250);
+    assert_eq!(second.dropped_frames.get(), 150);
+    assert_ne!(second.flags.get() & flags::OVERRUN, 0);
+    assert_ne!(second.flags.get() & flags::FLUSHED, 0);
+    let event = card.pop_event().expect("overrun event");
+    assert_eq!(event.kind.get(), kind::OVERRUN);
+    assert_eq!(event.arg0.get(), 150);
+    assert_eq!(event.arg1.get(), 100);
+    let c = card.counters();
+    assert_eq!(
+        c.frames_produced,
+        c.frames_delivered + c.frames_dropped + card.frames_pending()
+    );
+}
+
+#[test]
+fn latency_bound_completes_a_partly_filled_buffer() {
+    let mut card = card(
+        Settings {
+            latency_us: 20_000,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    card.post(buffer(1000), 0, &mut out);
+    card.start(0);
+    card.advance(10 * MS, &mut out);
+    assert!(out.is_empty());
+    card.advance(25 * MS, &mut out);
+    assert_eq!(out.len(), 1);
+    let header = verified(&out[0]);
+    assert_ne!(header.flags.get() & flags::LATENCY, 0);
+    assert!(header.frame_count.get() >= 20);
+}
+
+#[test]
+fn watermark_holds_frames_in_the_fifo_until_reached() {
+    let mut card = card(
+        Settings {
+            watermark_frames: 30,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    card.post(buffer(10), 0, &mut out);
+    card.start(0);
+    card.advance(29 * MS, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(card.frames_pending(), 29);
+    card.advance(30 * MS, &mut out);
+    assert_eq!(
+        out.len(),
+        1,
+        "watermark reached: the DMA moves a buffer's worth"
+    );
+}
+
+#[test]
+fn flush_returns_every_held_buffer() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        card.post(buffer(100), 0, &mut out);
+    }
+    card.start(0);
+    card.advance(30 * MS, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(card.flush(30 * MS, &mut out), 4);
+    assert_eq!(card.buffers_held(), 0);
+    let first = verified(&out[0]);
+    assert_eq!(first.frame_count.get(), 30);
+    for completion in &out {
+        assert_ne!(completion.buffer.header().flags.get() & flags::FLUSHED, 0);
+    }
+    assert_eq!(out[3].buffer.header().frame_count.get(), 0);
+    assert_eq!(out[3].used_len as usize, HEADER_SIZE);
+}
+
+#[test]
+fn stop_completes_the_partial_buffer_and_keeps_the_rest_posted() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(buffer(100), 0, &mut out);
+    card.post(buffer(100), 0, &mut out);
+    card.start(0);
+    assert_eq!(card.stop(42 * MS, &mut out), control::status::OK);
+    assert_eq!(out.len(), 1);
+    let header = verified(&out[0]);
+    assert_eq!(header.frame_count.get(), 42);
+    assert_ne!(header.flags.get() & flags::STOPPED, 0);
+    assert_eq!(card.buffers_held(), 1);
+    card.advance(500 * MS, &mut out);
+    assert_eq!(out.len(), 1, "a stopped clock samples nothing");
+}
+
+#[test]
+fn restart_continues_the_stream_index() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(buffer(10), 0, &mut out);
+    card.post(buffer(10), 0, &mut out);
+    card.start(0);
+    card.advance(10 * MS, &mut out);
+    card.stop(10 * MS, &mut out);
+    card.start(1000 * MS);
+    card.advance(1010 * MS, &mut out);
+    assert_eq!(out.len(), 2);
+    let second = verified(&out[1]);
+    assert_eq!(second.first_frame.get(), 10);
+    assert_eq!(second.dropped_frames.get(), 0);
+    assert_eq!(second.timestamp_ns.get(), 1000 * MS);
+}
+
+#[test]
+fn commands_answer_with_the_specified_status_codes() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    let configure = Settings {
+        channels: 4,
+        ..settings()
+    }
+    .to_wire();
+    assert_eq!(
+        card.execute(99, &[], 0, &mut out).status,
+        control::status::UNSUPPORTED
+    );
+    assert_eq!(
+        card.execute(opcode::START, &[0], 0, &mut out).status,
+        control::status::BAD_SIZE
+    );
+    assert_eq!(
+        card.execute(opcode::CONFIGURE, &configure.as_bytes()[..39], 0, &mut out)
+            .status,
+        control::status::BAD_SIZE
+    );
+    let bad = Configure {
+        channels: 0.into(),
+        ..configure
+    };
+    assert_eq!(
+        card.execute(opcode::CONFIGURE, bad.as_bytes(), 0, &mut out)
+            .status,
+        control::status::INVALID
+    );
+    let bad_format = Configure {
+        format: 7,
+        ..configure
+    };
+    assert_eq!(
+        card.execute(opcode::CONFIGURE, bad_format.as_bytes(), 0, &mut out)
+            .status,
+        control::status::INVALID
+    );
+    assert_eq!(
+        card.execute(opcode::CONFIGURE, configure.as_bytes(), 0, &mut out)
+            .status,
+        control::status::OK
+    );
+    assert_eq!(card.settings().channels, 4);
+    assert_eq!(
+        card.execute(opcode::START, &[], 0, &mut out).status,
+        control::status::OK
+    );
+    assert_eq!(
+        card.execute(opcode::CONFIGURE, configure.as_bytes(), 0, &mut out)
+            .status,
+        control::status::BUSY
+    );
+    let reply = card.execute(opcode::GET_STATUS, &[], 5 * MS, &mut out);
+    assert_eq!(reply.status, control::status::OK);
+    let status = Status::read_from_bytes(&reply.payload).expect("status payload");
+    assert_eq!(status.device_time_ns.get(), 5 * MS);
+    assert_eq!(status.state, DeviceState::Running as u8);
+}
+
+#[test]
+fn software_trigger_flags_the_buffer_and_raises_an_event() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(buffer(100), 0, &mut out);
+    card.start(0);
+    card.advance(7 * MS, &mut out);
+    assert_eq!(card.trigger(), control::status::OK);
+    card.advance(100 * MS, &mut out);
+    let header = verified(&out[0]);
+    assert_ne!(header.flags.get() & flags::TRIGGERED, 0);
+    assert_eq!(header.trigger_frame.get(), 7);
+    let event = card.pop_event().expect("trigger event");
+    assert_eq!(event.kind.get(), kind::TRIGGER);
+    assert_eq!(event.arg0.get(), 7);
+}
+
+#[test]
+fn crc_covers_the_payload_when_enabled() {
+    let mut card = card(settings(), 1024);
+    card.set_crc_enabled(true);
+    let mut out = Vec::new();
+    card.post(buffer(64), 0, &mut out);
+    card.start(0);
+    card.advance(30 * MS, &mut out);
+    card.advance(64 * MS, &mut out);
+    let header = verified(&out[0]);
+    assert_ne!(header.flags.get() & flags::CRC_VALID, 0);
+    assert_eq!(
+        header.crc32.get(),
+        vdaq_wire::payload_crc32(out[0].buffer.payload())
+    );
+}
+
+#[test]
+fn coalescing_notifies_once_per_n_completions_or_at_the_latency_bound() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            coalesce_buffers: 4,
+            latency_us: 1000,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    card.start(0);
+    let mut notifications = 0;
+    for _ in 0..16 {
+        card.post(buffer(10), 0, &mut out);
+        card.advance(0, &mut out);
+        if card.take_notification(0, false) {
+            notifications += 1;
+        }
+    }
+    assert_eq!(out.len(), 16);
+    assert_eq!(notifications, 4);
+    card.post(buffer(10), 0, &mut out);
+    card.advance(0, &mut out);
+    assert!(!card.take_notification(0, false));
+    assert!(card.take_notification(MS, false), "latency bound reached");
+}
+
+#[test]
+fn a_buffer_without_room_for_one_frame_is_rejected_with_a_header() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(VecBuffer::new(HEADER_SIZE + 7), 0, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].used_len as usize, HEADER_SIZE);
+    assert_eq!(out[0].buffer.header().status, buffer_status::BAD_BUFFER);
+    assert_eq!(card.counters().requests_rejected, 1);
+    assert_eq!(card.buffers_held(), 0);
+}
+
+#[test]
+fn a_failing_buffer_write_returns_it_empty_and_counts_the_frames_dropped() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    let mut bad = buffer(10);
+    bad.fail_writes = true;
+    card.post(bad, 0, &mut out);
+    card.post(buffer(10), 0, &mut out);
+    card.start(0);
+    card.advance(0, &mut out);
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].used_len, 0);
+    let good = verified(&out[1]);
+    assert_eq!(good.first_frame.get(), 10);
+    assert_eq!(
+        good.dropped_frames.get(),
+        0,
+        "dropped frames are reported in the counters"
+    );
+    let c = card.counters();
+    assert_eq!(c.frames_dropped, 10);
+    assert_eq!(c.frames_produced, c.frames_delivered + c.frames_dropped);
+}
+
+#[test]
+fn needs_reset_refuses_commands_until_reset() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(buffer(10), 0, &mut out);
+    card.enter_needs_reset(vdaq_wire::event::fault::QUEUE_CORRUPT, 0);
+    assert_eq!(card.config_space().state, DeviceState::NeedsReset as u8);
+    assert_eq!(
+        card.execute(opcode::START, &[], 0, &mut out).status,
+        control::status::BUSY
+    );
+    assert_eq!(
+        card.execute(opcode::GET_STATUS, &[], 0, &mut out).status,
+        control::status::OK
+    );
+    assert_eq!(
+        card.pop_event().map(|e| e.kind.get()),
+        Some(kind::NEEDS_RESET)
+    );
+    let held = card.reset();
+    assert_eq!(held.len(), 1);
+    assert_eq!(card.state(), DeviceState::Stopped);
+    assert_eq!(card.start(0), control::status::OK);
+}
+
+#[test]
+fn config_space_reports_settings_limits_and_counters() {
+    let card = card(settings(), 4096);
+    let config = card.config_space();
+    assert_eq!(config.fifo_frames.get(), 4096);
+    assert_eq!(config.channels.get(), 2);
+    assert_eq!(config.rate_hz.get(), 1000);
+    assert_eq!(config.format, SampleFormat::S32 as u8);
+    assert_eq!(config.supported_formats.get(), 0b1110);
+    assert_eq!(&config.model[..8], b"vdaq-sim");
+    assert_eq!(config.firmware_version.get(), vdaq_wire::FIRMWARE_VERSION);
+}
+
+#[test]
+fn event_backlog_is_bounded_and_counts_losses() {
+    let mut card = card(settings(), 1);
+    let mut out = Vec::new();
+    card.start(0);
+    // Alternate drops and accepted frames: every accepted frame after drops ends an episode.
+    for i in 1..=200u64 {
+        card.advance(i * 3 * MS, &mut out);
+        card.post(buffer(1), i * 3 * MS, &mut out);
+        card.advance(i * 3 * MS, &mut out);
+    }
+    let mut events = 0;
+    while card.pop_event().is_some() {
+        events += 1;
+    }
+    assert_eq!(events, EVENT_BACKLOG);
+    assert!(card.counters().events_lost > 0);
+}

@@ -1,0 +1,199 @@
+//! Control queue: a device-readable [`CommandHeader`] plus payload, then a device-writable
+//! [`ResponseHeader`] plus payload, in one descriptor chain.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Command opcodes.
+pub mod opcode {
+    /// Start the sample clock. No payload.
+    pub const START: u32 = 1;
+    /// Stop the sample clock; the partly filled buffer completes with `STOPPED`. No payload.
+    pub const STOP: u32 = 2;
+    /// Change acquisition settings; payload [`super::Configure`]. Only while stopped.
+    pub const CONFIGURE: u32 = 3;
+    /// Software trigger: the next sampled frame is the trigger frame. No payload.
+    pub const TRIGGER: u32 = 4;
+    /// Complete every buffer the device holds, now. Reply payload [`super::FlushReply`].
+    pub const FLUSH: u32 = 5;
+    /// Report state, counters and the device clock. Reply payload [`super::Status`].
+    pub const GET_STATUS: u32 = 6;
+    /// Zero the frame and buffer counters (not the stream position). No payload.
+    pub const RESET_COUNTERS: u32 = 7;
+}
+
+/// Command status codes of [`ResponseHeader::status`].
+pub mod status {
+    /// Done.
+    pub const OK: u32 = 0;
+    /// Unknown opcode.
+    pub const UNSUPPORTED: u32 = 1;
+    /// A payload field is out of range.
+    pub const INVALID: u32 = 2;
+    /// The request or reply area has the wrong size for this opcode, or the chain is malformed.
+    pub const BAD_SIZE: u32 = 3;
+    /// Not allowed in the current state (e.g. CONFIGURE while running).
+    pub const BUSY: u32 = 4;
+}
+
+/// First bytes of every command.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct CommandHeader {
+    /// One of [`opcode`].
+    pub opcode: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+/// First bytes of every reply.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct ResponseHeader {
+    /// One of [`status`].
+    pub status: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+/// Payload of CONFIGURE. Every field is applied; the device rejects the whole command with
+/// `INVALID` if any field is out of range (see the limits in the configuration space).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Configure {
+    /// Paced sample rate (Hz), within `min_rate_hz..=max_rate_hz`.
+    pub rate_hz: U32,
+    /// Latency bound (µs), ≥ 1.
+    pub latency_us: U32,
+    /// FIFO watermark (frames), `1..=fifo_frames`.
+    pub watermark_frames: U32,
+    /// Signal frequency (mHz).
+    pub signal_freq_mhz: U32,
+    /// Channels per frame, `1..=max_channels`.
+    pub channels: U16,
+    /// Completions per notification, ≥ 1.
+    pub coalesce_buffers: U16,
+    /// Amplitude in ‰ of full scale, `0..=1000`.
+    pub amplitude_permille: U16,
+    /// [`crate::SampleFormat`] code.
+    pub format: u8,
+    /// [`crate::SignalKind`] code.
+    pub signal: u8,
+    /// Noise seed.
+    pub seed: U64,
+    /// [`crate::ClockMode`] code.
+    pub clock: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 7],
+}
+
+/// Reply payload of FLUSH.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct FlushReply {
+    /// Read buffers the device returned because of this FLUSH.
+    pub buffers_returned: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+/// Reply payload of GET_STATUS.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Status {
+    /// Device clock (ns) when the reply was written; correlates device and driver time.
+    pub device_time_ns: U64,
+    /// Frames sampled since reset.
+    pub frames_produced: U64,
+    /// Frames written into completed buffers since reset.
+    pub frames_delivered: U64,
+    /// Frames lost to overrun since reset.
+    pub frames_dropped: U64,
+    /// Read buffers completed since reset.
+    pub buffers_completed: U64,
+    /// Read buffers the device holds now (posted, not yet completed).
+    pub buffers_held: U64,
+    /// Frames sampled but not yet in a completed buffer (FIFO plus the partly filled buffer).
+    /// `frames_produced = frames_delivered + frames_dropped + frames_pending`.
+    pub frames_pending: U64,
+    /// Malformed buffers or commands rejected since reset.
+    pub requests_rejected: U64,
+    /// [`crate::DeviceState`] code.
+    pub state: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 7],
+}
+
+/// Size of the reply payload for `opcode` (0 for commands that reply with a bare header).
+pub const fn reply_payload_size(opcode: u32) -> usize {
+    match opcode {
+        opcode::FLUSH => core::mem::size_of::<FlushReply>(),
+        opcode::GET_STATUS => core::mem::size_of::<Status>(),
+        _ => 0,
+    }
+}
+
+/// Size of the command payload for `opcode`, or `None` for unknown opcodes.
+pub const fn command_payload_size(op: u32) -> Option<usize> {
+    match op {
+        opcode::CONFIGURE => Some(core::mem::size_of::<Configure>()),
+        opcode::START
+        | opcode::STOP
+        | opcode::TRIGGER
+        | opcode::FLUSH
+        | opcode::GET_STATUS
+        | opcode::RESET_COUNTERS => Some(0),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn control_layouts_match_spec() {
+        assert_eq!(size_of::<CommandHeader>(), 8);
+        assert_eq!(size_of::<ResponseHeader>(), 8);
+        assert_eq!(size_of::<Configure>(), 40);
+        assert_eq!(offset_of!(Configure, rate_hz), 0);
+        assert_eq!(offset_of!(Configure, latency_us), 4);
+        assert_eq!(offset_of!(Configure, watermark_frames), 8);
+        assert_eq!(offset_of!(Configure, signal_freq_mhz), 12);
+        assert_eq!(offset_of!(Configure, channels), 16);
+        assert_eq!(offset_of!(Configure, coalesce_buffers), 18);
+        assert_eq!(offset_of!(Configure, amplitude_permille), 20);
+        assert_eq!(offset_of!(Configure, format), 22);
+        assert_eq!(offset_of!(Configure, signal), 23);
+        assert_eq!(offset_of!(Configure, seed), 24);
+        assert_eq!(offset_of!(Configure, clock), 32);
+        assert_eq!(size_of::<FlushReply>(), 8);
+        assert_eq!(size_of::<Status>(), 72);
+        assert_eq!(offset_of!(Status, device_time_ns), 0);
+        assert_eq!(offset_of!(Status, buffers_held), 40);
+        assert_eq!(offset_of!(Status, frames_pending), 48);
+        assert_eq!(offset_of!(Status, requests_rejected), 56);
+        assert_eq!(offset_of!(Status, state), 64);
+    }
+
+    #[test]
+    fn sizes_per_opcode() {
+        assert_eq!(command_payload_size(opcode::CONFIGURE), Some(40));
+        assert_eq!(command_payload_size(opcode::START), Some(0));
+        assert_eq!(command_payload_size(99), None);
+        assert_eq!(reply_payload_size(opcode::GET_STATUS), 72);
+        assert_eq!(reply_payload_size(opcode::FLUSH), 8);
+        assert_eq!(reply_payload_size(opcode::STOP), 0);
+    }
+}

@@ -843,3 +843,5 @@ impl VhostUserBackendMut for DaqBackend {
     }
 }
 
+#[cfg(test)]
+mod tests;

@@ -233,5 +233,4 @@ mod tests {
         // The CRC-32/ISO-HDLC check value over "123456789".
         assert_eq!(payload_crc32(b"123456789"), 0xcbf4_3926);
     }
-
 }

@@ -13,6 +13,7 @@
 #![no_std]
 
 pub mod buffer;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod event;

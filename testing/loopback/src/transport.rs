@@ -1,0 +1,386 @@
+//! A virtio-drivers [`Transport`] whose "device" is a vhost-user backend: status, features,
+//! queue setup and config accesses become vhost-user messages, notifications are kick
+//! eventfds, and interrupts are call eventfds. Any driver written against virtio-drivers'
+//! `Transport` can thereby run on the host against the real backend.
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::time::Duration;
+
+use log::error;
+use thiserror::Error;
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::PhysAddr;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::arena::arena;
+
+/// Errors while setting up a loopback connection.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// A vhost-user request failed.
+    #[error("vhost-user {request} failed: {source}")]
+    VhostUser {
+        /// Which request.
+        request: &'static str,
+        /// Cause.
+        source: vhost::Error,
+    },
+    /// A request failed during device initialisation.
+    #[error("device initialisation failed: {0}")]
+    Setup(String),
+    /// An eventfd or epoll operation failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn vu(request: &'static str) -> impl FnOnce(vhost::Error) -> TransportError {
+    move |source| TransportError::VhostUser { request, source }
+}
+
+struct QueueFds {
+    kick: EventFd,
+    call: EventFd,
+    configured: bool,
+}
+
+/// A vhost-user connection presented as a virtio transport.
+pub struct VhostUserTransport {
+    frontend: RefCell<Frontend>,
+    device_type: DeviceType,
+    device_features: u64,
+    driver_features: u64,
+    protocol_features_offered: bool,
+    status: DeviceStatus,
+    max_queue_size: u32,
+    queues: Vec<QueueFds>,
+    interrupts: Epoll,
+    first_error: RefCell<Option<String>>,
+}
+
+impl std::fmt::Debug for VhostUserTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserTransport")
+            .field("status", &self.status)
+            .field("driver_features", &self.driver_features)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserTransport {
+    /// Connects to the backend listening at `socket`, negotiates protocol features and shares
+    /// the loopback guest memory. `device_type` is what the driver will be told (vhost-user
+    /// has no device-ID query; the frontend decides, as QEMU's `virtio-id` does).
+    pub fn connect(
+        socket: &Path,
+        device_type: DeviceType,
+        num_queues: u16,
+        max_queue_size: u32,
+    ) -> Result<Self, TransportError> {
+        let mut frontend =
+            Frontend::connect(socket, u64::from(num_queues)).map_err(vu("connect"))?;
+        frontend.set_owner().map_err(vu("SET_OWNER"))?;
+        let features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let protocol_features_offered = features & protocol_bit != 0;
+        if protocol_features_offered {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(vu("GET_PROTOCOL_FEATURES"))?;
+            let wanted = offered
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::RESET_DEVICE);
+            frontend
+                .set_protocol_features(wanted)
+                .map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            if wanted.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request waits for the backend's acknowledgement, so no setting is
+                // still in flight when the first kick arrives.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let region = VhostUserMemoryRegionInfo::from_guest_region(arena().region())
+            .map_err(vu("describe memory"))?;
+        frontend
+            .set_mem_table(&[region])
+            .map_err(vu("SET_MEM_TABLE"))?;
+        let interrupts = Epoll::new().map_err(|source| TransportError::Os {
+            what: "epoll",
+            source,
+        })?;
+        let mut queues = Vec::new();
+        for index in 0..num_queues {
+            let fds = QueueFds {
+                kick: EventFd::new(EFD_NONBLOCK).map_err(|source| TransportError::Os {
+                    what: "kick eventfd",
+                    source,
+                })?,
+                call: EventFd::new(EFD_NONBLOCK).map_err(|source| TransportError::Os {
+                    what: "call eventfd",
+                    source,
+                })?,
+                configured: false,
+            };
+            interrupts
+                .ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(&fds.call),
+                    EpollEvent::new(EventSet::IN, u64::from(index)),
+                )
+                .map_err(|source| TransportError::Os {
+                    what: "epoll add",
+                    source,
+                })?;
+            queues.push(fds);
+        }
+        Ok(VhostUserTransport {
+            frontend: RefCell::new(frontend),
+            device_type,
+            device_features: features & !protocol_bit,
+            driver_features: 0,
+            protocol_features_offered,
+            status: DeviceStatus::empty(),
+            max_queue_size,
+            queues,
+            interrupts,
+            first_error: RefCell::new(None),
+        })
+    }
+
+    /// The first vhost-user error seen since connecting, if any (transport methods cannot
+    /// return errors, so they are kept here).
+    pub fn error(&self) -> Option<String> {
+        self.first_error.borrow().clone()
+    }
+
+    /// Features both sides agreed on.
+    pub fn negotiated_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    fn record<T>(&self, request: &str, result: vhost::Result<T>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(err) => {
+                error!("vhost-user {request} failed: {err}");
+                self.first_error
+                    .borrow_mut()
+                    .get_or_insert_with(|| format!("{request}: {err}"));
+                None
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the device to signal any of `queues` (an interrupt), and
+    /// consumes the signals that arrived. Returns the queues that were signalled.
+    pub fn wait_interrupt(&self, timeout: Duration) -> Vec<u16> {
+        let mut events = [EpollEvent::default(); 8];
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let count = loop {
+            match self.interrupts.wait(timeout_ms, &mut events) {
+                Ok(count) => break count,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    error!("epoll wait failed: {err}");
+                    return Vec::new();
+                }
+            }
+        };
+        let mut signalled = Vec::new();
+        for event in &events[..count] {
+            let queue = event.data() as u16;
+            if let Some(fds) = self.queues.get(usize::from(queue)) {
+                // Reading resets the eventfd counter: signals are level-collapsed, as an
+                // edge-triggered interrupt line would be.
+                if fds.call.read().is_ok() {
+                    signalled.push(queue);
+                }
+            }
+        }
+        signalled
+    }
+}
+
+impl Transport for VhostUserTransport {
+    fn device_type(&self) -> DeviceType {
+        self.device_type
+    }
+
+    fn read_device_features(&mut self) -> u64 {
+        self.device_features
+    }
+
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.driver_features = driver_features & self.device_features;
+    }
+
+    fn max_queue_size(&mut self, _queue: u16) -> u32 {
+        self.max_queue_size
+    }
+
+    fn notify(&mut self, queue: u16) {
+        if let Some(fds) = self.queues.get(usize::from(queue)) {
+            if let Err(err) = fds.kick.write(1) {
+                error!("kick of queue {queue} failed: {err}");
+            }
+        }
+    }
+
+    fn get_status(&self) -> DeviceStatus {
+        self.status
+    }
+
+    fn set_status(&mut self, status: DeviceStatus) {
+        let before = self.status;
+        if status.is_empty() && before.contains(DeviceStatus::DRIVER_OK) {
+            // Device reset: stop every ring, then reset the backend.
+            for queue in 0..self.queues.len() {
+                self.queue_unset(queue as u16);
+            }
+            let result = self.frontend.borrow_mut().reset_device();
+            self.record("RESET_DEVICE", result);
+        }
+        if status.contains(DeviceStatus::FEATURES_OK) && !before.contains(DeviceStatus::FEATURES_OK)
+        {
+            let mut features = self.driver_features;
+            if self.protocol_features_offered {
+                features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            }
+            let result = self.frontend.borrow().set_features(features);
+            self.record("SET_FEATURES", result);
+        }
+        if status.contains(DeviceStatus::DRIVER_OK) && !before.contains(DeviceStatus::DRIVER_OK) {
+            for queue in 0..self.queues.len() {
+                if self.queues[queue].configured {
+                    let result = self.frontend.borrow_mut().set_vring_enable(queue, true);
+                    self.record("SET_VRING_ENABLE", result);
+                }
+            }
+        }
+        self.status = status;
+    }
+
+    fn set_guest_page_size(&mut self, _guest_page_size: u32) {}
+
+    fn requires_legacy_layout(&self) -> bool {
+        false
+    }
+
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        let index = usize::from(queue);
+        let Some(fds) = self.queues.get(index) else {
+            return;
+        };
+        let arena = arena();
+        let config = VringConfigData {
+            queue_max_size: size as u16,
+            queue_size: size as u16,
+            flags: 0,
+            desc_table_addr: arena.host_address(descriptors),
+            used_ring_addr: arena.host_address(device_area),
+            avail_ring_addr: arena.host_address(driver_area),
+            log_addr: None,
+        };
+        let frontend = self.frontend.borrow();
+        let steps: [(&str, vhost::Result<()>); 5] = [
+            ("SET_VRING_NUM", frontend.set_vring_num(index, size as u16)),
+            ("SET_VRING_ADDR", frontend.set_vring_addr(index, &config)),
+            ("SET_VRING_BASE", frontend.set_vring_base(index, 0)),
+            ("SET_VRING_CALL", frontend.set_vring_call(index, &fds.call)),
+            ("SET_VRING_KICK", frontend.set_vring_kick(index, &fds.kick)),
+        ];
+        drop(frontend);
+        for (request, result) in steps {
+            self.record(request, result);
+        }
+        self.queues[index].configured = true;
+        if self.status.contains(DeviceStatus::DRIVER_OK) {
+            let result = self.frontend.borrow_mut().set_vring_enable(index, true);
+            self.record("SET_VRING_ENABLE", result);
+        }
+    }
+
+    fn queue_unset(&mut self, queue: u16) {
+        let index = usize::from(queue);
+        if !self.queues.get(index).is_some_and(|q| q.configured) {
+            return;
+        }
+        let result = self.frontend.borrow().get_vring_base(index);
+        self.record("GET_VRING_BASE", result);
+        self.queues[index].configured = false;
+    }
+
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.queues
+            .get(usize::from(queue))
+            .is_some_and(|q| q.configured)
+    }
+
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        let mut status = InterruptStatus::empty();
+        for fds in &self.queues {
+            if fds.call.read().is_ok() {
+                status |= InterruptStatus::QUEUE_INTERRUPT;
+            }
+        }
+        status
+    }
+
+    fn read_config_generation(&self) -> u32 {
+        // vhost-user has no generation counter; GET_CONFIG returns one consistent snapshot.
+        0
+    }
+
+    fn read_config_space<T: FromBytes + IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> virtio_drivers::Result<T> {
+        let size = size_of::<T>();
+        let buf = vec![0u8; size];
+        let result = self.frontend.borrow_mut().get_config(
+            offset as u32,
+            size as u32,
+            VhostUserConfigFlags::WRITABLE,
+            &buf,
+        );
+        let (_, payload) = self
+            .record("GET_CONFIG", result)
+            .ok_or(virtio_drivers::Error::IoError)?;
+        T::read_from_bytes(&payload).map_err(|_| virtio_drivers::Error::IoError)
+    }
+
+    fn write_config_space<T: IntoBytes + Immutable>(
+        &mut self,
+        offset: usize,
+        value: T,
+    ) -> virtio_drivers::Result<()> {
+        let result = self.frontend.borrow_mut().set_config(
+            offset as u32,
+            VhostUserConfigFlags::WRITABLE,
+            value.as_bytes(),
+        );
+        self.record("SET_CONFIG", result)
+            .ok_or(virtio_drivers::Error::IoError)
+    }
+}

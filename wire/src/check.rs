@@ -1,0 +1,361 @@
+//! Stream verification: what it means for a sequence of completed read buffers to be a valid
+//! vdaq stream. Drivers, tests and the guest application share this one definition.
+
+use zerocopy::FromBytes;
+
+use crate::buffer::{flags, status, BufferHeader, HEADER_SIZE};
+use crate::pattern::verify_counter;
+use crate::SampleFormat;
+
+/// Why a completed buffer is not a valid continuation of the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamError {
+    /// The used length cannot hold a header, or exceeds the posted buffer.
+    UsedLength {
+        /// Reported used length.
+        used: usize,
+        /// Posted buffer size.
+        posted: usize,
+    },
+    /// The header's status is not OK.
+    Status(u8),
+    /// Unknown sample format code, or format/channels differ from what the stream expects.
+    Format,
+    /// `used - HEADER_SIZE` disagrees with the frame count.
+    PayloadLength {
+        /// Bytes the header announces.
+        announced: usize,
+        /// Bytes the used length covers.
+        used: usize,
+    },
+    /// The completion sequence number skipped or repeated.
+    Sequence {
+        /// Expected.
+        expected: u64,
+        /// Found.
+        found: u64,
+    },
+    /// Frames went missing (or repeated) without being reported as dropped.
+    FrameGap {
+        /// First frame expected (previous end + reported drops).
+        expected: u64,
+        /// First frame found.
+        found: u64,
+    },
+    /// `dropped_frames` and the OVERRUN flag disagree.
+    OverrunFlag,
+    /// A sample does not follow the counter pattern.
+    Pattern {
+        /// Index of the bad sample within the buffer.
+        sample: usize,
+    },
+    /// The payload CRC does not match.
+    Crc {
+        /// CRC in the header.
+        header: u32,
+        /// CRC computed over the payload.
+        computed: u32,
+    },
+    /// CRC was required but the buffer carries none.
+    MissingCrc,
+}
+
+/// Totals over the verified stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Buffers verified.
+    pub buffers: u64,
+    /// Buffers with no frames (flushed or stopped empty).
+    pub empty_buffers: u64,
+    /// Frames verified.
+    pub frames: u64,
+    /// Payload bytes verified.
+    pub payload_bytes: u64,
+    /// Frames the device reported dropped.
+    pub dropped_frames: u64,
+    /// Buffers flagged OVERRUN.
+    pub overrun_buffers: u64,
+    /// Buffers flagged TRIGGERED.
+    pub triggered_buffers: u64,
+    /// Buffers whose CRC was checked.
+    pub crc_checked: u64,
+    /// Buffers that failed verification.
+    pub errors: u64,
+}
+
+/// Checks completed buffers one after another.
+#[derive(Clone, Debug)]
+pub struct StreamVerifier {
+    format: SampleFormat,
+    channels: u16,
+    counter_pattern: bool,
+    require_crc: bool,
+    next_sequence: u64,
+    next_frame: Option<u64>,
+    stats: StreamStats,
+}
+
+impl StreamVerifier {
+    /// A verifier for a stream of `format` × `channels`, starting at sequence 0. With
+    /// `counter_pattern`, every sample is checked against the counter signal.
+    pub fn new(format: SampleFormat, channels: u16, counter_pattern: bool) -> Self {
+        StreamVerifier {
+            format,
+            channels,
+            counter_pattern,
+            require_crc: false,
+            next_sequence: 0,
+            next_frame: None,
+            stats: StreamStats::default(),
+        }
+    }
+
+    /// Require a valid CRC in every buffer (VIRTIO_DAQ_F_CRC32 negotiated).
+    pub fn require_crc(mut self, required: bool) -> Self {
+        self.require_crc = required;
+        self
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> StreamStats {
+        self.stats
+    }
+
+    /// Frame index the next buffer must start at (after adding its reported drops), once known.
+    pub fn next_frame(&self) -> Option<u64> {
+        self.next_frame
+    }
+
+    /// Verifies the next completed buffer: `buffer` is what was posted, `used` the used length
+    /// the device reported. On error the verifier resynchronises on this buffer's header, so
+    /// later buffers are judged on their own.
+    pub fn check(&mut self, buffer: &[u8], used: usize) -> Result<BufferHeader, StreamError> {
+        let result = self.check_inner(buffer, used);
+        if result.is_err() {
+            self.stats.errors += 1;
+        }
+        result
+    }
+
+    fn check_inner(&mut self, buffer: &[u8], used: usize) -> Result<BufferHeader, StreamError> {
+        if used < HEADER_SIZE || used > buffer.len() {
+            return Err(StreamError::UsedLength {
+                used,
+                posted: buffer.len(),
+            });
+        }
+        let header = BufferHeader::read_from_bytes(&buffer[..HEADER_SIZE]).map_err(|_| {
+            StreamError::UsedLength {
+                used,
+                posted: buffer.len(),
+            }
+        })?;
+        if header.status != status::OK {
+            return Err(StreamError::Status(header.status));
+        }
+        let sequence = header.sequence.get();
+        let first_frame = header.first_frame.get();
+        let frames = u64::from(header.frame_count.get());
+        let dropped = header.dropped_frames.get();
+        let header_flags = header.flags.get();
+        // Resynchronise on this header whatever the verdict.
+        let expected_sequence = core::mem::replace(&mut self.next_sequence, sequence + 1);
+        let expected_frame = self
+            .next_frame
+            .replace(first_frame + frames)
+            .map(|end| end + dropped);
+
+        if header.format != self.format as u8 || header.channels.get() != self.channels {
+            return Err(StreamError::Format);
+        }
+        let announced = header.payload_bytes().ok_or(StreamError::Format)?;
+        if announced != used - HEADER_SIZE {
+            return Err(StreamError::PayloadLength {
+                announced,
+                used: used - HEADER_SIZE,
+            });
+        }
+        if sequence != expected_sequence {
+            return Err(StreamError::Sequence {
+                expected: expected_sequence,
+                found: sequence,
+            });
+        }
+        if (dropped > 0) != (header_flags & flags::OVERRUN != 0) {
+            return Err(StreamError::OverrunFlag);
+        }
+        if let Some(expected) = expected_frame {
+            // An empty buffer reports where the stream stands; it must not move backwards.
+            if frames > 0 && first_frame != expected {
+                return Err(StreamError::FrameGap {
+                    expected,
+                    found: first_frame,
+                });
+            }
+        }
+        if frames == 0 {
+            // Keep the last real end so the next buffer's drops are measured from it.
+            self.next_frame = expected_frame.map(|e| e - dropped).or(Some(first_frame));
+        }
+        let payload = &buffer[HEADER_SIZE..used];
+        if header_flags & flags::CRC_VALID != 0 {
+            let computed = crate::payload_crc32(payload);
+            if computed != header.crc32.get() {
+                return Err(StreamError::Crc {
+                    header: header.crc32.get(),
+                    computed,
+                });
+            }
+            self.stats.crc_checked += 1;
+        } else if self.require_crc {
+            return Err(StreamError::MissingCrc);
+        }
+        if self.counter_pattern {
+            let first_sample = first_frame.wrapping_mul(u64::from(self.channels));
+            if let Some(sample) = verify_counter(self.format, first_sample, payload) {
+                return Err(StreamError::Pattern { sample });
+            }
+        }
+        self.stats.buffers += 1;
+        self.stats.frames += frames;
+        self.stats.payload_bytes += payload.len() as u64;
+        self.stats.dropped_frames += dropped;
+        if frames == 0 {
+            self.stats.empty_buffers += 1;
+        }
+        if dropped > 0 {
+            self.stats.overrun_buffers += 1;
+        }
+        if header_flags & flags::TRIGGERED != 0 {
+            self.stats.triggered_buffers += 1;
+        }
+        Ok(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pattern::fill_counter;
+    use zerocopy::IntoBytes;
+
+    const FRAME: usize = 4; // 2 × S16
+
+    fn buffer(sequence: u64, first_frame: u64, frames: u32, dropped: u64) -> [u8; 256] {
+        let mut bytes = [0u8; 256];
+        let header = BufferHeader {
+            sequence: sequence.into(),
+            first_frame: first_frame.into(),
+            dropped_frames: dropped.into(),
+            frame_count: frames.into(),
+            flags: if dropped > 0 { flags::OVERRUN } else { 0 }.into(),
+            format: SampleFormat::S16 as u8,
+            channels: 2.into(),
+            ..Default::default()
+        };
+        bytes[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+        fill_counter(
+            SampleFormat::S16,
+            first_frame * 2,
+            &mut bytes[HEADER_SIZE..HEADER_SIZE + frames as usize * FRAME],
+        );
+        bytes
+    }
+
+    fn used(frames: u32) -> usize {
+        HEADER_SIZE + frames as usize * FRAME
+    }
+
+    #[test]
+    fn a_continuous_stream_with_reported_drops_verifies() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        assert!(v.check(&buffer(0, 0, 10, 0), used(10)).is_ok());
+        assert!(v.check(&buffer(1, 10, 10, 0), used(10)).is_ok());
+        assert!(v.check(&buffer(2, 25, 10, 5), used(10)).is_ok());
+        let stats = v.stats();
+        assert_eq!(stats.frames, 30);
+        assert_eq!(stats.dropped_frames, 5);
+        assert_eq!(stats.overrun_buffers, 1);
+        assert_eq!(stats.errors, 0);
+    }
+
+    #[test]
+    fn silent_gaps_sequence_skips_and_bad_samples_are_caught() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        v.check(&buffer(0, 0, 10, 0), used(10)).expect("first");
+        assert_eq!(
+            v.check(&buffer(1, 12, 10, 0), used(10)),
+            Err(StreamError::FrameGap {
+                expected: 10,
+                found: 12
+            })
+        );
+        assert_eq!(
+            v.check(&buffer(3, 22, 10, 0), used(10)),
+            Err(StreamError::Sequence {
+                expected: 2,
+                found: 3
+            })
+        );
+        let mut bad = buffer(4, 32, 10, 0);
+        bad[HEADER_SIZE + 7 * 2] ^= 1;
+        assert_eq!(
+            v.check(&bad, used(10)),
+            Err(StreamError::Pattern { sample: 7 })
+        );
+        assert_eq!(
+            v.check(&buffer(5, 42, 10, 0), used(9)),
+            Err(StreamError::PayloadLength {
+                announced: 40,
+                used: 36
+            })
+        );
+        assert_eq!(
+            v.check(&buffer(6, 52, 10, 0), 10),
+            Err(StreamError::UsedLength {
+                used: 10,
+                posted: 256
+            })
+        );
+        assert_eq!(v.stats().errors, 5);
+    }
+
+    #[test]
+    fn overrun_flag_must_match_the_drop_count() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        let mut b = buffer(0, 5, 10, 5);
+        b[44] = 0; // clear OVERRUN
+        v.next_frame = Some(0);
+        assert_eq!(v.check(&b, used(10)), Err(StreamError::OverrunFlag));
+    }
+
+    #[test]
+    fn crc_is_checked_when_flagged_and_required_when_asked() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true).require_crc(true);
+        let mut b = buffer(0, 0, 10, 0);
+        let crc = crate::payload_crc32(&b[HEADER_SIZE..used(10)]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b[44] |= flags::CRC_VALID as u8;
+        assert!(v.check(&b, used(10)).is_ok());
+        let mut corrupt = buffer(1, 10, 10, 0);
+        corrupt[40..44].copy_from_slice(&crc.to_le_bytes());
+        corrupt[44] |= flags::CRC_VALID as u8;
+        assert!(matches!(
+            v.check(&corrupt, used(10)),
+            Err(StreamError::Crc { .. })
+        ));
+        assert_eq!(
+            v.check(&buffer(2, 20, 10, 0), used(10)),
+            Err(StreamError::MissingCrc)
+        );
+    }
+
+    #[test]
+    fn empty_flushed_buffers_do_not_break_continuity() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        v.check(&buffer(0, 0, 10, 0), used(10)).expect("first");
+        v.check(&buffer(1, 10, 0, 0), used(0)).expect("empty");
+        v.check(&buffer(2, 10, 10, 0), used(10)).expect("continues");
+        assert_eq!(v.stats().empty_buffers, 1);
+    }
+}

@@ -22,7 +22,7 @@ use vdaq_wire::{feature, queue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
     GuestMemoryLoadGuard, GuestMemoryMmap, Permissions,
@@ -270,6 +270,8 @@ pub struct DaqBackend {
     event_slots: VecDeque<EventSlot>,
     completions: Vec<Completion<GuestBuffer>>,
     errors: GuestErrorLog,
+    /// Bit n set: queue n was stopped (GET_VRING_BASE) since the last reset.
+    stopped_queues: u8,
 }
 
 impl std::fmt::Debug for DaqBackend {
@@ -314,6 +316,7 @@ impl DaqBackend {
             event_slots: VecDeque::new(),
             completions: Vec::new(),
             errors: GuestErrorLog::default(),
+            stopped_queues: 0,
         })
     }
 
@@ -363,6 +366,8 @@ impl DaqBackend {
             };
             let chains = match chains {
                 Ok(chains) => chains,
+                // A kick racing the frontend stopping the ring: nothing to do.
+                Err(virtio_queue::Error::QueueNotReady) => return Ok(()),
                 Err(err) => {
                     // The avail index is nonsense: the ring cannot be trusted any more.
                     self.errors
@@ -383,10 +388,19 @@ impl DaqBackend {
     fn needs_reset(&mut self, fault_code: u32) {
         let now = self.now_ns();
         self.card.enter_needs_reset(fault_code, now);
-        if let Some(frontend) = &self.frontend {
+        if let Some(frontend) = self.frontend.clone() {
             // The virtio status byte belongs to the frontend; a config-change notification
-            // makes the driver read `state` and see NEEDS_RESET (see the spec).
-            if let Err(err) = frontend.handle_config_change() {
+            // makes the driver read `state` and see NEEDS_RESET (see the spec). Sent from its
+            // own thread: with REPLY_ACK the send waits for the frontend, which may itself be
+            // waiting for a GET_CONFIG that needs this backend's lock.
+            let sent = std::thread::Builder::new()
+                .name("vdaq config-change".into())
+                .spawn(move || {
+                    if let Err(err) = frontend.handle_config_change() {
+                        warn!("cannot send config-change notification: {err}");
+                    }
+                });
+            if let Err(err) = sent {
                 warn!("cannot send config-change notification: {err}");
             }
         }
@@ -417,6 +431,10 @@ impl DaqBackend {
                 Ok(buffer) => {
                     let now = this.now_ns();
                     this.card.post(buffer, now, &mut this.completions);
+                    // Fill and return right away where the clock allows (free-running), so
+                    // the driver can consume this buffer while the next one is being filled.
+                    this.card.advance(now, &mut this.completions);
+                    this.publish_completions(vring, false);
                 }
                 Err(err) => {
                     this.errors.report("data", err);
@@ -583,6 +601,7 @@ impl DaqBackend {
                 Ok(()) => EVENT_SIZE as u32,
                 Err(err) => {
                     self.errors.report("event", err);
+                    self.card.count_event_lost();
                     0
                 }
             };
@@ -614,6 +633,9 @@ impl DaqBackend {
 
     /// Notifies the driver if its notification suppression allows it.
     fn signal(&mut self, vring: &VringRwLock) {
+        if !self.event_idx && self.driver_suppresses_interrupts(vring) {
+            return;
+        }
         match vring.needs_notification() {
             Ok(true) => {
                 if let Err(err) = vring.signal_used_queue() {
@@ -625,6 +647,19 @@ impl DaqBackend {
                 .errors
                 .report("used", format_args!("cannot read used_event: {err}")),
         }
+    }
+
+    /// Without EVENT_IDX the driver suppresses interrupts with VIRTQ_AVAIL_F_NO_INTERRUPT,
+    /// which virtio-queue 0.18 does not honour by itself.
+    fn driver_suppresses_interrupts(&self, vring: &VringRwLock) -> bool {
+        const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let avail = GuestAddress(vring.get_ref().get_queue().avail_ring());
+        mem.memory()
+            .read_obj::<u16>(avail)
+            .is_ok_and(|flags| u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT != 0)
     }
 
     /// After any event: advance the card, publish what completed, deliver events, keep the
@@ -712,6 +747,8 @@ impl VhostUserBackendMut for DaqBackend {
         self.acked_features = features;
         self.card
             .set_crc_enabled(features & (1 << feature::DAQ_F_CRC32) != 0);
+        self.card
+            .set_trigger_enabled(features & (1 << feature::DAQ_F_TRIGGER) != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -723,6 +760,7 @@ impl VhostUserBackendMut for DaqBackend {
     }
 
     fn reset_device(&mut self) {
+        self.stopped_queues = 0;
         let released = self.card.reset();
         self.event_slots.clear();
         self.completions.clear();
@@ -774,6 +812,7 @@ impl VhostUserBackendMut for DaqBackend {
     }
 
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        let all_queues = (1u8 << queue::COUNT) - 1;
         // Buffers the device holds must not outlive the ring: return them before the
         // frontend reads the ring base, so a paused or reset driver gets every one back.
         match u16::try_from(queue_index) {
@@ -791,6 +830,15 @@ impl VhostUserBackendMut for DaqBackend {
                 self.event_slots.clear();
             }
             _ => {}
+        }
+        if let Ok(index) = u8::try_from(queue_index) {
+            self.stopped_queues |= 1u8.checked_shl(u32::from(index)).unwrap_or(0);
+        }
+        if self.stopped_queues & all_queues == all_queues {
+            // The frontend stopped every ring: the driver reset the device (QEMU's generic
+            // vhost-user device sends no reset message of its own), so the card resets too.
+            self.stopped_queues = 0;
+            self.reset_device();
         }
         self.update_timer();
         Ok(())

@@ -128,7 +128,10 @@ fn serve_listener(
         }
         info!("{name}: frontend connected");
         match daemon.wait() {
-            Ok(()) => info!("{name}: frontend disconnected; waiting for the next connection"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("{name}: frontend disconnected; waiting for the next connection"),
             Err(err) => warn!(
                 "{name}: connection ended with an error: {err}; waiting for the next connection"
             ),

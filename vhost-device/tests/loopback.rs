@@ -36,6 +36,7 @@ fn stream(
     }
     daq.notify_reads();
     let deadline = Instant::now() + timeout;
+    let mut reposted = 0u64;
     while verifier.stats().frames < frames {
         assert!(
             Instant::now() < deadline,
@@ -48,6 +49,12 @@ fn stream(
                 panic!("buffer failed verification: {err:?}");
             }
             daq.post_read(buffer).expect("repost");
+            reposted += 1;
+            if reposted % 8 == 0 {
+                // Hand buffers back in small batches, so the device refills while the
+                // application keeps verifying.
+                daq.notify_reads();
+            }
         }
         daq.notify_reads();
     }

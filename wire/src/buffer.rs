@@ -32,8 +32,8 @@ pub mod flags {
 pub mod status {
     /// The header and payload are valid.
     pub const OK: u8 = 0;
-    /// The buffer was rejected: it has room for a header but not for a single frame, or it
-    /// contains device-readable descriptors. `frame_count` is 0.
+    /// The buffer was rejected: it has room for a header but not for a single frame.
+    /// `frame_count` is 0. (Structurally malformed chains get used length 0 instead.)
     pub const BAD_BUFFER: u8 = 1;
 }
 

@@ -12,8 +12,9 @@ pub const MODEL_LEN: usize = 24;
 /// Device configuration space. Read-only for the driver: the device ignores config writes
 /// (settings change through the CONFIGURE command, so they are acknowledged with a status).
 ///
-/// The counters are live: every read returns the device's current values. The device does not
-/// raise a configuration-change notification for counter updates, only for `state` changes.
+/// The counters are live: every read returns the device's current values, but a 64-bit
+/// counter read as two 32-bit accesses can tear; GET_STATUS returns one consistent snapshot.
+/// The device raises a configuration-change notification only when it enters NEEDS_RESET.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct DaqConfig {
@@ -49,15 +50,16 @@ pub struct DaqConfig {
     pub clock: u8,
     /// [`crate::DeviceState`] code.
     pub state: u8,
-    /// Code of the last fault event, 0 if none.
+    /// Fault code that put the device in NEEDS_RESET, 0 if none.
     pub fault_code: U32,
     /// Seed of the noise generator.
     pub seed: U64,
-    /// Frames sampled since reset (delivered + dropped + still in the FIFO).
+    /// Frames sampled since reset (delivered + dropped + pending in the FIFO or the partly
+    /// filled buffer).
     pub frames_produced: U64,
     /// Frames written into completed buffers since reset.
     pub frames_delivered: U64,
-    /// Frames lost to overrun since reset.
+    /// Frames lost since reset: to overrun, or with a buffer the device could not write.
     pub frames_dropped: U64,
     /// Read buffers completed since reset.
     pub buffers_completed: U64,

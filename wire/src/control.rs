@@ -12,13 +12,15 @@ pub mod opcode {
     pub const STOP: u32 = 2;
     /// Change acquisition settings; payload [`super::Configure`]. Only while stopped.
     pub const CONFIGURE: u32 = 3;
-    /// Software trigger: the next sampled frame is the trigger frame. No payload.
+    /// Software trigger: the next sampled frame is the trigger frame. No payload. Needs
+    /// VIRTIO_DAQ_F_TRIGGER (otherwise UNSUPPORTED).
     pub const TRIGGER: u32 = 4;
     /// Complete every buffer the device holds, now. Reply payload [`super::FlushReply`].
     pub const FLUSH: u32 = 5;
     /// Report state, counters and the device clock. Reply payload [`super::Status`].
     pub const GET_STATUS: u32 = 6;
-    /// Zero the frame and buffer counters (not the stream position). No payload.
+    /// Zero the counters (frames, buffers, rejected requests, lost events); frames pending at
+    /// that moment stay counted as produced. The stream position is kept. No payload.
     pub const RESET_COUNTERS: u32 = 7;
 }
 
@@ -117,7 +119,7 @@ pub struct Status {
     pub frames_produced: U64,
     /// Frames written into completed buffers since reset.
     pub frames_delivered: U64,
-    /// Frames lost to overrun since reset.
+    /// Frames lost since reset (overrun, or unwritable buffers).
     pub frames_dropped: U64,
     /// Read buffers completed since reset.
     pub buffers_completed: U64,

@@ -26,8 +26,9 @@ pub use zerocopy;
 /// Stock QEMU only attaches a generic vhost-user device whose ID it has a name for, and only
 /// IDs ≤ 63 fit virtio-pci's device-ID scheme, so vdaq borrows ID 21 ("signal distribution
 /// module"), which has no mainline Linux driver that could bind to it. A registered ID is the
-/// way out: see `docs/spec.md`, "Device ID". Both sides take this as the default and accept
-/// an override, so a deployment can move without a format change.
+/// way out: see `docs/spec.md`, "Device ID". The guest driver takes this as its default and
+/// accepts an override; on the host the ID is QEMU's `virtio-id` property (the backend never
+/// states it), so a deployment can move without a format change.
 pub const VIRTIO_ID_DAQ: u16 = 21;
 
 // virtio-pci derives the PCI device ID as 0x1040 + ID; QEMU's generic device only takes IDs
@@ -56,7 +57,7 @@ pub mod queue {
 pub mod feature {
     /// The device fills `crc32` in every read-buffer header.
     pub const DAQ_F_CRC32: u32 = 0;
-    /// The device supports level/edge triggers and the software TRIGGER command.
+    /// The device supports the software TRIGGER command (TRIGGERED flag, TRIGGER events).
     pub const DAQ_F_TRIGGER: u32 = 1;
     /// Indirect descriptors (virtio 1.x, 6).
     pub const VIRTIO_F_INDIRECT_DESC: u32 = 28;

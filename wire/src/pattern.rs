@@ -46,26 +46,46 @@ pub fn fill_counter(format: SampleFormat, first_sample: u64, out: &mut [u8]) {
 /// Checks that `samples` hold the counter pattern starting at sample number `first_sample`.
 /// Returns the index of the first mismatching sample, if any.
 pub fn verify_counter(format: SampleFormat, first_sample: u64, samples: &[u8]) -> Option<usize> {
-    // Compare against a regenerated block: two tight loops the compiler vectorizes, instead of
-    // a per-sample branch.
-    const BLOCK: usize = 4096;
+    // One read pass: blocks are checked by OR-ing (sample XOR expected), a branch-free loop the
+    // compiler vectorizes; only a block that fails is searched sample by sample.
+    const BLOCK_SAMPLES: usize = 4096;
     let size = format.sample_bytes();
-    let mut expected = [0u8; BLOCK];
     let whole = samples.len() - samples.len() % size;
-    let mut offset = 0;
-    while offset < whole {
-        let len = BLOCK.min(whole - offset);
-        let first = first_sample.wrapping_add((offset / size) as u64);
-        fill_counter(format, first, &mut expected[..len]);
-        if expected[..len] != samples[offset..offset + len] {
-            let bad = expected[..len]
+    for (block_index, block) in samples[..whole].chunks(BLOCK_SAMPLES * size).enumerate() {
+        let first = first_sample.wrapping_add((block_index * BLOCK_SAMPLES) as u64);
+        let mismatch = match format {
+            SampleFormat::S16 => {
+                let base = first as u16;
+                block.chunks_exact(2).enumerate().fold(0u16, |acc, (i, b)| {
+                    acc | (u16::from_le_bytes([b[0], b[1]]) ^ base.wrapping_add(i as u16))
+                }) != 0
+            }
+            SampleFormat::S32 => {
+                let base = first as u32;
+                block.chunks_exact(4).enumerate().fold(0u32, |acc, (i, b)| {
+                    acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+                        ^ base.wrapping_add(i as u32))
+                }) != 0
+            }
+            SampleFormat::F32 => {
+                block.chunks_exact(4).enumerate().fold(0u32, |acc, (i, b)| {
+                    let n = first.wrapping_add(i as u64) & 0xff_ffff;
+                    acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+                        ^ (n as u32 as f32).to_bits())
+                }) != 0
+            }
+        };
+        if mismatch {
+            let bad = block
                 .chunks_exact(size)
-                .zip(samples[offset..offset + len].chunks_exact(size))
-                .position(|(e, s)| e != s)
+                .enumerate()
+                .position(|(i, sample)| {
+                    let expected = counter_sample(format, first.wrapping_add(i as u64));
+                    sample != &expected[..size]
+                })
                 .unwrap_or(0);
-            return Some(offset / size + bad);
+            return Some(block_index * BLOCK_SAMPLES + bad);
         }
-        offset += len;
     }
     None
 }

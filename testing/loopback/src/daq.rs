@@ -177,11 +177,14 @@ impl LoopbackDaq {
         Ok(token)
     }
 
-    /// Tells the device about newly posted read buffers, if it wants to know.
+    /// Tells the device about newly posted read buffers.
+    ///
+    /// Always kicks: virtio-drivers 0.13's `should_notify` compares the avail index with
+    /// avail_event without modular arithmetic, so after the 16-bit index wraps it can say "no"
+    /// when the device is waiting. A spurious kick only costs the backend one extra wake-up.
+    /// (The reference guest driver implements the spec's vring_need_event instead.)
     pub fn notify_reads(&mut self) {
-        if self.data.should_notify() {
-            self.transport.notify(queue::DATA);
-        }
+        self.transport.notify(queue::DATA);
     }
 
     /// Read buffers the device holds.

@@ -244,16 +244,22 @@ pub struct Counters {
     pub events_lost: u32,
 }
 
-/// Contiguous frames in the FIFO; a gap between two runs is an overrun.
+/// Contiguous frames in the FIFO, sampled in one clock run (START to STOP). A gap between
+/// two runs is an overrun; a new clock origin is a pause.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     first: u64,
     len: u64,
+    /// Clock run the frames belong to: frame `origin_frame` was sampled at `origin_ns`.
+    origin_ns: u64,
+    origin_frame: u64,
 }
 
 /// A posted buffer and what the device has put in it so far.
 struct Posted<B> {
     buffer: B,
+    /// Clock origin of the frames in the buffer (frames of one buffer share one clock run).
+    origin_ns: u64,
     capacity_frames: u64,
     filled: u64,
     first_frame: u64,
@@ -288,6 +294,7 @@ pub struct Card<B> {
     settings: Settings,
     limits: Limits,
     crc_enabled: bool,
+    trigger_enabled: bool,
     state: DeviceState,
     fault_code: u32,
     /// Paced clock anchor: frame `origin_frame` was sampled at `origin_ns`.
@@ -357,12 +364,23 @@ impl<B: ReadBuffer> Card<B> {
 
     /// Frames sampled but not yet in a completed buffer.
     pub fn frames_pending(&self) -> u64 {
-        self.fifo_level + self.posted.iter().map(|p| p.filled).sum::<u64>()
+        // Buffers fill strictly in order, so only the front one can be partly filled.
+        self.fifo_level + self.posted.front().map_or(0, |p| p.filled)
     }
 
     /// Whether the driver negotiated VIRTIO_DAQ_F_CRC32.
     pub fn set_crc_enabled(&mut self, enabled: bool) {
         self.crc_enabled = enabled;
+    }
+
+    /// Whether the driver negotiated VIRTIO_DAQ_F_TRIGGER (the TRIGGER command).
+    pub fn set_trigger_enabled(&mut self, enabled: bool) {
+        self.trigger_enabled = enabled;
+    }
+
+    /// Counts an event that could not be delivered.
+    pub fn count_event_lost(&mut self) {
+        self.counters.events_lost += 1;
     }
 
     /// Counts a malformed request the transport layer rejected.
@@ -387,6 +405,7 @@ impl<B: ReadBuffer> Card<B> {
         }
         self.posted.push_back(Posted {
             buffer,
+            origin_ns: 0,
             capacity_frames: capacity_frames.min(u64::from(u32::MAX)),
             filled: 0,
             first_frame: 0,
@@ -418,10 +437,18 @@ impl<B: ReadBuffer> Card<B> {
 
     /// Moves the card forward to `now_ns`: samples due frames, fills and completes buffers.
     pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) {
-        if self.state != DeviceState::Running {
-            // A stopped card still drains what it sampled before STOP.
-            self.drain(now_ns, true, out);
-            return;
+        match self.state {
+            DeviceState::NeedsReset => return,
+            DeviceState::Stopped => {
+                // A stopped card still hands over what it sampled before STOP, and completes
+                // the buffer that takes the last of it.
+                self.drain(now_ns, true, out);
+                if self.fifo_level == 0 && self.posted.front().is_some_and(|p| p.filled > 0) {
+                    self.complete_front(flags::STOPPED, now_ns, out);
+                }
+                return;
+            }
+            DeviceState::Running => {}
         }
         match self.settings.clock {
             ClockMode::Paced => {
@@ -442,14 +469,14 @@ impl<B: ReadBuffer> Card<B> {
             .saturating_add(u64::try_from(frames).unwrap_or(u64::MAX))
     }
 
-    /// Device time at which paced frame `frame` was sampled.
-    fn frame_time_ns(&self, frame: u64) -> u64 {
+    /// Device time at which paced frame `frame` of `run` was sampled.
+    fn frame_time_ns(&self, run: &Run, frame: u64) -> u64 {
         if self.settings.clock == ClockMode::FreeRunning || self.settings.rate_hz == 0 {
-            return self.origin_ns;
+            return run.origin_ns;
         }
-        let offset = u128::from(frame.saturating_sub(self.origin_frame)) * NS_PER_SEC
+        let offset = u128::from(frame.saturating_sub(run.origin_frame)) * NS_PER_SEC
             / u128::from(self.settings.rate_hz);
-        self.origin_ns
+        run.origin_ns
             .saturating_add(u64::try_from(offset).unwrap_or(u64::MAX))
     }
 
@@ -474,9 +501,17 @@ impl<B: ReadBuffer> Card<B> {
     fn accept_frames(&mut self, count: u64, now_ns: u64) {
         self.end_overrun(now_ns);
         let first = self.next_frame;
+        let origin_ns = self.origin_ns;
         match self.fifo.back_mut() {
-            Some(run) if run.first + run.len == first => run.len += count,
-            _ => self.fifo.push_back(Run { first, len: count }),
+            Some(run) if run.first + run.len == first && run.origin_ns == origin_ns => {
+                run.len += count
+            }
+            _ => self.fifo.push_back(Run {
+                first,
+                len: count,
+                origin_ns,
+                origin_frame: self.origin_frame,
+            }),
         }
         self.fifo_level += count;
         self.next_frame += count;
@@ -523,16 +558,17 @@ impl<B: ReadBuffer> Card<B> {
             let Some(run) = self.fifo.front().copied() else {
                 break;
             };
-            let needs_gap_completion = self
-                .posted
-                .front()
-                .is_some_and(|p| p.filled > 0 && p.first_frame + p.filled != run.first);
+            let needs_gap_completion = self.posted.front().is_some_and(|p| {
+                p.filled > 0
+                    && (p.first_frame + p.filled != run.first || p.origin_ns != run.origin_ns)
+            });
             if needs_gap_completion {
-                // Frames in one buffer are contiguous: an overrun gap ends the buffer.
+                // Frames in one buffer are contiguous in index and time: an overrun gap or a
+                // STOP/START pause ends the buffer.
                 self.complete_front(0, now_ns, out);
                 continue;
             }
-            let taken = self.fill_front(run.first, run.len, now_ns, out);
+            let taken = self.fill_front(&run, run.len, now_ns, out);
             self.fifo_level -= taken;
             if let Some(front) = self.fifo.front_mut() {
                 front.first += taken;
@@ -547,7 +583,7 @@ impl<B: ReadBuffer> Card<B> {
     fn oldest_fifo_frame_expired(&self, now_ns: u64) -> bool {
         self.fifo
             .front()
-            .is_some_and(|run| now_ns >= self.frame_time_ns(run.first) + self.latency_ns() / 2)
+            .is_some_and(|run| now_ns >= self.frame_time_ns(run, run.first) + self.latency_ns() / 2)
     }
 
     fn latency_ns(&self) -> u64 {
@@ -570,26 +606,32 @@ impl<B: ReadBuffer> Card<B> {
     fn free_run(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) {
         while let Some(front) = self.posted.front() {
             let count = front.capacity_frames - front.filled;
-            let first = self.next_frame;
+            let run = Run {
+                first: self.next_frame,
+                len: count,
+                origin_ns: now_ns,
+                origin_frame: self.next_frame,
+            };
             self.next_frame += count;
             self.counters.frames_produced += count;
-            self.fill_front(first, count, now_ns, out);
+            self.fill_front(&run, count, now_ns, out);
         }
     }
 
-    /// Renders up to `count` frames starting at `first` into the front buffer; completes it
-    /// when full. Returns the frames taken.
+    /// Renders up to `count` frames from the start of `run` into the front buffer; completes
+    /// it when full. Returns the frames taken.
     fn fill_front(
         &mut self,
-        first: u64,
+        run: &Run,
         count: u64,
         now_ns: u64,
         out: &mut Vec<Completion<B>>,
     ) -> u64 {
+        let first = run.first;
         let frame_bytes = self.frame_bytes();
         let params = self.settings.signal_params();
         let crc_enabled = self.crc_enabled;
-        let frame_time = self.frame_time_ns(first);
+        let frame_time = self.frame_time_ns(run, first);
         let free_running = self.settings.clock == ClockMode::FreeRunning;
         let discontinuity = std::mem::take(&mut self.discontinuity);
         let delivered_end = self.delivered_end;
@@ -599,6 +641,7 @@ impl<B: ReadBuffer> Card<B> {
         };
         if front.filled == 0 {
             front.first_frame = first;
+            front.origin_ns = run.origin_ns;
             front.timestamp_ns = if free_running { now_ns } else { frame_time };
             front.dropped_before = first.saturating_sub(delivered_end);
             if front.dropped_before > 0 {
@@ -611,9 +654,12 @@ impl<B: ReadBuffer> Card<B> {
         let taken = count.min(front.capacity_frames - front.filled);
         let mut triggered = None;
         if let Some(trigger) = trigger_at {
-            if trigger >= first && trigger < first + taken && front.flags & flags::TRIGGERED == 0 {
-                front.flags |= flags::TRIGGERED;
-                front.trigger_frame = (front.filled + trigger - first) as u32;
+            if trigger >= first && trigger < first + taken {
+                // The header records the buffer's first trigger; every trigger raises an event.
+                if front.flags & flags::TRIGGERED == 0 {
+                    front.flags |= flags::TRIGGERED;
+                    front.trigger_frame = (front.filled + trigger - first) as u32;
+                }
                 triggered = Some(trigger);
             }
         }
@@ -642,10 +688,11 @@ impl<B: ReadBuffer> Card<B> {
             self.push_event(kind::TRIGGER, now_ns, trigger, self.sequence);
         }
         if write_failed {
-            // The frames are gone; they count as dropped, and the buffer is returned empty.
-            self.counters.frames_dropped += taken;
+            // The frames are gone: they count as dropped, the buffer is returned empty, and
+            // the next buffer's header reports them in `dropped_frames`.
             if let Some(broken) = self.posted.pop_front() {
-                self.counters.frames_dropped += broken.filled - taken;
+                self.delivered_end = broken.first_frame;
+                self.counters.frames_dropped += broken.filled;
                 self.counters.requests_rejected += 1;
                 warn!("read buffer became unwritable; returning it with used length 0");
                 self.note_completion(now_ns);
@@ -806,10 +853,12 @@ impl<B: ReadBuffer> Card<B> {
         }
         let held = self.posted.drain(..).map(|p| p.buffer).collect();
         let crc_enabled = self.crc_enabled;
+        let trigger_enabled = self.trigger_enabled;
         let scratch = std::mem::take(&mut self.scratch);
         *self = Card {
             scratch,
             crc_enabled,
+            trigger_enabled,
             ..Card::new_unchecked(self.defaults, self.limits)
         };
         held
@@ -821,6 +870,7 @@ impl<B: ReadBuffer> Card<B> {
             settings: defaults,
             limits,
             crc_enabled: false,
+            trigger_enabled: false,
             state: DeviceState::Stopped,
             fault_code: 0,
             origin_ns: 0,
@@ -882,8 +932,14 @@ impl<B: ReadBuffer> Card<B> {
         }
     }
 
-    /// Applies new settings (only while stopped).
-    pub fn configure(&mut self, settings: Settings) -> u32 {
+    /// Applies new settings (only while stopped). Held buffers are re-sized to the new frame
+    /// size; one too small for a single frame is returned with BAD_BUFFER.
+    pub fn configure(
+        &mut self,
+        settings: Settings,
+        now_ns: u64,
+        out: &mut Vec<Completion<B>>,
+    ) -> u32 {
         if self.state != DeviceState::Stopped {
             return control::status::BUSY;
         }
@@ -897,10 +953,43 @@ impl<B: ReadBuffer> Card<B> {
             debug!("CONFIGURE refused: frames sampled under the old settings are pending");
             return control::status::BUSY;
         }
-        if settings != self.settings {
+        let old = self.settings;
+        let samples_change = (
+            old.rate_hz,
+            old.channels,
+            old.format,
+            old.signal,
+            old.signal_freq_mhz,
+            old.amplitude_permille,
+            old.seed,
+            old.clock,
+        ) != (
+            settings.rate_hz,
+            settings.channels,
+            settings.format,
+            settings.signal,
+            settings.signal_freq_mhz,
+            settings.amplitude_permille,
+            settings.seed,
+            settings.clock,
+        );
+        if samples_change {
             self.discontinuity = true;
         }
         self.settings = settings;
+        // No buffer is partly filled here (frames_pending is 0), so capacities can be redone.
+        let frame_bytes = self.frame_bytes() as u64;
+        for posted in std::mem::take(&mut self.posted) {
+            let capacity_frames = posted.buffer.payload_capacity() as u64 / frame_bytes;
+            if capacity_frames == 0 {
+                self.reject_buffer(posted.buffer, now_ns, out);
+            } else {
+                self.posted.push_back(Posted {
+                    capacity_frames: capacity_frames.min(u64::from(u32::MAX)),
+                    ..posted
+                });
+            }
+        }
         control::status::OK
     }
 
@@ -1021,12 +1110,15 @@ impl<B: ReadBuffer> Card<B> {
                     return CommandReply::status(control::status::BAD_SIZE);
                 };
                 match Settings::from_wire(&cfg) {
-                    Ok(settings) => CommandReply::status(self.configure(settings)),
+                    Ok(settings) => CommandReply::status(self.configure(settings, now_ns, out)),
                     Err(err) => {
                         debug!("CONFIGURE refused: {err}");
                         CommandReply::status(control::status::INVALID)
                     }
                 }
+            }
+            opcode::TRIGGER if !self.trigger_enabled => {
+                CommandReply::status(control::status::UNSUPPORTED)
             }
             opcode::TRIGGER => CommandReply::status(self.trigger()),
             opcode::FLUSH => {

@@ -444,9 +444,10 @@ fn a_failing_buffer_write_returns_it_empty_and_counts_the_frames_dropped() {
     assert_eq!(good.first_frame.get(), 10);
     assert_eq!(
         good.dropped_frames.get(),
-        0,
-        "dropped frames are reported in the counters"
+        10,
+        "the lost frames are reported in the next header"
     );
+    assert_ne!(good.flags.get() & flags::OVERRUN, 0);
     let c = card.counters();
     assert_eq!(c.frames_dropped, 10);
     assert_eq!(c.frames_produced, c.frames_delivered + c.frames_dropped);
@@ -507,4 +508,135 @@ fn event_backlog_is_bounded_and_counts_losses() {
     }
     assert_eq!(events, EVENT_BACKLOG);
     assert!(card.counters().events_lost > 0);
+}
+
+#[test]
+fn frames_left_after_stop_complete_in_the_next_buffer() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.start(0);
+    card.advance(30 * MS, &mut out);
+    card.stop(30 * MS, &mut out);
+    assert!(out.is_empty(), "no buffer was posted");
+    card.post(buffer(100), 40 * MS, &mut out);
+    card.advance(40 * MS, &mut out);
+    assert_eq!(out.len(), 1);
+    let header = verified(&out[0]);
+    assert_eq!(header.frame_count.get(), 30);
+    assert_ne!(header.flags.get() & flags::STOPPED, 0);
+}
+
+#[test]
+fn a_pause_between_stop_and_start_ends_the_buffer_and_keeps_timestamps_true() {
+    let mut card = card(
+        Settings {
+            watermark_frames: 1000,
+            ..settings()
+        },
+        4096,
+    );
+    let mut out = Vec::new();
+    card.start(0);
+    card.advance(10 * MS, &mut out);
+    card.stop(10 * MS, &mut out);
+    card.start(500 * MS);
+    card.advance(520 * MS, &mut out);
+    card.post(buffer(100), 520 * MS, &mut out);
+    card.post(buffer(100), 520 * MS, &mut out);
+    card.flush(520 * MS, &mut out);
+    let first = verified(&out[0]);
+    let second = verified(&out[1]);
+    assert_eq!((first.first_frame.get(), first.frame_count.get()), (0, 10));
+    assert_eq!(first.timestamp_ns.get(), 0);
+    assert_eq!(
+        (second.first_frame.get(), second.frame_count.get()),
+        (10, 20)
+    );
+    assert_eq!(
+        second.timestamp_ns.get(),
+        500 * MS,
+        "sampled after the pause"
+    );
+    assert_eq!(second.dropped_frames.get(), 0);
+}
+
+#[test]
+fn configure_resizes_held_buffers_to_the_new_frame_size() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    card.post(buffer(10), 0, &mut out); // 80 payload bytes
+    card.post(VecBuffer::new(HEADER_SIZE + 12), 0, &mut out); // room for 1 frame of 8 bytes
+    let wider = Settings {
+        channels: 4,
+        ..*card.settings()
+    };
+    assert_eq!(card.configure(wider, 0, &mut out), control::status::OK);
+    assert_eq!(
+        out.len(),
+        1,
+        "the buffer too small for a 16-byte frame is returned"
+    );
+    assert_eq!(out[0].buffer.header().status, buffer_status::BAD_BUFFER);
+    card.start(0);
+    card.advance(0, &mut out);
+    let header = out[1].buffer.header();
+    assert_eq!(header.frame_count.get(), 5);
+    assert_eq!(header.channels.get(), 4);
+    assert_ne!(header.flags.get() & flags::DISCONTINUITY, 0);
+}
+
+#[test]
+fn trigger_needs_the_feature_and_every_trigger_raises_an_event() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    assert_eq!(
+        card.execute(opcode::TRIGGER, &[], 0, &mut out).status,
+        control::status::UNSUPPORTED
+    );
+    card.set_trigger_enabled(true);
+    card.post(buffer(100), 0, &mut out);
+    card.start(0);
+    card.advance(5 * MS, &mut out);
+    assert_eq!(
+        card.execute(opcode::TRIGGER, &[], 5 * MS, &mut out).status,
+        control::status::OK
+    );
+    card.advance(20 * MS, &mut out);
+    card.trigger();
+    card.advance(100 * MS, &mut out);
+    let header = verified(&out[0]);
+    assert_eq!(
+        header.trigger_frame.get(),
+        5,
+        "the header keeps the first trigger"
+    );
+    let triggers: Vec<u64> = std::iter::from_fn(|| card.pop_event())
+        .filter(|e| e.kind.get() == kind::TRIGGER)
+        .map(|e| e.arg0.get())
+        .collect();
+    assert_eq!(triggers, vec![5, 20]);
+}
+
+#[test]
+fn needs_reset_completes_nothing() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    card.start(0);
+    card.enter_needs_reset(vdaq_wire::event::fault::QUEUE_CORRUPT, 0);
+    card.post(buffer(10), 0, &mut out);
+    card.advance(MS, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(card.buffers_held(), 1);
 }

@@ -15,4 +15,4 @@ pub mod transport;
 pub use arena::{ArenaHal, DmaBuffer};
 pub use daq::LoopbackDaq;
 pub use process::BackendProcess;
-pub use transport::VhostUserTransport;
+pub use transport::{InterruptSource, InterruptThread, VhostUserTransport};

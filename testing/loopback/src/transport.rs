@@ -66,7 +66,7 @@ pub struct VhostUserTransport {
     status: DeviceStatus,
     max_queue_size: u32,
     queues: Vec<QueueFds>,
-    interrupts: Epoll,
+    interrupts: InterruptSource,
     first_error: RefCell<Option<String>>,
 }
 
@@ -118,11 +118,12 @@ impl VhostUserTransport {
         frontend
             .set_mem_table(&[region])
             .map_err(vu("SET_MEM_TABLE"))?;
-        let interrupts = Epoll::new().map_err(|source| TransportError::Os {
+        let epoll = Epoll::new().map_err(|source| TransportError::Os {
             what: "epoll",
             source,
         })?;
         let mut queues = Vec::new();
+        let mut calls = Vec::new();
         for index in 0..num_queues {
             let fds = QueueFds {
                 kick: EventFd::new(EFD_NONBLOCK).map_err(|source| TransportError::Os {
@@ -135,7 +136,7 @@ impl VhostUserTransport {
                 })?,
                 configured: false,
             };
-            interrupts
+            epoll
                 .ctl(
                     ControlOperation::Add,
                     std::os::fd::AsRawFd::as_raw_fd(&fds.call),
@@ -145,8 +146,16 @@ impl VhostUserTransport {
                     what: "epoll add",
                     source,
                 })?;
+            calls.push(fds.call.try_clone().map_err(|source| TransportError::Os {
+                what: "call eventfd clone",
+                source,
+            })?);
             queues.push(fds);
         }
+        let interrupts = InterruptSource {
+            epoll: std::sync::Arc::new(epoll),
+            calls: std::sync::Arc::new(calls),
+        };
         Ok(VhostUserTransport {
             frontend: RefCell::new(frontend),
             device_type,
@@ -185,33 +194,16 @@ impl VhostUserTransport {
         }
     }
 
-    /// Waits up to `timeout` for the device to signal any of `queues` (an interrupt), and
-    /// consumes the signals that arrived. Returns the queues that were signalled.
+    /// Waits up to `timeout` for the device to signal any queue (an interrupt), and consumes
+    /// the signals that arrived. Returns the queues that were signalled.
     pub fn wait_interrupt(&self, timeout: Duration) -> Vec<u16> {
-        let mut events = [EpollEvent::default(); 8];
-        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        let count = loop {
-            match self.interrupts.wait(timeout_ms, &mut events) {
-                Ok(count) => break count,
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    error!("epoll wait failed: {err}");
-                    return Vec::new();
-                }
-            }
-        };
-        let mut signalled = Vec::new();
-        for event in &events[..count] {
-            let queue = event.data() as u16;
-            if let Some(fds) = self.queues.get(usize::from(queue)) {
-                // Reading resets the eventfd counter: signals are level-collapsed, as an
-                // edge-triggered interrupt line would be.
-                if fds.call.read().is_ok() {
-                    signalled.push(queue);
-                }
-            }
-        }
-        signalled
+        self.interrupts.wait(timeout)
+    }
+
+    /// A handle on the call eventfds that can wait for interrupts from another thread (an
+    /// "interrupt controller" for a driver that owns this transport).
+    pub fn interrupt_source(&self) -> Result<InterruptSource, TransportError> {
+        self.interrupts.try_clone()
     }
 }
 
@@ -382,5 +374,94 @@ impl Transport for VhostUserTransport {
         );
         self.record("SET_CONFIG", result)
             .ok_or(virtio_drivers::Error::IoError)
+    }
+}
+
+/// The call eventfds of a connection, as an interrupt source.
+#[derive(Clone)]
+pub struct InterruptSource {
+    epoll: std::sync::Arc<Epoll>,
+    calls: std::sync::Arc<Vec<EventFd>>,
+}
+
+impl std::fmt::Debug for InterruptSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterruptSource").finish_non_exhaustive()
+    }
+}
+
+impl InterruptSource {
+    fn try_clone(&self) -> Result<Self, TransportError> {
+        Ok(self.clone())
+    }
+
+    /// Waits up to `timeout` for any queue's call eventfd; consumes what was signalled and
+    /// returns those queue indices.
+    pub fn wait(&self, timeout: Duration) -> Vec<u16> {
+        let mut events = [EpollEvent::default(); 8];
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let count = loop {
+            match self.epoll.wait(timeout_ms, &mut events) {
+                Ok(count) => break count,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    error!("epoll wait failed: {err}");
+                    return Vec::new();
+                }
+            }
+        };
+        let mut signalled = Vec::new();
+        for event in &events[..count] {
+            let queue = event.data() as u16;
+            if let Some(call) = self.calls.get(usize::from(queue)) {
+                // Reading resets the eventfd counter: signals collapse, as on an
+                // edge-triggered interrupt line.
+                if call.read().is_ok() {
+                    signalled.push(queue);
+                }
+            }
+        }
+        signalled
+    }
+}
+
+/// A thread that turns call-eventfd signals into calls of `on_interrupt`, asynchronously to
+/// the driver, like an interrupt controller. Stops when dropped.
+pub struct InterruptThread {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for InterruptThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterruptThread").finish_non_exhaustive()
+    }
+}
+
+impl InterruptThread {
+    /// Starts delivering `source`'s signals to `on_interrupt`.
+    pub fn spawn(source: InterruptSource, on_interrupt: impl Fn() + Send + 'static) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Acquire) {
+                if !source.wait(Duration::from_millis(20)).is_empty() {
+                    on_interrupt();
+                }
+            }
+        });
+        InterruptThread {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InterruptThread {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

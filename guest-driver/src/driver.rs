@@ -1,0 +1,738 @@
+//! The vdaq driver proper: feature negotiation, the three queues, the request table, the
+//! bottom half, commands and shutdown.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use vdaq_wire::buffer::{status as buffer_status, BufferHeader, HEADER_SIZE};
+use vdaq_wire::config::DaqConfig;
+use vdaq_wire::control::{self, opcode, CommandHeader, FlushReply, ResponseHeader, Status};
+use vdaq_wire::event::{Event, EVENT_SIZE};
+use vdaq_wire::{feature, queue, DeviceState, SampleFormat};
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::{DeviceStatus, Transport};
+use virtio_drivers::Hal;
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::dma::DmaBuffer;
+use crate::irq::IrqState;
+
+/// Data-queue size: the most reads that can be in flight.
+pub const DATA_QUEUE_SIZE: usize = 256;
+const CONTROL_QUEUE_SIZE: usize = 8;
+const EVENT_QUEUE_SIZE: usize = 16;
+/// Event buffers kept posted.
+const EVENT_BUFFERS: usize = 8;
+/// Largest reply payload of any command.
+const MAX_REPLY: usize = 128;
+
+/// Errors of the driver.
+#[derive(Debug)]
+pub enum DriverError {
+    /// A virtqueue or transport operation failed.
+    Virtio(virtio_drivers::Error),
+    /// The device lacks a feature the driver needs.
+    MissingFeature(u32),
+    /// The device answered a command with a non-OK status.
+    Command {
+        /// Opcode.
+        opcode: u32,
+        /// Status code.
+        status: u32,
+    },
+    /// A reply was malformed.
+    BadReply(u32),
+    /// The wait gave up before the device answered.
+    Timeout,
+    /// A read buffer cannot hold the header and one frame.
+    BufferTooSmall {
+        /// Bytes offered.
+        len: usize,
+        /// Bytes needed at least.
+        needed: usize,
+    },
+    /// Every data-queue slot is in use.
+    QueueFull,
+    /// The driver is shutting down and takes no new reads.
+    ShuttingDown,
+    /// The device is in NEEDS_RESET.
+    NeedsReset,
+}
+
+impl From<virtio_drivers::Error> for DriverError {
+    fn from(err: virtio_drivers::Error) -> Self {
+        match err {
+            virtio_drivers::Error::QueueFull => DriverError::QueueFull,
+            other => DriverError::Virtio(other),
+        }
+    }
+}
+
+/// What the driver negotiates.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DriverOptions {
+    /// Ask for payload CRCs (VIRTIO_DAQ_F_CRC32).
+    pub crc: bool,
+    /// Ask for the TRIGGER command (VIRTIO_DAQ_F_TRIGGER).
+    pub trigger: bool,
+}
+
+/// Sleeps until something may have happened (an interrupt). Returns false to give up
+/// (a deadline passed).
+pub trait Wait {
+    /// Waits once.
+    fn wait(&mut self) -> bool;
+}
+
+/// Identifies a submitted read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// How a read ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// The device filled the buffer: header checked against the used length.
+    Data(BufferHeader),
+    /// The device returned the buffer with nothing valid in it (used length 0, or a
+    /// BAD_BUFFER header).
+    Rejected,
+    /// The used length or header contradicts what was submitted; the buffer's contents must
+    /// not be trusted.
+    Invalid {
+        /// Used length the device reported.
+        used: usize,
+    },
+    /// The application cancelled the read; the device returned the buffer.
+    Cancelled,
+}
+
+/// A finished read: the buffer is the application's again.
+#[derive(Debug)]
+pub struct Completion<H: Hal> {
+    /// The read.
+    pub id: RequestId,
+    /// The buffer as submitted, now filled.
+    pub buffer: DmaBuffer<H>,
+    /// Used length reported by the device.
+    pub used_len: usize,
+    /// How it ended.
+    pub outcome: ReadOutcome,
+}
+
+/// Counters of the driver's own work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Bottom-half runs that found work pending.
+    pub bottom_halves: u64,
+    /// Completions found only by the re-check after unmasking (the gap the re-check closes).
+    pub found_on_recheck: u64,
+    /// Reads completed.
+    pub completed: u64,
+    /// Reads the device rejected.
+    pub rejected: u64,
+    /// Reads whose used length or header was inconsistent.
+    pub invalid: u64,
+    /// Reads returned as cancelled.
+    pub cancelled: u64,
+    /// Events received.
+    pub events: u64,
+    /// Notifications sent to the device for the data queue.
+    pub data_notifications: u64,
+}
+
+/// Result of [`DaqDriver::shutdown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Reads that were in flight when shutdown began.
+    pub in_flight_at_start: usize,
+    /// Reads the device returned during shutdown.
+    pub returned: usize,
+    /// What FLUSH said it returned.
+    pub flush_returned: u32,
+    /// Buffers the device said it still held after the drain (must be 0).
+    pub device_held_after: u64,
+    /// Device counters at the end.
+    pub status: Status,
+}
+
+struct Slot<H: Hal> {
+    id: RequestId,
+    buffer: DmaBuffer<H>,
+    cancelled: bool,
+}
+
+struct PendingCommand<H: Hal> {
+    token: u16,
+    request: DmaBuffer<H>,
+    reply: DmaBuffer<H>,
+    opcode: u32,
+}
+
+/// The vdaq driver over transport `T`, DMA through `H`.
+pub struct DaqDriver<H: Hal, T: Transport> {
+    transport: T,
+    irq: &'static IrqState,
+    data: VirtQueue<H, DATA_QUEUE_SIZE>,
+    control: VirtQueue<H, CONTROL_QUEUE_SIZE>,
+    events: VirtQueue<H, EVENT_QUEUE_SIZE>,
+    /// Request table, indexed by the data queue's descriptor token.
+    table: Vec<Option<Slot<H>>>,
+    in_flight: usize,
+    completions: VecDeque<Completion<H>>,
+    event_slots: Vec<Option<DmaBuffer<H>>>,
+    received_events: VecDeque<Event>,
+    command: Option<PendingCommand<H>>,
+    command_reply: Option<(u32, Vec<u8>)>,
+    features: u64,
+    frame_bytes: usize,
+    next_id: u64,
+    /// Data-queue buffers made available so far (mod 2^16 is the avail index).
+    data_added: u64,
+    data_added_at_notify: u64,
+    shutting_down: bool,
+    needs_reset: bool,
+    stats: DriverStats,
+}
+
+impl<H: Hal, T: Transport> core::fmt::Debug for DaqDriver<H, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DaqDriver")
+            .field("in_flight", &self.in_flight)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn has(features: u64, bit: u32) -> bool {
+    features & (1 << bit) != 0
+}
+
+impl<H: Hal, T: Transport> DaqDriver<H, T> {
+    /// Initialises the device behind `transport`: negotiates features, sets up the queues,
+    /// posts event buffers, unmasks the interrupt and sets DRIVER_OK.
+    pub fn new(
+        mut transport: T,
+        irq: &'static IrqState,
+        options: DriverOptions,
+    ) -> Result<Self, DriverError> {
+        let mut wanted = (1 << feature::VIRTIO_F_VERSION_1) | (1 << feature::VIRTIO_F_EVENT_IDX);
+        if options.crc {
+            wanted |= 1 << feature::DAQ_F_CRC32;
+        }
+        if options.trigger {
+            wanted |= 1 << feature::DAQ_F_TRIGGER;
+        }
+        let features = transport.begin_init(Features(wanted)).0;
+        if !has(features, feature::VIRTIO_F_VERSION_1) {
+            transport.set_status(DeviceStatus::FAILED);
+            return Err(DriverError::MissingFeature(feature::VIRTIO_F_VERSION_1));
+        }
+        let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
+        let data = VirtQueue::new(&mut transport, queue::DATA, false, event_idx)?;
+        let control = VirtQueue::new(&mut transport, queue::CONTROL, false, event_idx)?;
+        let events = VirtQueue::new(&mut transport, queue::EVENT, false, event_idx)?;
+        transport.finish_init();
+        let mut driver = DaqDriver {
+            transport,
+            irq,
+            data,
+            control,
+            events,
+            table: (0..DATA_QUEUE_SIZE).map(|_| None).collect(),
+            in_flight: 0,
+            completions: VecDeque::new(),
+            event_slots: (0..EVENT_QUEUE_SIZE).map(|_| None).collect(),
+            received_events: VecDeque::new(),
+            command: None,
+            command_reply: None,
+            features,
+            frame_bytes: 0,
+            next_id: 0,
+            data_added: 0,
+            data_added_at_notify: 0,
+            shutting_down: false,
+            needs_reset: false,
+            stats: DriverStats::default(),
+        };
+        driver.refresh_frame_size()?;
+        for _ in 0..EVENT_BUFFERS {
+            driver.post_event_buffer()?;
+        }
+        irq.unmask();
+        Ok(driver)
+    }
+
+    /// Features agreed with the device.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Reads the configuration space.
+    pub fn config(&self) -> Result<DaqConfig, DriverError> {
+        Ok(self.transport.read_config_space::<DaqConfig>(0)?)
+    }
+
+    fn refresh_frame_size(&mut self) -> Result<(), DriverError> {
+        let config = self.config()?;
+        let format = SampleFormat::from_code(config.format).ok_or(DriverError::BadReply(0))?;
+        self.frame_bytes = format.sample_bytes() * usize::from(config.channels.get());
+        Ok(())
+    }
+
+    /// Bytes per frame under the device's current settings.
+    pub fn frame_bytes(&self) -> usize {
+        self.frame_bytes
+    }
+
+    /// Counters of the driver's work.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    /// Reads in the device's hands.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether the device reported NEEDS_RESET.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+
+    /// Submits a read: the buffer belongs to the device until its [`Completion`] comes back
+    /// (or the buffer comes back at once with the error if it cannot be submitted).
+    pub fn submit_read(
+        &mut self,
+        mut buffer: DmaBuffer<H>,
+    ) -> Result<RequestId, (DriverError, DmaBuffer<H>)> {
+        if self.shutting_down {
+            return Err((DriverError::ShuttingDown, buffer));
+        }
+        if self.needs_reset {
+            return Err((DriverError::NeedsReset, buffer));
+        }
+        let needed = HEADER_SIZE + self.frame_bytes;
+        if buffer.len() < needed {
+            let len = buffer.len();
+            return Err((DriverError::BufferTooSmall { len, needed }, buffer));
+        }
+        // SAFETY: the buffer moves into the request table below and is neither touched nor
+        // freed until pop_used hands it back.
+        let token = match unsafe { self.data.add(&[], &mut [buffer.as_mut_slice()]) } {
+            Ok(token) => token,
+            Err(err) => return Err((err.into(), buffer)),
+        };
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.table[usize::from(token)] = Some(Slot {
+            id,
+            buffer,
+            cancelled: false,
+        });
+        self.in_flight += 1;
+        self.data_added += 1;
+        self.notify_data();
+        Ok(id)
+    }
+
+    /// Notifies the device of new read buffers when it asked to be (EVENT_IDX), and always
+    /// when the 16-bit avail index wrapped since the last notification: virtio-drivers 0.13's
+    /// `should_notify` compares without wrap-around and can miss exactly that case.
+    fn notify_data(&mut self) {
+        let before = self.data_added_at_notify as u16;
+        let now = self.data_added as u16;
+        if self.data.should_notify() || now < before {
+            self.transport.notify(queue::DATA);
+            self.stats.data_notifications += 1;
+        }
+        self.data_added_at_notify = self.data_added;
+    }
+
+    /// Marks a read cancelled. The device still owns the buffer; it comes back as
+    /// [`ReadOutcome::Cancelled`] when the device returns it (at once after [`Self::flush`]).
+    /// Returns false if no such read is in flight.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        match self.table.iter_mut().flatten().find(|slot| slot.id == id) {
+            Some(slot) => {
+                slot.cancelled = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The bottom half: if the top half marked work pending, pop every used buffer from the
+    /// three queues, validate and complete, then unmask the interrupt and re-check the rings
+    /// so a completion that arrived in between is not left waiting for an interrupt that was
+    /// masked. Returns the number of read completions produced.
+    pub fn service(&mut self) -> usize {
+        if !self.irq.take_pending() {
+            return 0;
+        }
+        self.stats.bottom_halves += 1;
+        let before = self.stats.completed;
+        let mut first_pass = true;
+        loop {
+            let found = self.drain_data() + self.drain_control() + self.drain_events();
+            if !first_pass {
+                self.stats.found_on_recheck += found as u64;
+            }
+            first_pass = false;
+            self.irq.unmask();
+            if !(self.data.can_pop() || self.control.can_pop() || self.events.can_pop()) {
+                break;
+            }
+        }
+        if self.irq.take_config_changed() {
+            self.check_device_state();
+        }
+        (self.stats.completed - before) as usize
+    }
+
+    fn check_device_state(&mut self) {
+        if let Ok(config) = self.config() {
+            if config.state == DeviceState::NeedsReset as u8 {
+                self.needs_reset = true;
+            }
+        }
+    }
+
+    fn drain_data(&mut self) -> usize {
+        let mut found = 0;
+        while let Some(token) = self.data.peek_used() {
+            let Some(mut slot) = self
+                .table
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
+                // A token the driver never submitted: the ring is corrupt.
+                log::error!("data queue returned unknown token {token}");
+                self.needs_reset = true;
+                return found;
+            };
+            // SAFETY: this is the buffer that was added with `token`.
+            let used = match unsafe {
+                self.data
+                    .pop_used(token, &[], &mut [slot.buffer.as_mut_slice()])
+            } {
+                Ok(used) => used as usize,
+                Err(err) => {
+                    log::error!("pop_used failed: {err:?}");
+                    self.table[usize::from(token)] = Some(slot);
+                    return found;
+                }
+            };
+            self.in_flight -= 1;
+            found += 1;
+            let outcome = if slot.cancelled {
+                self.stats.cancelled += 1;
+                ReadOutcome::Cancelled
+            } else {
+                self.judge(&slot.buffer, used)
+            };
+            match outcome {
+                ReadOutcome::Data(_) => self.stats.completed += 1,
+                ReadOutcome::Rejected => self.stats.rejected += 1,
+                ReadOutcome::Invalid { .. } => self.stats.invalid += 1,
+                ReadOutcome::Cancelled => {}
+            }
+            self.completions.push_back(Completion {
+                id: slot.id,
+                buffer: slot.buffer,
+                used_len: used,
+                outcome,
+            });
+        }
+        found
+    }
+
+    /// Checks a returned buffer's used length and header against what was submitted.
+    fn judge(&self, buffer: &DmaBuffer<H>, used: usize) -> ReadOutcome {
+        if used == 0 {
+            return ReadOutcome::Rejected;
+        }
+        if used < HEADER_SIZE || used > buffer.len() {
+            return ReadOutcome::Invalid { used };
+        }
+        let Ok(header) = BufferHeader::read_from_bytes(&buffer.as_slice()[..HEADER_SIZE]) else {
+            return ReadOutcome::Invalid { used };
+        };
+        if header.status == buffer_status::BAD_BUFFER {
+            return ReadOutcome::Rejected;
+        }
+        if header.status != buffer_status::OK || header.payload_bytes() != Some(used - HEADER_SIZE)
+        {
+            return ReadOutcome::Invalid { used };
+        }
+        ReadOutcome::Data(header)
+    }
+
+    fn drain_control(&mut self) -> usize {
+        let Some(token) = self.control.peek_used() else {
+            return 0;
+        };
+        let Some(mut pending) = self.command.take() else {
+            log::error!("control queue returned a buffer no command is waiting for");
+            return 0;
+        };
+        if pending.token != token {
+            self.command = Some(pending);
+            return 0;
+        }
+        // SAFETY: these are the buffers added with `token`.
+        let used = unsafe {
+            self.control.pop_used(
+                token,
+                &[pending.request.as_slice()],
+                &mut [pending.reply.as_mut_slice()],
+            )
+        };
+        let reply = match used {
+            Ok(used) if used as usize >= size_of::<ResponseHeader>() => {
+                let bytes = &pending.reply.as_slice()[..used as usize];
+                let status = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                (status, bytes[size_of::<ResponseHeader>()..].to_vec())
+            }
+            _ => (u32::MAX, Vec::new()),
+        };
+        log::trace!("opcode {} answered {}", pending.opcode, reply.0);
+        self.command_reply = Some(reply);
+        1
+    }
+
+    fn drain_events(&mut self) -> usize {
+        let mut found = 0;
+        while let Some(token) = self.events.peek_used() {
+            let Some(mut buffer) = self
+                .event_slots
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
+                log::error!("event queue returned unknown token {token}");
+                return found;
+            };
+            // SAFETY: the buffer added with `token`.
+            let used = unsafe {
+                self.events
+                    .pop_used(token, &[], &mut [buffer.as_mut_slice()])
+            };
+            if let Ok(used) = used {
+                if used as usize >= EVENT_SIZE {
+                    if let Ok(event) = Event::read_from_bytes(&buffer.as_slice()[..EVENT_SIZE]) {
+                        if event.kind.get() == vdaq_wire::event::kind::NEEDS_RESET {
+                            self.needs_reset = true;
+                        }
+                        self.received_events.push_back(event);
+                        self.stats.events += 1;
+                    }
+                }
+            }
+            found += 1;
+            if !self.shutting_down {
+                drop(buffer);
+                if let Err(err) = self.post_event_buffer() {
+                    log::error!("cannot repost an event buffer: {err:?}");
+                }
+            }
+        }
+        found
+    }
+
+    fn post_event_buffer(&mut self) -> Result<(), DriverError> {
+        let mut buffer = DmaBuffer::<H>::new(EVENT_SIZE);
+        // SAFETY: kept in `event_slots` until popped.
+        let token = unsafe { self.events.add(&[], &mut [buffer.as_mut_slice()])? };
+        self.event_slots[usize::from(token)] = Some(buffer);
+        if self.events.should_notify() {
+            self.transport.notify(queue::EVENT);
+        }
+        Ok(())
+    }
+
+    /// The next finished read, oldest first.
+    pub fn next_completion(&mut self) -> Option<Completion<H>> {
+        self.completions.pop_front()
+    }
+
+    /// The next device event, oldest first.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.received_events.pop_front()
+    }
+
+    /// Sends a command and waits (through `wait`, servicing interrupts) for its reply.
+    /// Returns (status, reply payload).
+    pub fn command_raw(
+        &mut self,
+        op: u32,
+        payload: &[u8],
+        wait: &mut impl Wait,
+    ) -> Result<(u32, Vec<u8>), DriverError> {
+        if self.command.is_some() {
+            return Err(DriverError::QueueFull);
+        }
+        let mut request = DmaBuffer::<H>::new(size_of::<CommandHeader>() + payload.len());
+        let header = CommandHeader {
+            opcode: op.into(),
+            reserved: 0.into(),
+        };
+        request.as_mut_slice()[..size_of::<CommandHeader>()].copy_from_slice(header.as_bytes());
+        request.as_mut_slice()[size_of::<CommandHeader>()..].copy_from_slice(payload);
+        let mut reply = DmaBuffer::<H>::new(size_of::<ResponseHeader>() + MAX_REPLY);
+        // SAFETY: both buffers move into `self.command` and stay untouched until popped.
+        let token = unsafe {
+            self.control
+                .add(&[request.as_slice()], &mut [reply.as_mut_slice()])?
+        };
+        self.command = Some(PendingCommand {
+            token,
+            request,
+            reply,
+            opcode: op,
+        });
+        self.command_reply = None;
+        if self.control.should_notify() {
+            self.transport.notify(queue::CONTROL);
+        }
+        loop {
+            self.service();
+            if let Some(reply) = self.command_reply.take() {
+                if reply.0 == u32::MAX {
+                    return Err(DriverError::BadReply(op));
+                }
+                return Ok(reply);
+            }
+            if !wait.wait() {
+                // The command stays queued; its buffers are reclaimed when it completes.
+                return Err(DriverError::Timeout);
+            }
+        }
+    }
+
+    /// Sends a command that must succeed; returns its reply payload.
+    pub fn command(
+        &mut self,
+        op: u32,
+        payload: &[u8],
+        wait: &mut impl Wait,
+    ) -> Result<Vec<u8>, DriverError> {
+        match self.command_raw(op, payload, wait)? {
+            (control::status::OK, reply) => Ok(reply),
+            (status, _) => Err(DriverError::Command { opcode: op, status }),
+        }
+    }
+
+    /// START.
+    pub fn start(&mut self, wait: &mut impl Wait) -> Result<(), DriverError> {
+        self.command(opcode::START, &[], wait).map(drop)
+    }
+
+    /// STOP.
+    pub fn stop(&mut self, wait: &mut impl Wait) -> Result<(), DriverError> {
+        self.command(opcode::STOP, &[], wait).map(drop)
+    }
+
+    /// CONFIGURE (device must be stopped); refreshes the frame size.
+    pub fn configure(
+        &mut self,
+        settings: &control::Configure,
+        wait: &mut impl Wait,
+    ) -> Result<(), DriverError> {
+        self.command(opcode::CONFIGURE, settings.as_bytes(), wait)?;
+        self.refresh_frame_size()
+    }
+
+    /// GET_STATUS.
+    pub fn status(&mut self, wait: &mut impl Wait) -> Result<Status, DriverError> {
+        let reply = self.command(opcode::GET_STATUS, &[], wait)?;
+        Status::read_from_bytes(&reply[..size_of::<Status>().min(reply.len())])
+            .map_err(|_| DriverError::BadReply(opcode::GET_STATUS))
+    }
+
+    /// FLUSH: the device returns every held read now. Returns how many it returned.
+    pub fn flush(&mut self, wait: &mut impl Wait) -> Result<u32, DriverError> {
+        let reply = self.command(opcode::FLUSH, &[], wait)?;
+        let reply = FlushReply::read_from_bytes(&reply[..size_of::<FlushReply>().min(reply.len())])
+            .map_err(|_| DriverError::BadReply(opcode::FLUSH))?;
+        // The device put the buffers on the used ring before the reply.
+        self.irq.raise();
+        self.service();
+        Ok(reply.buffers_returned.get())
+    }
+
+    /// Stops acquisition, takes every read back from the device (FLUSH), checks the device
+    /// holds none, and resets it. The returned reads are in [`Self::next_completion`].
+    pub fn shutdown(&mut self, wait: &mut impl Wait) -> Result<ShutdownReport, DriverError> {
+        self.shutting_down = true;
+        let in_flight_at_start = self.in_flight;
+        let completed_before = self.completions.len();
+        self.stop(wait)?;
+        let flush_returned = self.flush(wait)?;
+        while self.in_flight > 0 {
+            self.service();
+            if self.in_flight == 0 {
+                break;
+            }
+            if !wait.wait() {
+                return Err(DriverError::Timeout);
+            }
+        }
+        let status = self.status(wait)?;
+        let returned = self.completions.len() - completed_before;
+        // Reset: the device forgets its rings; event buffers are ours again.
+        self.transport.set_status(DeviceStatus::empty());
+        for slot in &mut self.event_slots {
+            slot.take();
+        }
+        Ok(ShutdownReport {
+            in_flight_at_start,
+            returned,
+            flush_returned,
+            device_held_after: status.buffers_held.get(),
+            status,
+        })
+    }
+}
+
+impl<H: Hal, T: Transport> Drop for DaqDriver<H, T> {
+    fn drop(&mut self) {
+        // Whatever happened before, the device must not keep using ring and buffer memory
+        // that is about to be freed: reset it (a no-op after `shutdown`).
+        if !self.transport.get_status().is_empty() {
+            self.transport.set_status(DeviceStatus::empty());
+        }
+    }
+}
+
+/// Feature set for `Transport::begin_init`, which wants a bitflags type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Features(u64);
+
+impl bitflags::Flags for Features {
+    const FLAGS: &'static [bitflags::Flag<Self>] = &[
+        bitflags::Flag::new("DAQ_F_CRC32", Features(1 << feature::DAQ_F_CRC32)),
+        bitflags::Flag::new("DAQ_F_TRIGGER", Features(1 << feature::DAQ_F_TRIGGER)),
+        bitflags::Flag::new(
+            "INDIRECT_DESC",
+            Features(1 << feature::VIRTIO_F_INDIRECT_DESC),
+        ),
+        bitflags::Flag::new("EVENT_IDX", Features(1 << feature::VIRTIO_F_EVENT_IDX)),
+        bitflags::Flag::new("VERSION_1", Features(1 << feature::VIRTIO_F_VERSION_1)),
+    ];
+    type Bits = u64;
+
+    fn bits(&self) -> u64 {
+        self.0
+    }
+
+    fn from_bits_retain(bits: u64) -> Self {
+        Features(bits)
+    }
+}
+
+impl core::ops::BitAnd for Features {
+    type Output = Self;
+
+    fn bitand(self, rhs: Self) -> Self {
+        Features(self.0 & rhs.0)
+    }
+}

@@ -1,0 +1,268 @@
+//! The reference guest driver (guest-driver/) on the host: the same code that runs in the
+//! bare-metal guest, over the vhost-user loopback transport, against the real backend process.
+//! Interrupts arrive asynchronously from a thread watching the call eventfds, which runs the
+//! driver's top half, exactly where a guest's interrupt handler would.
+
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vdaq_driver::irq::IrqState;
+use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
+use vdaq_loopback::{ArenaHal, BackendProcess, InterruptThread, VhostUserTransport};
+use vdaq_wire::buffer::HEADER_SIZE;
+use vdaq_wire::check::StreamVerifier;
+use vdaq_wire::{queue, SampleFormat, VIRTIO_ID_DAQ};
+use virtio_drivers::transport::DeviceType;
+
+type Driver = DaqDriver<ArenaHal, VhostUserTransport>;
+
+/// Sleeps until the interrupt thread ran the top half, or the deadline passes.
+struct HostWait {
+    signal: Arc<(Mutex<u64>, Condvar)>,
+    seen: u64,
+    deadline: Instant,
+}
+
+impl Wait for HostWait {
+    fn wait(&mut self) -> bool {
+        let (count, changed) = &*self.signal;
+        let mut count = count.lock().expect("lock");
+        while *count == self.seen {
+            let now = Instant::now();
+            if now >= self.deadline {
+                return false;
+            }
+            count = changed
+                .wait_timeout(count, self.deadline - now)
+                .expect("wait")
+                .0;
+        }
+        self.seen = *count;
+        true
+    }
+}
+
+struct Rig {
+    driver: Driver,
+    irq: &'static IrqState,
+    wait: HostWait,
+    _interrupts: InterruptThread,
+    _backend: BackendProcess,
+}
+
+fn rig(args: &[&str], options: DriverOptions, timeout: Duration) -> Rig {
+    let backend = BackendProcess::spawn(Path::new(env!("CARGO_BIN_EXE_vhost-device-daq")), args)
+        .expect("backend starts");
+    let device_type = DeviceType::try_from(VIRTIO_ID_DAQ).expect("known ID");
+    let transport = VhostUserTransport::connect(
+        backend.socket(),
+        device_type,
+        queue::COUNT,
+        vdaq_driver::DATA_QUEUE_SIZE as u32,
+    )
+    .expect("connect");
+    let source = transport.interrupt_source().expect("interrupt source");
+    let irq: &'static IrqState = Box::leak(Box::new(IrqState::host()));
+    let signal = Arc::new((Mutex::new(0u64), Condvar::new()));
+    let delivered = signal.clone();
+    let interrupts = InterruptThread::spawn(source, move || {
+        irq.top_half();
+        let (count, changed) = &*delivered;
+        *count.lock().expect("lock") += 1;
+        changed.notify_all();
+    });
+    let driver = DaqDriver::new(transport, irq, options).expect("driver init");
+    Rig {
+        driver,
+        irq,
+        wait: HostWait {
+            signal,
+            seen: 0,
+            deadline: Instant::now() + timeout,
+        },
+        _interrupts: interrupts,
+        _backend: backend,
+    }
+}
+
+/// The application loop: keep `in_flight` reads submitted, consume completions in order,
+/// verify every sample, resubmit; sleep only when there is nothing to consume.
+fn stream(
+    rig: &mut Rig,
+    verifier: &mut StreamVerifier,
+    in_flight: usize,
+    bytes: usize,
+    frames: u64,
+) {
+    while rig.driver.in_flight() < in_flight {
+        rig.driver
+            .submit_read(DmaBuffer::new(bytes))
+            .map_err(|(err, _)| err)
+            .expect("submit");
+    }
+    while verifier.stats().frames < frames {
+        rig.driver.service();
+        let mut consumed = false;
+        while let Some(done) = rig.driver.next_completion() {
+            consumed = true;
+            match done.outcome {
+                ReadOutcome::Data(_) => {
+                    verifier
+                        .check(done.buffer.as_slice(), done.used_len)
+                        .expect("every sample verifies");
+                }
+                other => panic!("unexpected outcome {other:?}"),
+            }
+            rig.driver
+                .submit_read(done.buffer)
+                .map_err(|(err, _)| err)
+                .expect("resubmit");
+        }
+        if !consumed && !rig.irq.is_pending() {
+            assert!(rig.wait.wait(), "stream stalled at {:?}", verifier.stats());
+        }
+    }
+}
+
+#[test]
+fn driver_streams_by_interrupt_and_drains_everything_on_shutdown() {
+    let mut rig = rig(
+        &["--clock", "free", "--channels", "2", "--format", "s32"],
+        DriverOptions {
+            crc: true,
+            trigger: false,
+        },
+        Duration::from_secs(60),
+    );
+    let mut verifier = StreamVerifier::new(SampleFormat::S32, 2, true).require_crc(true);
+    rig.driver.start(&mut rig.wait).expect("START");
+    stream(&mut rig, &mut verifier, 64, 16 * 1024, 400_000);
+    let in_flight = rig.driver.in_flight();
+    assert_eq!(in_flight, 64);
+    let report = rig.driver.shutdown(&mut rig.wait).expect("shutdown");
+    assert_eq!(report.in_flight_at_start, 64);
+    assert_eq!(report.returned, 64, "every in-flight read came back");
+    assert_eq!(report.device_held_after, 0, "the device holds no buffer");
+    assert_eq!(rig.driver.in_flight(), 0);
+    // The returned reads carry the tail of the stream, still verifiable.
+    while let Some(done) = rig.driver.next_completion() {
+        if let ReadOutcome::Data(_) = done.outcome {
+            verifier
+                .check(done.buffer.as_slice(), done.used_len)
+                .expect("drained buffers verify");
+        }
+    }
+    let stats = rig.driver.stats();
+    assert!(
+        rig.irq.interrupts() > 0,
+        "completions were delivered by interrupts"
+    );
+    assert!(stats.bottom_halves > 0);
+    assert_eq!(verifier.stats().errors, 0);
+    assert_eq!(
+        verifier.stats().frames,
+        report.status.frames_delivered.get()
+    );
+}
+
+#[test]
+fn driver_keeps_notifying_across_the_16_bit_ring_index_wrap() {
+    let mut rig = rig(
+        &["--clock", "free", "--channels", "1", "--format", "s16"],
+        DriverOptions::default(),
+        Duration::from_secs(120),
+    );
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 1, true);
+    rig.driver.start(&mut rig.wait).expect("START");
+    // 70 000 completions of 512 samples: the avail and used indices wrap past 65 535.
+    stream(&mut rig, &mut verifier, 8, HEADER_SIZE + 1024, 70_000 * 512);
+    assert!(verifier.stats().buffers >= 70_000);
+    rig.driver.shutdown(&mut rig.wait).expect("shutdown");
+}
+
+#[test]
+fn driver_cancel_returns_the_buffer_as_cancelled() {
+    let mut rig = rig(
+        &["--rate", "1000"],
+        DriverOptions::default(),
+        Duration::from_secs(30),
+    );
+    let ids: Vec<_> = (0..4)
+        .map(|_| {
+            rig.driver
+                .submit_read(DmaBuffer::new(HEADER_SIZE + 64 * 1024))
+                .map_err(|(err, _)| err)
+                .expect("submit")
+        })
+        .collect();
+    assert!(rig.driver.cancel(ids[2]));
+    assert!(!rig.driver.cancel(vdaq_driver::RequestId(999)));
+    let returned = rig.driver.flush(&mut rig.wait).expect("FLUSH");
+    assert_eq!(returned, 4);
+    let mut outcomes = Vec::new();
+    while let Some(done) = rig.driver.next_completion() {
+        outcomes.push((done.id, done.outcome));
+    }
+    assert_eq!(outcomes.len(), 4);
+    assert_eq!(outcomes[2], (ids[2], ReadOutcome::Cancelled));
+    assert!(matches!(outcomes[0].1, ReadOutcome::Data(_)));
+    assert_eq!(rig.driver.in_flight(), 0);
+}
+
+#[test]
+fn driver_checks_buffer_sizes_and_gives_refused_buffers_back() {
+    let mut rig = rig(
+        &["--channels", "4", "--format", "s32"],
+        DriverOptions::default(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(rig.driver.frame_bytes(), 16);
+    let (err, buffer) = rig
+        .driver
+        .submit_read(DmaBuffer::new(HEADER_SIZE + 15))
+        .expect_err("too small for one frame");
+    assert!(matches!(
+        err,
+        DriverError::BufferTooSmall {
+            len: 79,
+            needed: 80
+        }
+    ));
+    assert_eq!(buffer.len(), HEADER_SIZE + 15, "the buffer came back");
+    assert_eq!(rig.driver.in_flight(), 0);
+}
+
+#[test]
+fn driver_shutdown_returns_reads_the_device_was_still_filling() {
+    let mut rig = rig(
+        &["--rate", "10000", "--latency-us", "5000000"],
+        DriverOptions::default(),
+        Duration::from_secs(30),
+    );
+    rig.driver.start(&mut rig.wait).expect("START");
+    for _ in 0..32 {
+        rig.driver
+            .submit_read(DmaBuffer::new(HEADER_SIZE + 1024 * 1024))
+            .map_err(|(err, _)| err)
+            .expect("submit");
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    let report = rig.driver.shutdown(&mut rig.wait).expect("shutdown");
+    assert_eq!(report.in_flight_at_start, 32);
+    assert_eq!(report.returned, 32);
+    assert_eq!(
+        report.flush_returned, 31,
+        "STOP completed the partly filled one"
+    );
+    assert_eq!(report.device_held_after, 0);
+    let status = report.status;
+    assert_eq!(
+        status.frames_produced.get(),
+        status.frames_delivered.get() + status.frames_dropped.get() + status.frames_pending.get()
+    );
+    assert!(matches!(
+        rig.driver.submit_read(DmaBuffer::new(4096)),
+        Err((DriverError::ShuttingDown, _))
+    ));
+}

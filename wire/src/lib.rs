@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod event;
 pub mod pattern;
+pub mod report;
 
 pub use zerocopy;
 

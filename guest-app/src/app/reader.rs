@@ -1,0 +1,354 @@
+//! The application: keeps N reads in flight like overlapped I/O, drains completions the way a
+//! completion port is drained, verifies every sample, halts while waiting, and reports.
+
+use alloc::vec::Vec;
+
+use vdaq_driver::irq::IrqState;
+use vdaq_driver::{DaqDriver, DmaBuffer, DriverOptions, ReadOutcome, Wait};
+use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
+use vdaq_wire::check::StreamVerifier;
+use vdaq_wire::event::kind;
+use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::zerocopy::IntoBytes;
+use vdaq_wire::{SampleFormat, SignalKind};
+use virtio_drivers::transport::Transport;
+
+use super::hal::GuestHal;
+use super::params::Params;
+use crate::arch::{interrupts, time};
+
+/// Halts until an interrupt, with a deadline (the periodic timer guarantees wake-ups).
+pub struct HaltWait {
+    pub irq: &'static IrqState,
+    pub deadline_ns: u64,
+}
+
+impl Wait for HaltWait {
+    fn wait(&mut self) -> bool {
+        halt_unless_pending(self.irq);
+        time::now_ns() < self.deadline_ns
+    }
+}
+
+/// Sleeps until the next interrupt unless work is already pending. Interrupts are disabled
+/// around the check, and `wait_for_interrupt` re-enables them and halts in one step, so an
+/// interrupt arriving after the check cannot be missed.
+fn halt_unless_pending(irq: &IrqState) {
+    interrupts::disable();
+    if irq.is_pending() {
+        interrupts::enable();
+    } else {
+        interrupts::wait_for_interrupt();
+    }
+}
+
+fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = (sorted.len() * per_mille / 1000).min(sorted.len() - 1);
+    u64::from(sorted[index])
+}
+
+/// Consumes completions: verifies, measures latency, resubmits.
+struct Consumer {
+    offset: i64,
+    consume_delay_us: u64,
+    latencies_us: Vec<u32>,
+    first_logged: bool,
+    unexpected: u64,
+    resubmit_failed: bool,
+}
+
+impl Consumer {
+    /// Drains every completion the bottom half produced, in order (a completion port).
+    fn drain<T: Transport>(
+        &mut self,
+        driver: &mut DaqDriver<GuestHal, T>,
+        verifier: &mut StreamVerifier,
+        report: &mut Report<'static>,
+        resubmit: bool,
+    ) {
+        while let Some(done) = driver.next_completion() {
+            let now = time::now_ns();
+            match done.outcome {
+                ReadOutcome::Data(header) => {
+                    match verifier.check(done.buffer.as_slice(), done.used_len) {
+                        Ok(_) => self.measure(&header, now, report),
+                        Err(err) => {
+                            if verifier.stats().errors <= 3 {
+                                crate::println!("vdaq: buffer failed verification: {err:?}");
+                            }
+                        }
+                    }
+                }
+                other => {
+                    self.unexpected += 1;
+                    if self.unexpected <= 3 {
+                        crate::println!("vdaq: read ended {other:?}");
+                    }
+                }
+            }
+            if self.consume_delay_us > 0 {
+                // A deliberately slow application (overrun mode).
+                time::delay_us(self.consume_delay_us);
+            }
+            if resubmit {
+                if let Err((err, _)) = driver.submit_read(done.buffer) {
+                    crate::println!("vdaq: resubmit failed: {err:?}");
+                    self.resubmit_failed = true;
+                }
+            }
+        }
+    }
+
+    fn measure(&mut self, header: &BufferHeader, now: u64, report: &mut Report<'static>) {
+        if header.frame_count.get() == 0 {
+            return;
+        }
+        if !self.first_logged {
+            self.first_logged = true;
+            report.first_sample_guest_ns = now;
+            crate::println!("{FIRST_SAMPLE_LINE}");
+        }
+        // The first frame's device timestamp, on the guest clock.
+        let sampled = header.timestamp_ns.get() as i64 - self.offset;
+        let latency_us = (now as i64 - sampled).max(0) as u64 / 1000;
+        self.latencies_us
+            .push(latency_us.min(u64::from(u32::MAX)) as u32);
+    }
+}
+
+/// Everything the run measured, turned into the report at the end.
+pub struct Outcome {
+    pub report: Report<'static>,
+}
+
+/// Runs the application on an initialised transport.
+pub fn run<T: Transport>(
+    transport: T,
+    irq: &'static IrqState,
+    params: &Params,
+    transport_name: &'static str,
+) -> Outcome {
+    let mut report = Report {
+        transport: transport_name,
+        mode: params.mode,
+        reads_in_flight: params.reads as u64,
+        buffer_bytes: params.buffer as u64,
+        ..Report::default()
+    };
+    let fail = |mut report: Report<'static>, why: &'static str| {
+        report.pass = false;
+        report.failure = why;
+        report.interrupts = irq.interrupts();
+        Outcome { report }
+    };
+    let options = DriverOptions {
+        crc: params.crc,
+        trigger: false,
+    };
+    let mut driver: DaqDriver<GuestHal, T> = match DaqDriver::new(transport, irq, options) {
+        Ok(driver) => driver,
+        Err(err) => {
+            crate::println!("vdaq: driver init failed: {err:?}");
+            return fail(report, "driver initialisation failed");
+        }
+    };
+    let Ok(config) = driver.config() else {
+        return fail(report, "cannot read the configuration space");
+    };
+    let Some(format) = SampleFormat::from_code(config.format) else {
+        return fail(report, "unknown sample format");
+    };
+    let channels = config.channels.get();
+    let counter = config.signal == SignalKind::Counter as u8;
+    let mut verifier = StreamVerifier::new(format, channels, counter).require_crc(params.crc);
+    let stream_ns = params.duration_ms * 1_000_000;
+    let mut wait = HaltWait {
+        irq,
+        deadline_ns: time::now_ns() + stream_ns + 30_000_000_000,
+    };
+
+    // Correlate the device clock with ours: offset = device time − midpoint of the exchange.
+    let before = time::now_ns();
+    let Ok(status) = driver.status(&mut wait) else {
+        return fail(report, "GET_STATUS failed");
+    };
+    let after = time::now_ns();
+    let offset = status.device_time_ns.get() as i64 - ((before + after) / 2) as i64;
+    report.clock_offset_ns = offset;
+
+    for _ in 0..params.reads {
+        if let Err((err, _)) = driver.submit_read(DmaBuffer::new(params.buffer)) {
+            crate::println!("vdaq: submit failed: {err:?}");
+            return fail(report, "cannot submit reads");
+        }
+    }
+    if driver.start(&mut wait).is_err() {
+        return fail(report, "START failed");
+    }
+    let start = time::now_ns();
+    let deadline = start + stream_ns;
+    let mut next_progress = start + params.progress_ms * 1_000_000;
+    let mut consumer = Consumer {
+        offset,
+        consume_delay_us: params.consume_delay_us,
+        latencies_us: Vec::new(),
+        first_logged: false,
+        unexpected: 0,
+        resubmit_failed: false,
+    };
+    let mut failure: Option<&'static str> = None;
+
+    // The completion loop.
+    loop {
+        driver.service();
+        consumer.drain(&mut driver, &mut verifier, &mut report, true);
+        if consumer.resubmit_failed {
+            failure.get_or_insert("resubmit failed");
+        }
+        let now = time::now_ns();
+        if now >= next_progress {
+            let stats = verifier.stats();
+            crate::println!(
+                "{PROGRESS_PREFIX}{} {} {} {}",
+                (now - start) / 1_000_000,
+                stats.frames,
+                stats.payload_bytes,
+                irq.interrupts()
+            );
+            next_progress = now + params.progress_ms * 1_000_000;
+        }
+        if now >= deadline || failure.is_some() || driver.needs_reset() {
+            break;
+        }
+        halt_unless_pending(irq);
+    }
+    let stream_end = time::now_ns();
+
+    // Shutdown: every read in flight must come back and the device must hold none.
+    wait.deadline_ns = time::now_ns() + 30_000_000_000;
+    match driver.shutdown(&mut wait) {
+        Ok(shutdown) => {
+            report.shutdown_in_flight = shutdown.in_flight_at_start as u64;
+            report.shutdown_returned = shutdown.returned as u64;
+            report.device_held_after = shutdown.device_held_after;
+            report.device_produced = shutdown.status.frames_produced.get();
+            report.device_delivered = shutdown.status.frames_delivered.get();
+            report.device_dropped = shutdown.status.frames_dropped.get();
+            report.device_pending = shutdown.status.frames_pending.get();
+        }
+        Err(err) => {
+            crate::println!("vdaq: shutdown failed: {err:?}");
+            failure.get_or_insert("shutdown failed");
+        }
+    }
+    // The drained reads carry the stream's tail: verify them too.
+    consumer.drain(&mut driver, &mut verifier, &mut report, false);
+    let unexpected = consumer.unexpected;
+    let mut latencies_us = consumer.latencies_us;
+    while let Some(event) = driver.next_event() {
+        if event.kind.get() == kind::OVERRUN {
+            report.overrun_event_frames += event.arg0.get();
+        }
+    }
+
+    let stats = verifier.stats();
+    let driver_stats = driver.stats();
+    report.frames = stats.frames;
+    report.samples = stats.frames * u64::from(channels);
+    report.bytes = stats.payload_bytes;
+    report.completions = stats.buffers;
+    report.empty_completions = stats.empty_buffers;
+    report.dropped_frames = stats.dropped_frames;
+    report.overrun_buffers = stats.overrun_buffers;
+    report.verify_errors = stats.errors;
+    report.crc_checked = stats.crc_checked;
+    report.interrupts = irq.interrupts();
+    report.bottom_halves = driver_stats.bottom_halves;
+    report.found_on_recheck = driver_stats.found_on_recheck;
+    report.rejected = driver_stats.rejected;
+    report.invalid = driver_stats.invalid;
+    report.guest_time_ns = stream_end - start;
+    report.throughput_mib_s =
+        stats.payload_bytes as f64 / (1024.0 * 1024.0) / (report.guest_time_ns as f64 / 1e9);
+    latencies_us.sort_unstable();
+    report.latency_p50_us = percentile(&latencies_us, 500);
+    report.latency_p99_us = percentile(&latencies_us, 990);
+    report.latency_max_us = latencies_us.last().copied().map_or(0, u64::from);
+    if params.consume_only {
+        report.consume_only_mib_s = consume_only_rate(params, format, channels, counter);
+    }
+
+    // The verdict.
+    let accounted = report.device_produced
+        == report.device_delivered + report.device_dropped + report.device_pending;
+    report.failure = failure.unwrap_or(if driver.needs_reset() {
+        "device needs reset"
+    } else if report.frames == 0 {
+        "no data arrived"
+    } else if report.interrupts == 0 {
+        "data arrived without interrupts"
+    } else if report.verify_errors > 0 {
+        "samples failed verification"
+    } else if unexpected > 0 || report.invalid > 0 {
+        "reads ended without data"
+    } else if report.frames != report.device_delivered {
+        "verified frames differ from frames the device delivered"
+    } else if report.dropped_frames != report.device_dropped {
+        "dropped frames not all reported in buffer headers"
+    } else if !accounted {
+        "produced != delivered + dropped + pending"
+    } else if report.shutdown_returned != report.shutdown_in_flight || report.device_held_after != 0
+    {
+        "shutdown left reads in the device"
+    } else if params.mode == "overrun" && report.dropped_frames == 0 {
+        "overrun mode saw no overrun"
+    } else {
+        ""
+    });
+    report.pass = report.failure.is_empty();
+    Outcome { report }
+}
+
+/// The consume-only rate: the same verification pass over buffers already in memory (filled
+/// with the stream a device would produce), no device involved. MiB/s of guest time.
+fn consume_only_rate(params: &Params, format: SampleFormat, channels: u16, counter: bool) -> f64 {
+    let frame_bytes = format.sample_bytes() * usize::from(channels);
+    let frames = (params.buffer - HEADER_SIZE) / frame_bytes;
+    let mut buffers: Vec<Vec<u8>> = Vec::new();
+    let mut first_frame = 0u64;
+    for sequence in 0..params.reads as u64 {
+        let mut bytes = alloc::vec![0u8; params.buffer];
+        let header = BufferHeader {
+            sequence: sequence.into(),
+            first_frame: first_frame.into(),
+            frame_count: (frames as u32).into(),
+            format: format as u8,
+            channels: channels.into(),
+            ..BufferHeader::default()
+        };
+        bytes[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+        vdaq_wire::pattern::fill_counter(
+            format,
+            first_frame * u64::from(channels),
+            &mut bytes[HEADER_SIZE..HEADER_SIZE + frames * frame_bytes],
+        );
+        first_frame += frames as u64;
+        buffers.push(bytes);
+    }
+    let used = HEADER_SIZE + frames * frame_bytes;
+    let start = time::now_ns();
+    let mut verified = 0u64;
+    while time::now_ns() - start < 500_000_000 {
+        // A fresh verifier per pass over the ring of buffers: the same checks, same order.
+        let mut verifier = StreamVerifier::new(format, channels, counter);
+        for buffer in &buffers {
+            if verifier.check(buffer, used).is_ok() {
+                verified += (used - HEADER_SIZE) as u64;
+            }
+        }
+    }
+    verified as f64 / (1024.0 * 1024.0) / ((time::now_ns() - start) as f64 / 1e9)
+}

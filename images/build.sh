@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the bare-metal guest image (guest-app/, its own cargo workspace, target
+# x86_64-unknown-none) and copies it to a stable path, printed as the last stdout line:
+#   build/images/vdaq-guest.elf
+# Cargo's own lockfile and incremental build make it reproducible and a no-op when current.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+OUT=$ROOT/build/images
+mkdir -p "$OUT"
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none \
+    || rustup target add x86_64-unknown-none >&2
+(cd "$ROOT/guest-app" && cargo build --release --locked >&2)
+cp -p "$ROOT/guest-app/target/x86_64-unknown-none/release/vdaq-guest" "$OUT/vdaq-guest.elf.tmp"
+mv -f "$OUT/vdaq-guest.elf.tmp" "$OUT/vdaq-guest.elf"
+echo "$OUT/vdaq-guest.elf"

@@ -1,0 +1,435 @@
+//! One run: backend and QEMU as supervised child processes, the guest's serial console read
+//! line by line (progress, first-sample marker, report), and a teardown that leaves no process
+//! or socket behind on success, failure, timeout or Ctrl-C.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX, REPORT_PREFIX};
+use vdaq_wire::VIRTIO_ID_DAQ;
+
+/// Set by the Ctrl-C handler; every running session tears down when it sees it.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Machine type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Machine {
+    /// q35 with virtio-pci and MSI-X.
+    Q35,
+    /// microvm with virtio-mmio (IOAPIC interrupts).
+    Microvm,
+}
+
+/// Accelerator actually used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// QEMU's TCG.
+    Tcg,
+    /// KVM.
+    Kvm,
+}
+
+impl Accel {
+    /// Name as QEMU spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+/// Everything one run needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Backend binary.
+    pub backend: PathBuf,
+    /// Guest image.
+    pub guest: PathBuf,
+    /// Machine type.
+    pub machine: Machine,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Guest memory (MiB).
+    pub memory_mib: u32,
+    /// Backend options (after --socket-path).
+    pub backend_args: Vec<String>,
+    /// Guest command-line parameters (`vdaq.*=…`).
+    pub guest_args: Vec<String>,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Show live progress on stderr.
+    pub progress: bool,
+    /// Echo every guest console line.
+    pub verbose: bool,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// The guest's report line (JSON), if it printed one.
+    pub report_json: Option<String>,
+    /// QEMU's exit status, if it exited.
+    pub qemu_status: Option<ExitStatus>,
+    /// Host time from QEMU start to the guest's first verified buffer.
+    pub first_sample: Option<Duration>,
+    /// Host time from QEMU start to QEMU exit.
+    pub wall: Duration,
+    /// Why the run was cut short, if it was.
+    pub aborted: Option<String>,
+    /// Last guest console lines (for diagnosing failures).
+    pub console_tail: Vec<String>,
+}
+
+impl RunOutcome {
+    /// The parsed report.
+    pub fn report(&self) -> Option<Report<'_>> {
+        serde_json::from_str(self.report_json.as_deref()?).ok()
+    }
+
+    /// Whether the guest exited through isa-debug-exit with code 0 (QEMU status 1).
+    pub fn guest_passed(&self) -> bool {
+        self.qemu_status.and_then(|s| s.code()) == Some(1)
+    }
+}
+
+/// Session setup errors (everything after start-up is reported in [`RunOutcome`]).
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// A child process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The backend did not create its socket.
+    #[error("the backend did not listen on {0} within 10 s")]
+    BackendNotListening(PathBuf),
+    /// The run directory could not be made.
+    #[error("cannot create the run directory {path}: {source}")]
+    RunDir {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A child killed (and reaped) on drop, and killed by the kernel if the launcher dies.
+struct Supervised {
+    child: Child,
+    name: &'static str,
+}
+
+impl Supervised {
+    fn spawn(name: &'static str, command: &mut Command) -> Result<Self, SessionError> {
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl and
+        // getppid, both async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                // Die with the launcher, even if it is killed with SIGKILL.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() == 1 {
+                    return Err(std::io::Error::other("launcher already gone"));
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|source| SessionError::Spawn { what: name, source })?;
+        Ok(Supervised { child, name })
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, a grace period, then SIGKILL.
+    fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.try_wait() {
+            return Some(status);
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill() on our own child's pid with a valid signal.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            eprintln!("vdaq: stopping {}", self.name);
+            self.stop(Duration::from_millis(500));
+        }
+    }
+}
+
+/// A private directory for the run's socket; removed on drop. Stale ones from launchers
+/// that were killed outright are removed at the next start.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self, SessionError> {
+        let base = std::env::temp_dir();
+        remove_stale_run_dirs(&base);
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("vdaq-run-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|source| SessionError::RunDir {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(RunDir(path))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn remove_stale_run_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("vdaq-run-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
+    let memory = format!("{}M", config.memory_mib);
+    let mut command = Command::new(&config.qemu);
+    command.args(["-nodefaults", "-display", "none", "-no-reboot"]);
+    command.args(["-serial", "stdio", "-monitor", "none"]);
+    command.args(["-m", &memory]);
+    command.args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={memory},share=on"),
+    ]);
+    command.args(["-bios", "qboot.rom"]);
+    command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    command.args([
+        "-chardev",
+        &format!("socket,id=daq0,path={}", socket.display()),
+    ]);
+    let device_options = format!(
+        "chardev=daq0,virtio-id={VIRTIO_ID_DAQ},num_vqs={},vq_size=256,config_size={}",
+        vdaq_wire::queue::COUNT,
+        vdaq_wire::config::CONFIG_SIZE
+    );
+    match config.machine {
+        Machine::Q35 => {
+            command.args(["-machine", "q35,memory-backend=mem"]);
+            command.args([
+                "-device",
+                &format!("vhost-user-test-device-pci,{device_options}"),
+            ]);
+        }
+        Machine::Microvm => {
+            command.args(["-machine", "microvm"]);
+            command.args(["-numa", "node,memdev=mem"]);
+            command.args(["-global", "virtio-mmio.force-legacy=false"]);
+            command.args([
+                "-device",
+                &format!("vhost-user-test-device,{device_options}"),
+            ]);
+        }
+    }
+    match config.accel {
+        Accel::Tcg => {
+            command.args(["-accel", "tcg", "-cpu", "max"]);
+        }
+        Accel::Kvm => {
+            // This machine's software-nested KVM aborts on MSR 0x10a with -cpu host/max.
+            command.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]);
+        }
+    }
+    command.arg("-kernel").arg(&config.guest);
+    let mut append = vec![format!(
+        "vdaq.transport={}",
+        match config.machine {
+            Machine::Q35 => "pci",
+            Machine::Microvm => "mmio",
+        }
+    )];
+    append.extend(config.guest_args.iter().cloned());
+    command.args(["-append", &append.join(" ")]);
+    command
+}
+
+fn wait_for_socket(socket: &Path, backend: &mut Supervised) -> Result<(), SessionError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if backend.try_wait().is_some() || Instant::now() > deadline {
+            return Err(SessionError::BackendNotListening(socket.to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Runs the guest once.
+pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
+    let dir = RunDir::create()?;
+    let socket = dir.0.join("daq.sock");
+    let mut backend_command = Command::new(&config.backend);
+    backend_command
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(&config.backend_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+    let mut backend = Supervised::spawn("vhost-device-daq", &mut backend_command)?;
+    wait_for_socket(&socket, &mut backend)?;
+
+    let mut qemu_cmd = qemu_command(config, &socket);
+    qemu_cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    if config.verbose {
+        eprintln!("vdaq: {qemu_cmd:?}");
+    }
+    let started = Instant::now();
+    let mut qemu = Supervised::spawn("QEMU", &mut qemu_cmd)?;
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    if let Some(stdout) = qemu.child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let mut outcome = RunOutcome {
+        report_json: None,
+        qemu_status: None,
+        first_sample: None,
+        wall: Duration::ZERO,
+        aborted: None,
+        console_tail: Vec::new(),
+    };
+    let deadline = started + config.timeout;
+    let mut progress_shown = false;
+    loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_string();
+                if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
+                    outcome.report_json = Some(json.to_string());
+                } else if line == FIRST_SAMPLE_LINE {
+                    outcome.first_sample.get_or_insert(started.elapsed());
+                } else if let Some(progress) = line.strip_prefix(PROGRESS_PREFIX) {
+                    if config.progress {
+                        show_progress(progress);
+                        progress_shown = true;
+                    }
+                } else {
+                    if config.verbose {
+                        eprintln!("guest: {line}");
+                    }
+                    outcome.console_tail.push(line);
+                    if outcome.console_tail.len() > 40 {
+                        outcome.console_tail.remove(0);
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // QEMU closed its console: it is exiting.
+                outcome.qemu_status = qemu.stop(Duration::from_secs(5));
+                break;
+            }
+        }
+        if let Some(status) = qemu.try_wait() {
+            // Drain what the console still holds.
+            while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+                if let Some(json) = line.trim_end().strip_prefix(REPORT_PREFIX) {
+                    outcome.report_json = Some(json.to_string());
+                } else {
+                    outcome.console_tail.push(line);
+                }
+            }
+            outcome.qemu_status = Some(status);
+            break;
+        }
+        if INTERRUPTED.load(Ordering::Acquire) {
+            outcome.aborted = Some("interrupted (Ctrl-C)".into());
+            break;
+        }
+        if Instant::now() > deadline {
+            outcome.aborted = Some(format!("timed out after {:?}", config.timeout));
+            break;
+        }
+        if backend.try_wait().is_some() {
+            outcome.aborted = Some("the backend exited during the run".into());
+            break;
+        }
+    }
+    if progress_shown {
+        eprintln!();
+    }
+    outcome.wall = started.elapsed();
+    if outcome.qemu_status.is_none() {
+        outcome.qemu_status = qemu.stop(Duration::from_secs(2));
+    }
+    drop(qemu);
+    backend.stop(Duration::from_secs(2));
+    drop(backend);
+    drop(dir);
+    Ok(outcome)
+}
+
+fn show_progress(progress: &str) {
+    let fields: Vec<u64> = progress
+        .split_ascii_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if let [ms, frames, bytes, interrupts, ..] = fields[..] {
+        let seconds = ms as f64 / 1000.0;
+        let mib = bytes as f64 / (1024.0 * 1024.0);
+        let rate = if seconds > 0.0 { mib / seconds } else { 0.0 };
+        eprint!(
+            "\r  t={seconds:6.1}s  frames={frames:<12} verified={mib:9.1} MiB  {rate:8.1} MiB/s  interrupts={interrupts:<10}"
+        );
+        let _ = std::io::stderr().flush();
+    }
+}

@@ -1,0 +1,161 @@
+//! Finding (and building or provisioning, when missing) what a run needs: the backend binary,
+//! the guest image, a QEMU ≥ 10.2, and a usable accelerator.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use thiserror::Error;
+
+/// A tool could not be found, built or provisioned.
+#[derive(Debug, Error)]
+pub enum ToolError {
+    /// A helper command failed.
+    #[error("{what} failed ({status}); run `{command}` by hand to see why")]
+    Failed {
+        /// What was being done.
+        what: &'static str,
+        /// Exit status.
+        status: String,
+        /// The command.
+        command: String,
+    },
+    /// A helper command could not be started.
+    #[error("cannot run {command}: {source}")]
+    Spawn {
+        /// The command.
+        command: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A path given on the command line does not exist.
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
+}
+
+/// The repository root (where this crate was built from).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `program args` in the repository root with stdout captured (stderr passes through,
+/// so build progress shows) and returns the last stdout line.
+fn run_last_line(what: &'static str, program: &Path, args: &[&str]) -> Result<String, ToolError> {
+    let command = format!("{} {}", program.display(), args.join(" "));
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| ToolError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(ToolError::Failed {
+            what,
+            status: output.status.to_string(),
+            command,
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+/// The backend binary: `explicit` if given; else next to this executable (cargo puts all of a
+/// workspace's binaries in one directory); else built with cargo.
+pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
+    if let Some(path) = explicit {
+        return existing(path);
+    }
+    if let Some(beside) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("vhost-device-daq")))
+        .filter(|path| path.exists())
+    {
+        return Ok(beside);
+    }
+    eprintln!("vdaq: building vhost-device-daq (release)…");
+    let cargo = std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
+    run_last_line(
+        "building the backend",
+        &cargo,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "vhost-device-daq",
+            "--bin",
+            "vhost-device-daq",
+        ],
+    )?;
+    existing(&repo_root().join("target/release/vhost-device-daq"))
+}
+
+/// The guest image: `explicit` if given, else built by `images/build.sh` (a no-op when current).
+pub fn guest_image(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
+    if let Some(path) = explicit {
+        return existing(path);
+    }
+    let path = run_last_line(
+        "building the guest image",
+        &repo_root().join("images/build.sh"),
+        &[],
+    )?;
+    existing(Path::new(&path))
+}
+
+/// QEMU: `explicit` if given, else what `ci/provision-qemu.sh` finds or provisions.
+pub fn qemu(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
+    if let Some(path) = explicit {
+        return existing(path);
+    }
+    let path = run_last_line(
+        "finding or provisioning QEMU >= 10.2",
+        &repo_root().join("ci/provision-qemu.sh"),
+        &[],
+    )?;
+    existing(Path::new(&path))
+}
+
+fn existing(path: &Path) -> Result<PathBuf, ToolError> {
+    if path.exists() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(ToolError::Missing(path.to_path_buf()))
+    }
+}
+
+/// What kind of KVM this machine has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kvm {
+    /// No usable /dev/kvm.
+    Absent,
+    /// Software-nested KVM (kvm_pvm): works but is far slower than TCG.
+    SoftwareNested,
+    /// Hardware-backed KVM.
+    Hardware,
+}
+
+/// Probes /dev/kvm.
+pub fn kvm() -> Kvm {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        Kvm::Absent
+    } else if Path::new("/sys/module/kvm_pvm").exists() {
+        Kvm::SoftwareNested
+    } else {
+        Kvm::Hardware
+    }
+}

@@ -1,0 +1,255 @@
+//! End to end: the `vdaq` launcher boots the bare-metal guest in real QEMU with the real
+//! backend (vhost-user over a Unix socket, shared memfd memory, MSI-X or IOAPIC interrupts),
+//! and these tests check the guest's JSON report.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn vdaq(args: &[&str]) -> (bool, Value) {
+    let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+        .args(args)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vdaq");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str::<Value>(line).ok())
+        .unwrap_or_else(|| panic!("no report from vdaq {args:?}; stderr:\n{stderr}"));
+    eprintln!("vdaq {args:?}:\n{stderr}");
+    (output.status.success(), report)
+}
+
+fn n(report: &Value, field: &str) -> u64 {
+    report[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing in {report}"))
+}
+
+/// Checks every run must satisfy: interrupts delivered the data, every sample verified, the
+/// accounting balances, and shutdown left nothing in the device.
+fn assert_sound(report: &Value) {
+    assert_eq!(report["pass"], true, "guest verdict: {}", report["failure"]);
+    assert!(n(report, "frames") > 0, "data arrived");
+    assert!(n(report, "interrupts") > 0, "by interrupt");
+    assert_eq!(n(report, "verify_errors"), 0);
+    assert_eq!(n(report, "frames"), n(report, "device_delivered"));
+    assert_eq!(n(report, "dropped_frames"), n(report, "device_dropped"));
+    assert_eq!(
+        n(report, "device_produced"),
+        n(report, "device_delivered") + n(report, "device_dropped") + n(report, "device_pending"),
+        "produced = delivered + dropped + pending"
+    );
+    assert_eq!(
+        n(report, "shutdown_returned"),
+        n(report, "shutdown_in_flight")
+    );
+    assert_eq!(n(report, "device_held_after"), 0);
+}
+
+#[test]
+fn e2e_q35_pci_msix_tcg_stream_verifies_every_sample() {
+    let (ok, report) = vdaq(&[
+        "--machine",
+        "q35",
+        "--accel",
+        "tcg",
+        "--duration",
+        "2",
+        "--rate",
+        "2000000",
+        "--crc",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(report["transport"], "pci");
+    assert_eq!(n(&report, "crc_checked"), n(&report, "completions"));
+    assert_eq!(
+        n(&report, "dropped_frames"),
+        0,
+        "64 reads in flight keep up with 2 MHz"
+    );
+}
+
+#[test]
+fn e2e_microvm_mmio_tcg_stream_verifies_every_sample() {
+    let (ok, report) = vdaq(&[
+        "--machine",
+        "microvm",
+        "--accel",
+        "tcg",
+        "--duration",
+        "2",
+        "--rate",
+        "1000000",
+        "--format",
+        "s32",
+        "--channels",
+        "2",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(report["transport"], "mmio");
+}
+
+#[test]
+fn e2e_overrun_reports_every_dropped_sample() {
+    let (ok, report) = vdaq(&[
+        "--machine",
+        "q35",
+        "--accel",
+        "tcg",
+        "--mode",
+        "overrun",
+        "--duration",
+        "2",
+        "--reads",
+        "4",
+        "--rate",
+        "1000000",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    let dropped = n(&report, "dropped_frames");
+    assert!(dropped > 0, "the slow application overran the FIFO");
+    assert!(n(&report, "overrun_buffers") > 0);
+    assert_eq!(
+        n(&report, "overrun_event_frames"),
+        dropped,
+        "OVERRUN events add up"
+    );
+}
+
+#[test]
+fn e2e_shutdown_drains_reads_still_in_the_device() {
+    // 1 MiB buffers at 100 kHz × 4 × s16 take > 1 s each: all 32 are in flight at shutdown.
+    let (ok, report) = vdaq(&[
+        "--machine",
+        "q35",
+        "--accel",
+        "tcg",
+        "--mode",
+        "shutdown",
+        "--duration",
+        "0.5",
+        "--rate",
+        "100000",
+        "--buffer-size",
+        "1048576",
+        "--reads",
+        "32",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(n(&report, "shutdown_in_flight"), 32);
+    assert_eq!(n(&report, "shutdown_returned"), 32);
+}
+
+#[test]
+fn e2e_kvm_smoke_when_kvm_is_usable() {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        eprintln!("skipped: /dev/kvm is not usable on this machine");
+        return;
+    }
+    // This machine's KVM may be software-nested (very slow): keep the run tiny.
+    let (ok, report) = vdaq(&[
+        "--machine",
+        "microvm",
+        "--accel",
+        "kvm",
+        "--duration",
+        "0.3",
+        "--rate",
+        "50000",
+        "--reads",
+        "8",
+        "--buffer-size",
+        "4096",
+        "--timeout",
+        "240",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+}
+
+#[test]
+fn e2e_interrupting_the_launcher_leaves_no_process_or_socket() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+        .args([
+            "--machine",
+            "q35",
+            "--accel",
+            "tcg",
+            "--duration",
+            "60",
+            "--rate",
+            "100000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vdaq");
+    let pid = child.id();
+    let run_dir_prefix = format!("vdaq-run-{pid}-");
+    // Wait until QEMU and the backend are up (the run directory and a QEMU child exist).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while processes_mentioning(&run_dir_prefix).len() < 2 {
+        assert!(Instant::now() < deadline, "vdaq never started its children");
+        assert!(
+            child.try_wait().expect("poll").is_none(),
+            "vdaq exited early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill() on our own child with a valid signal.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "an interrupted run is not a pass");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(&run_dir_prefix).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        processes_mentioning(&run_dir_prefix),
+        Vec::<u32>::new(),
+        "no stray process"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("tmp")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&run_dir_prefix))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "run directory (socket) removed: {leftovers:?}"
+    );
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline"))
+            .unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}

@@ -133,20 +133,21 @@ struct Supervised {
 
 impl Supervised {
     fn spawn(name: &'static str, command: &mut Command) -> Result<Self, SessionError> {
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl and
-        // getppid, both async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                // Die with the launcher, even if it is killed with SIGKILL.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("launcher already gone"));
-                }
-                Ok(())
-            });
-        }
+        let die_with_launcher = || {
+            // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this (child) process's own death
+            // signal; it is async-signal-safe.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: getppid has no preconditions and is async-signal-safe.
+            if unsafe { libc::getppid() } == 1 {
+                return Err(std::io::Error::other("launcher already gone"));
+            }
+            Ok(())
+        };
+        // SAFETY: the hook runs in the forked child before exec and only makes the two
+        // async-signal-safe calls above; it touches no memory shared with the parent.
+        unsafe { command.pre_exec(die_with_launcher) };
         let child = command
             .spawn()
             .map_err(|source| SessionError::Spawn { what: name, source })?;

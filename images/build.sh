@@ -10,6 +10,7 @@ mkdir -p "$OUT"
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none \
     || rustup target add x86_64-unknown-none >&2
 (cd "$ROOT/guest-app" && cargo build --release --locked >&2)
-cp -p "$ROOT/guest-app/target/x86_64-unknown-none/release/vdaq-guest" "$OUT/vdaq-guest.elf.tmp"
-mv -f "$OUT/vdaq-guest.elf.tmp" "$OUT/vdaq-guest.elf"
+# Copy under a private name, then rename: concurrent builds never see a partial image.
+cp -p "$ROOT/guest-app/target/x86_64-unknown-none/release/vdaq-guest" "$OUT/vdaq-guest.elf.$$"
+mv -f "$OUT/vdaq-guest.elf.$$" "$OUT/vdaq-guest.elf"
 echo "$OUT/vdaq-guest.elf"

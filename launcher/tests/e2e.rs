@@ -40,7 +40,9 @@ fn assert_sound(report: &Value) {
     assert!(n(report, "interrupts") > 0, "by interrupt");
     assert_eq!(n(report, "verify_errors"), 0);
     assert_eq!(n(report, "frames"), n(report, "device_delivered"));
-    assert_eq!(n(report, "dropped_frames"), n(report, "device_dropped"));
+    // Drops after the last returned buffer cannot be in a header; the guest checks those
+    // exactly against the device's counters (its verdict), here only the bound.
+    assert!(n(report, "dropped_frames") <= n(report, "device_dropped"));
     assert_eq!(
         n(report, "device_produced"),
         n(report, "device_delivered") + n(report, "device_dropped") + n(report, "device_pending"),
@@ -121,8 +123,8 @@ fn e2e_overrun_reports_every_dropped_sample() {
     assert!(n(&report, "overrun_buffers") > 0);
     assert_eq!(
         n(&report, "overrun_event_frames"),
-        dropped,
-        "OVERRUN events add up"
+        n(&report, "device_dropped"),
+        "OVERRUN events add up to every dropped frame"
     );
 }
 

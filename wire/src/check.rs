@@ -185,17 +185,13 @@ impl StreamVerifier {
             return Err(StreamError::OverrunFlag);
         }
         if let Some(expected) = expected_frame {
-            // An empty buffer reports where the stream stands; it must not move backwards.
-            if frames > 0 && first_frame != expected {
+            // Empty buffers too: they report where the stream stands and the drops before it.
+            if first_frame != expected {
                 return Err(StreamError::FrameGap {
                     expected,
                     found: first_frame,
                 });
             }
-        }
-        if frames == 0 {
-            // Keep the last real end so the next buffer's drops are measured from it.
-            self.next_frame = expected_frame.map(|e| e - dropped).or(Some(first_frame));
         }
         let payload = &buffer[HEADER_SIZE..used];
         if header_flags & flags::CRC_VALID != 0 {
@@ -356,6 +352,19 @@ mod tests {
         v.check(&buffer(0, 0, 10, 0), used(10)).expect("first");
         v.check(&buffer(1, 10, 0, 0), used(0)).expect("empty");
         v.check(&buffer(2, 10, 10, 0), used(10)).expect("continues");
-        assert_eq!(v.stats().empty_buffers, 1);
+        v.check(&buffer(3, 25, 0, 5), used(0))
+            .expect("empty, reporting drops");
+        v.check(&buffer(4, 25, 10, 0), used(10))
+            .expect("continues after the drops");
+        assert_eq!(
+            v.check(&buffer(5, 40, 0, 0), used(0)),
+            Err(StreamError::FrameGap {
+                expected: 35,
+                found: 40
+            }),
+            "an empty buffer may not hide a gap either"
+        );
+        assert_eq!(v.stats().empty_buffers, 2);
+        assert_eq!(v.stats().dropped_frames, 5);
     }
 }

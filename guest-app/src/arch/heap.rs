@@ -1,5 +1,5 @@
 //! The `#[global_allocator]`: `linked_list_allocator`'s heap over the linker-reserved region
-//! `__heap_start..__heap_end` (32 MiB, see linker.ld), behind a lock taken with interrupts
+//! `__heap_start..__heap_end` (160 MiB, see linker.ld), behind a lock taken with interrupts
 //! disabled so that interrupt handlers may allocate too. The region lies outside the ELF image
 //! (neither loaded nor zeroed), and is checked against the PVH memory map at init.
 

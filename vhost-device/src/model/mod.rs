@@ -720,9 +720,16 @@ impl<B: ReadBuffer> Card<B> {
         };
         let frame_bytes = self.frame_bytes();
         if posted.filled == 0 {
-            // Returned empty (flush/stop): it starts where the next delivered frame would.
+            // Returned empty (flush/stop): it starts where the next delivered frame would, and
+            // reports the frames dropped since the last delivered one, so every drop shows up
+            // in some header as long as any buffer completes after it.
             posted.first_frame = self.fifo.front().map_or(self.next_frame, |run| run.first);
             posted.timestamp_ns = now_ns;
+            posted.dropped_before = posted.first_frame.saturating_sub(self.delivered_end);
+            if posted.dropped_before > 0 {
+                posted.flags |= flags::OVERRUN;
+            }
+            self.delivered_end = posted.first_frame;
         }
         let mut header_flags = posted.flags | extra_flags;
         let crc = if self.crc_enabled {

@@ -640,3 +640,34 @@ fn needs_reset_completes_nothing() {
     assert!(out.is_empty());
     assert_eq!(card.buffers_held(), 1);
 }
+
+#[test]
+fn drops_before_an_empty_flushed_buffer_are_reported_in_its_header() {
+    let mut card = card(settings(), 100);
+    let mut out = Vec::new();
+    card.post(buffer(100), 0, &mut out);
+    card.start(0);
+    card.advance(100 * MS, &mut out); // frames 0..100 fill the only buffer
+    card.advance(300 * MS, &mut out); // 100..200 in the FIFO, 200..300 dropped
+    card.stop(300 * MS, &mut out);
+    card.post(buffer(100), 300 * MS, &mut out);
+    card.advance(300 * MS, &mut out); // the FIFO's 100 frames
+    card.post(buffer(100), 300 * MS, &mut out);
+    card.flush(300 * MS, &mut out);
+    assert_eq!(out.len(), 3);
+    let empty = out[2].buffer.header();
+    assert_eq!(empty.frame_count.get(), 0);
+    assert_eq!(empty.first_frame.get(), 300);
+    assert_eq!(empty.dropped_frames.get(), 100);
+    assert_ne!(empty.flags.get() & flags::OVERRUN, 0);
+    let mut verifier = vdaq_wire::check::StreamVerifier::new(SampleFormat::S32, 2, true);
+    for completion in &out {
+        verifier
+            .check(&completion.buffer.bytes, completion.used_len as usize)
+            .expect("the stream verifies, drops included");
+    }
+    assert_eq!(
+        verifier.stats().dropped_frames,
+        card.counters().frames_dropped
+    );
+}

@@ -20,13 +20,43 @@ pub fn counter_sample(format: SampleFormat, n: u64) -> [u8; 4] {
     }
 }
 
+/// Samples in one period of the S16 counter.
+pub const S16_PERIOD: usize = 1 << 16;
+
+/// Two periods of the S16 counter as little-endian bytes: any window of up to one period, at
+/// any phase, is one contiguous slice. Filling and checking S16 counter data then is a plain
+/// memory copy or compare against this table.
+static S16_TABLE: [u8; 4 * S16_PERIOD] = s16_table();
+
+const fn s16_table() -> [u8; 4 * S16_PERIOD] {
+    let mut table = [0u8; 4 * S16_PERIOD];
+    let mut i = 0;
+    while i < 2 * S16_PERIOD {
+        let bytes = (i as u16).to_le_bytes();
+        table[2 * i] = bytes[0];
+        table[2 * i + 1] = bytes[1];
+        i += 1;
+    }
+    table
+}
+
+/// The S16 counter bytes for samples `first_sample .. first_sample + samples`, borrowed from a
+/// static table. `samples` must be at most [`S16_PERIOD`].
+pub fn s16_counter_window(first_sample: u64, samples: usize) -> &'static [u8] {
+    let start = (first_sample % S16_PERIOD as u64) as usize;
+    let samples = samples.min(S16_PERIOD);
+    &S16_TABLE[2 * start..2 * (start + samples)]
+}
+
 /// Fills `out` with the counter pattern starting at sample number `first_sample`.
 /// `out.len()` must be a multiple of the sample size; a trailing partial sample is left alone.
 pub fn fill_counter(format: SampleFormat, first_sample: u64, out: &mut [u8]) {
     match format {
         SampleFormat::S16 => {
-            for (i, chunk) in out.chunks_exact_mut(2).enumerate() {
-                chunk.copy_from_slice(&(first_sample.wrapping_add(i as u64) as u16).to_le_bytes());
+            let whole = out.len() / 2;
+            for (block, chunk) in out[..2 * whole].chunks_mut(2 * S16_PERIOD).enumerate() {
+                let first = first_sample.wrapping_add((block * S16_PERIOD) as u64);
+                chunk.copy_from_slice(s16_counter_window(first, chunk.len() / 2));
             }
         }
         SampleFormat::S32 => {
@@ -54,12 +84,7 @@ pub fn verify_counter(format: SampleFormat, first_sample: u64, samples: &[u8]) -
     for (block_index, block) in samples[..whole].chunks(BLOCK_SAMPLES * size).enumerate() {
         let first = first_sample.wrapping_add((block_index * BLOCK_SAMPLES) as u64);
         let mismatch = match format {
-            SampleFormat::S16 => {
-                let base = first as u16;
-                block.chunks_exact(2).enumerate().fold(0u16, |acc, (i, b)| {
-                    acc | (u16::from_le_bytes([b[0], b[1]]) ^ base.wrapping_add(i as u16))
-                }) != 0
-            }
+            SampleFormat::S16 => block != s16_counter_window(first, block.len() / 2),
             SampleFormat::S32 => {
                 let base = first as u32;
                 block.chunks_exact(4).enumerate().fold(0u32, |acc, (i, b)| {
@@ -105,6 +130,17 @@ mod tests {
             counter_sample(SampleFormat::F32, (1 << 24) + 3),
             3.0f32.to_le_bytes()
         );
+    }
+
+    #[test]
+    fn s16_windows_wrap_around_the_period() {
+        let window = s16_counter_window(65_534, 4);
+        assert_eq!(window, &[0xfe, 0xff, 0xff, 0xff, 0, 0, 1, 0]);
+        assert_eq!(s16_counter_window(3 * 65_536 + 7, 1), &[7, 0]);
+        let mut big = [0u8; 2 * 70_000];
+        fill_counter(SampleFormat::S16, 123, &mut big);
+        assert_eq!(verify_counter(SampleFormat::S16, 123, &big), None);
+        assert_eq!(&big[2 * 69_999..], &((123 + 69_999) as u16).to_le_bytes());
     }
 
     #[test]

@@ -170,13 +170,27 @@ pub fn run<T: Transport>(
         deadline_ns: time::now_ns() + stream_ns + 30_000_000_000,
     };
 
-    // Correlate the device clock with ours: offset = device time − midpoint of the exchange.
-    let before = time::now_ns();
-    let Ok(status) = driver.status(&mut wait) else {
-        return fail(report, "GET_STATUS failed");
-    };
-    let after = time::now_ns();
-    let offset = status.device_time_ns.get() as i64 - ((before + after) / 2) as i64;
+    // Correlate the device clock with ours: offset = device time − midpoint of a GET_STATUS
+    // exchange; of several exchanges, the one with the shortest round trip bounds the error
+    // best (as NTP does).
+    let mut best: Option<(u64, i64)> = None;
+    for _ in 0..8 {
+        let before = time::now_ns();
+        let Ok(status) = driver.status(&mut wait) else {
+            return fail(report, "GET_STATUS failed");
+        };
+        let after = time::now_ns();
+        let round_trip = after - before;
+        let offset = status.device_time_ns.get() as i64 - ((before + after) / 2) as i64;
+        if best.is_none_or(|(rtt, _)| round_trip < rtt) {
+            best = Some((round_trip, offset));
+        }
+    }
+    let (round_trip, offset) = best.unwrap_or((0, 0));
+    crate::println!(
+        "vdaq: device clock offset {offset} ns (± {} µs)",
+        round_trip / 2000
+    );
     report.clock_offset_ns = offset;
 
     for _ in 0..params.reads {

@@ -664,13 +664,27 @@ impl<B: ReadBuffer> Card<B> {
             }
         }
         let mut write_failed = false;
-        let frames_per_block = (self.scratch.len() / frame_bytes).max(1) as u64;
+        // The S16 counter is periodic: its bytes come straight from the wire crate's table,
+        // one copy into guest memory; other signals are rendered into the scratch block.
+        let from_table = params.kind == SignalKind::Counter && params.format == SampleFormat::S16;
+        let block_bytes = if from_table {
+            2 * vdaq_wire::pattern::S16_PERIOD
+        } else {
+            self.scratch.len()
+        };
+        let frames_per_block = (block_bytes / frame_bytes).max(1) as u64;
+        let channels = u64::from(params.channels);
         let mut done = 0;
         while done < taken {
             let n = frames_per_block.min(taken - done);
             let bytes = n as usize * frame_bytes;
-            let block = &mut self.scratch[..bytes];
-            params.render(first + done, block);
+            let block: &[u8] = if from_table {
+                vdaq_wire::pattern::s16_counter_window((first + done) * channels, bytes / 2)
+            } else {
+                let scratch = &mut self.scratch[..bytes];
+                params.render(first + done, scratch);
+                scratch
+            };
             if crc_enabled {
                 front.crc.update(block);
             }

@@ -300,8 +300,20 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     }
 
     /// Submits a read: the buffer belongs to the device until its [`Completion`] comes back
-    /// (or the buffer comes back at once with the error if it cannot be submitted).
+    /// (or the buffer comes back at once with the error if it cannot be submitted). The
+    /// device is notified if it asked to be.
     pub fn submit_read(
+        &mut self,
+        buffer: DmaBuffer<H>,
+    ) -> Result<RequestId, (DriverError, DmaBuffer<H>)> {
+        let id = self.submit_read_batched(buffer)?;
+        self.notify_data();
+        Ok(id)
+    }
+
+    /// Like [`Self::submit_read`] without notifying the device: for submitting many reads
+    /// with one notification, sent by [`Self::kick`].
+    pub fn submit_read_batched(
         &mut self,
         mut buffer: DmaBuffer<H>,
     ) -> Result<RequestId, (DriverError, DmaBuffer<H>)> {
@@ -331,8 +343,15 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         });
         self.in_flight += 1;
         self.data_added += 1;
-        self.notify_data();
         Ok(id)
+    }
+
+    /// Notifies the device of reads submitted with [`Self::submit_read_batched`], if it
+    /// asked to be.
+    pub fn kick(&mut self) {
+        if self.data_added != self.data_added_at_notify {
+            self.notify_data();
+        }
     }
 
     /// Notifies the device of new read buffers when it asked to be (EVENT_IDX), and always

@@ -94,12 +94,14 @@ impl Consumer {
                 time::delay_us(self.consume_delay_us);
             }
             if resubmit {
-                if let Err((err, _)) = driver.submit_read(done.buffer) {
+                if let Err((err, _)) = driver.submit_read_batched(done.buffer) {
                     crate::println!("vdaq: resubmit failed: {err:?}");
                     self.resubmit_failed = true;
                 }
             }
         }
+        // One notification for everything resubmitted in this pass.
+        driver.kick();
     }
 
     fn measure(&mut self, header: &BufferHeader, now: u64, report: &mut Report<'static>) {

@@ -241,7 +241,7 @@ struct EventSlot {
 }
 
 /// Options of one device instance that are not acquisition settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct DeviceOptions {
     /// Power-on acquisition settings.
     pub settings: Settings,
@@ -251,6 +251,8 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Period of the device's sample-clock tick.
     pub tick: Duration,
+    /// Scripted firmware behaviour, if any.
+    pub scenario: Option<std::sync::Arc<crate::model::scenario::Scenario>>,
 }
 
 /// The vhost-user backend of one vdaq device.
@@ -272,6 +274,10 @@ pub struct DaqBackend {
     errors: GuestErrorLog,
     /// Bit n set: queue n was stopped (GET_VRING_BASE) since the last reset.
     stopped_queues: u8,
+    /// The driver was told about NEEDS_RESET (config-change notification sent).
+    needs_reset_notified: bool,
+    /// Closes this connection (a scenario's `disconnect`).
+    connection: Option<vhost_user_backend::ShutdownHandle>,
 }
 
 impl std::fmt::Debug for DaqBackend {
@@ -286,7 +292,10 @@ impl std::fmt::Debug for DaqBackend {
 impl DaqBackend {
     /// A backend for one device with the given options.
     pub fn new(options: DeviceOptions) -> Result<Self, BackendError> {
-        let card = Card::new(options.settings, options.limits)?;
+        let mut card = Card::new(options.settings, options.limits)?;
+        if let Some(scenario) = &options.scenario {
+            card.set_scenario(scenario.as_ref().clone());
+        }
         let timer = TimerFd::new().map_err(|source| BackendError::Fd {
             what: "sample-clock timer",
             source: io::Error::from_raw_os_error(source.errno()),
@@ -317,7 +326,14 @@ impl DaqBackend {
             completions: Vec::new(),
             errors: GuestErrorLog::default(),
             stopped_queues: 0,
+            needs_reset_notified: false,
+            connection: None,
         })
+    }
+
+    /// Lets the backend close its own connection (scenario `disconnect`).
+    pub fn set_connection(&mut self, handle: vhost_user_backend::ShutdownHandle) {
+        self.connection = Some(handle);
     }
 
     /// The sample-clock timer's fd, to register with the daemon's epoll loop as
@@ -388,6 +404,15 @@ impl DaqBackend {
     fn needs_reset(&mut self, fault_code: u32) {
         let now = self.now_ns();
         self.card.enter_needs_reset(fault_code, now);
+        self.notify_needs_reset();
+    }
+
+    /// Tells the driver, once, that the device entered NEEDS_RESET.
+    fn notify_needs_reset(&mut self) {
+        if self.needs_reset_notified {
+            return;
+        }
+        self.needs_reset_notified = true;
         if let Some(frontend) = self.frontend.clone() {
             // The virtio status byte belongs to the frontend; a config-change notification
             // makes the driver read `state` and see NEEDS_RESET (see the spec). Sent from its
@@ -673,6 +698,18 @@ impl DaqBackend {
         if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
             self.deliver_events(events);
         }
+        if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
+            self.notify_needs_reset();
+        }
+        if self.card.take_disconnect_request() {
+            match &self.connection {
+                Some(handle) => {
+                    warn!("scenario: closing the vhost-user connection");
+                    handle.shutdown();
+                }
+                None => warn!("scenario: disconnect requested but no connection handle"),
+            }
+        }
         self.update_timer();
     }
 
@@ -761,6 +798,7 @@ impl VhostUserBackendMut for DaqBackend {
 
     fn reset_device(&mut self) {
         self.stopped_queues = 0;
+        self.needs_reset_notified = false;
         let released = self.card.reset();
         self.event_slots.clear();
         self.completions.clear();

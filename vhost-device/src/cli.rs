@@ -10,6 +10,7 @@ use clap::{error::ErrorKind, Parser, ValueEnum};
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
 use crate::backend::DeviceOptions;
+use crate::model::scenario::Scenario;
 use crate::model::{Limits, Settings};
 
 /// Where the daemon takes vhost-user connections from.
@@ -140,6 +141,10 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
 
+    /// Scenario file (TOML): scripted firmware behaviour and faults; see scenarios/.
+    #[arg(long, value_name = "FILE")]
+    scenario: Option<PathBuf>,
+
     /// Period of the device's clock tick, in µs.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
     tick_us: u32,
@@ -231,6 +236,16 @@ where
     settings
         .validate(&limits)
         .map_err(|err| format!("{err}; fix the matching option (see --help)"))?;
+    let scenario = match &args.scenario {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| format!("cannot read --scenario {}: {err}", path.display()))?;
+            let scenario = Scenario::parse(&text)
+                .map_err(|err| format!("--scenario {}: {err}; fix the file", path.display()))?;
+            Some(std::sync::Arc::new(scenario))
+        }
+    };
     Ok(Action::Serve(DaemonConfig {
         endpoint,
         device: DeviceOptions {
@@ -238,6 +253,7 @@ where
             limits,
             queue_size: args.queue_size,
             tick: Duration::from_micros(u64::from(args.tick_us)),
+            scenario,
         },
     }))
 }
@@ -358,6 +374,10 @@ mod tests {
             (&["-s", "x", "--queue-size", "100"][..], "power of two"),
             (&["-s", "x", "--fd", "3"][..], "--fd"),
             (&["-s", "x", "--format", "u8"][..], "u8"),
+            (
+                &["-s", "x", "--scenario", "/nonexistent.toml"][..],
+                "/nonexistent.toml",
+            ),
         ] {
             let message = parse_args(args).expect_err("misuse must fail");
             assert!(!message.contains('\n'), "one line: {message:?}");

@@ -67,7 +67,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
                         source,
                     })?;
                 info!("listening on {}", path.display());
-                let device = config.device;
+                let device = config.device.clone();
                 let name = path.display().to_string();
                 threads.push((
                     name.clone(),
@@ -99,7 +99,7 @@ fn serve_listener(
     device: DeviceOptions,
 ) -> Result<(), DaemonError> {
     loop {
-        let backend = Arc::new(RwLock::new(DaqBackend::new(device)?));
+        let backend = Arc::new(RwLock::new(DaqBackend::new(device.clone())?));
         let timer_fd = backend
             .read()
             .map_err(|_| DaemonError::ThreadPanic(name.clone()))?
@@ -127,6 +127,9 @@ fn serve_listener(
             continue;
         }
         info!("{name}: frontend connected");
+        if let (Some(handle), Ok(mut device)) = (daemon.shutdown_handle(), backend.write()) {
+            device.set_connection(handle);
+        }
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -60,6 +60,7 @@ impl<'a> Rig<'a> {
             },
             queue_size: QUEUE_SIZE,
             tick: Duration::from_millis(1),
+            scenario: None,
         })
         .expect("backend");
         backend.update_memory(atomic.clone()).expect("memory");

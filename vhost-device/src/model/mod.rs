@@ -5,6 +5,7 @@
 //! out as [`Completion`]s, so every behaviour can be unit-tested with plain byte vectors and a
 //! fake clock.
 
+pub mod scenario;
 pub mod signal;
 
 use std::collections::VecDeque;
@@ -18,6 +19,7 @@ use vdaq_wire::event::{kind, Event, EVENT_BACKLOG};
 use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
 use vdaq_wire::{ClockMode, DeviceState, SampleFormat, SignalKind};
 
+use scenario::{Action, Scenario, Timeline};
 use signal::SignalParams;
 
 const NS_PER_SEC: u128 = 1_000_000_000;
@@ -242,6 +244,10 @@ pub struct Counters {
     pub requests_rejected: u64,
     /// Events lost to a full backlog.
     pub events_lost: u32,
+    /// Interrupts a scenario made the device lose.
+    pub interrupts_dropped: u64,
+    /// Buffers a scenario corrupted.
+    pub buffers_corrupted: u64,
 }
 
 /// Contiguous frames in the FIFO, sampled in one clock run (START to STOP). A gap between
@@ -317,6 +323,18 @@ pub struct Card<B> {
     unsignaled: u32,
     first_unsignaled_ns: Option<u64>,
     scratch: Vec<u8>,
+    /// The scripted firmware behaviour, if a scenario is loaded.
+    scenario: Option<Scenario>,
+    timeline: Option<Timeline>,
+    /// Device time of the first START since reset (scenario time zero).
+    stream_started_ns: Option<u64>,
+    /// Interrupts still to lose.
+    drop_interrupts: u32,
+    /// No FIFO drain before this device time.
+    stall_until_ns: u64,
+    /// Buffers still to corrupt.
+    corrupt_buffers: u32,
+    disconnect_requested: bool,
 }
 
 impl<B> std::fmt::Debug for Card<B> {
@@ -450,6 +468,10 @@ impl<B: ReadBuffer> Card<B> {
             }
             DeviceState::Running => {}
         }
+        self.run_timeline(now_ns);
+        if self.state != DeviceState::Running {
+            return;
+        }
         match self.settings.clock {
             ClockMode::Paced => {
                 let due = self.due_frame(now_ns);
@@ -548,6 +570,10 @@ impl<B: ReadBuffer> Card<B> {
     /// Moves FIFO frames into posted buffers. Without `force`, only once the FIFO reached the
     /// watermark or its oldest frame is about to exceed the latency bound.
     fn drain(&mut self, now_ns: u64, force: bool, out: &mut Vec<Completion<B>>) {
+        if !force && now_ns < self.stall_until_ns {
+            // A scripted stall: the DMA engine moves nothing.
+            return;
+        }
         while self.fifo_level > 0 && !self.posted.is_empty() {
             if !force
                 && self.fifo_level < u64::from(self.settings.watermark_frames)
@@ -604,6 +630,9 @@ impl<B: ReadBuffer> Card<B> {
 
     /// Free-running clock: every posted buffer is filled with fresh frames right away.
     fn free_run(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) {
+        if now_ns < self.stall_until_ns {
+            return;
+        }
         while let Some(front) = self.posted.front() {
             let count = front.capacity_frames - front.filled;
             let run = Run {
@@ -746,12 +775,27 @@ impl<B: ReadBuffer> Card<B> {
             self.delivered_end = posted.first_frame;
         }
         let mut header_flags = posted.flags | extra_flags;
-        let crc = if self.crc_enabled {
+        let mut crc = if self.crc_enabled {
             header_flags |= flags::CRC_VALID;
             posted.crc.clone().finalize()
         } else {
             0
         };
+        if self.corrupt_buffers > 0 && posted.filled > 0 {
+            // Scripted corruption: a CRC that does not match, or without CRC a wrong first
+            // sample byte.
+            self.corrupt_buffers -= 1;
+            self.counters.buffers_corrupted += 1;
+            if self.crc_enabled {
+                crc ^= 0x5a5a_5a5a;
+            } else {
+                let mut first = vec![0u8; frame_bytes];
+                self.settings
+                    .signal_params()
+                    .render(posted.first_frame, &mut first);
+                let _ = posted.buffer.write_payload(0, &[first[0] ^ 0xff]);
+            }
+        }
         let header = BufferHeader {
             sequence: self.sequence.into(),
             first_frame: posted.first_frame.into(),
@@ -816,6 +860,12 @@ impl<B: ReadBuffer> Card<B> {
         if due {
             self.unsignaled = 0;
             self.first_unsignaled_ns = None;
+            if self.drop_interrupts > 0 {
+                // Scripted: this interrupt is lost.
+                self.drop_interrupts -= 1;
+                self.counters.interrupts_dropped += 1;
+                return false;
+            }
         }
         due
     }
@@ -876,10 +926,14 @@ impl<B: ReadBuffer> Card<B> {
         let crc_enabled = self.crc_enabled;
         let trigger_enabled = self.trigger_enabled;
         let scratch = std::mem::take(&mut self.scratch);
+        let timeline = self.scenario.as_ref().map(Timeline::new);
+        let scenario = self.scenario.take();
         *self = Card {
             scratch,
             crc_enabled,
             trigger_enabled,
+            scenario,
+            timeline,
             ..Card::new_unchecked(self.defaults, self.limits)
         };
         held
@@ -910,6 +964,59 @@ impl<B: ReadBuffer> Card<B> {
             unsignaled: 0,
             first_unsignaled_ns: None,
             scratch: Vec::new(),
+            scenario: None,
+            timeline: None,
+            stream_started_ns: None,
+            drop_interrupts: 0,
+            stall_until_ns: 0,
+            corrupt_buffers: 0,
+            disconnect_requested: false,
+        }
+    }
+
+    /// Loads a scenario; its clock starts at the next START (and again after each reset).
+    pub fn set_scenario(&mut self, scenario: Scenario) {
+        self.timeline = Some(Timeline::new(&scenario));
+        self.scenario = Some(scenario);
+    }
+
+    /// Whether a scenario step asked to close the connection (cleared by the call).
+    pub fn take_disconnect_request(&mut self) -> bool {
+        std::mem::take(&mut self.disconnect_requested)
+    }
+
+    /// Fires the scenario steps that are due.
+    fn run_timeline(&mut self, now_ns: u64) {
+        let Some(started) = self.stream_started_ns else {
+            return;
+        };
+        let next_frame = self.next_frame;
+        let Some(timeline) = self.timeline.as_mut() else {
+            return;
+        };
+        for step in timeline.due(now_ns.saturating_sub(started), next_frame) {
+            log::info!("scenario line {}: {:?}", step.line, step.action);
+            match step.action {
+                Action::DropInterrupts(count) => {
+                    self.drop_interrupts = self.drop_interrupts.saturating_add(count)
+                }
+                Action::Stall(duration) => {
+                    self.stall_until_ns = now_ns.saturating_add(duration);
+                }
+                Action::CorruptCrc(count) => {
+                    self.corrupt_buffers = self.corrupt_buffers.saturating_add(count)
+                }
+                Action::Fault(code) => {
+                    self.push_event(kind::FAULT, now_ns, u64::from(code), 0);
+                }
+                Action::NeedsReset => {
+                    self.enter_needs_reset(vdaq_wire::event::fault::FIRMWARE, now_ns)
+                }
+                Action::Trigger => {
+                    self.trigger_at = Some(self.next_frame);
+                }
+                Action::Disconnect => self.disconnect_requested = true,
+            }
         }
     }
 
@@ -924,6 +1031,7 @@ impl<B: ReadBuffer> Card<B> {
             DeviceState::Running => control::status::OK,
             DeviceState::Stopped => {
                 self.state = DeviceState::Running;
+                self.stream_started_ns.get_or_insert(now_ns);
                 self.origin_ns = now_ns;
                 self.origin_frame = self.next_frame;
                 control::status::OK

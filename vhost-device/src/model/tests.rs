@@ -671,3 +671,83 @@ fn drops_before_an_empty_flushed_buffer_are_reported_in_its_header() {
         card.counters().frames_dropped
     );
 }
+
+#[test]
+fn scenario_loses_interrupts_corrupts_a_crc_and_raises_a_fault() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    card.set_crc_enabled(true);
+    card.set_scenario(
+        scenario::Scenario::parse(
+            "[[step]]\nat_ms = 0\naction = \"drop_interrupts\"\ncount = 2\n\
+             [[step]]\nat_ms = 0\naction = \"corrupt_crc\"\ncount = 1\n\
+             [[step]]\nat_ms = 0\naction = \"fault\"\ncode = 9\n",
+        )
+        .expect("valid scenario"),
+    );
+    let mut out = Vec::new();
+    card.start(0);
+    for _ in 0..3 {
+        card.post(buffer(10), 0, &mut out);
+    }
+    card.advance(0, &mut out);
+    assert_eq!(out.len(), 3);
+    let first = out[0].buffer.header();
+    assert_ne!(
+        first.crc32.get(),
+        vdaq_wire::payload_crc32(out[0].buffer.payload())
+    );
+    let second = verified(&out[1]);
+    assert_eq!(
+        second.crc32.get(),
+        vdaq_wire::payload_crc32(out[1].buffer.payload())
+    );
+    assert!(!card.take_notification(0, true), "first interrupt lost");
+    card.post(buffer(10), 0, &mut out);
+    card.advance(0, &mut out);
+    assert!(!card.take_notification(0, true), "second interrupt lost");
+    card.post(buffer(10), 0, &mut out);
+    card.advance(0, &mut out);
+    assert!(
+        card.take_notification(0, true),
+        "then interrupts flow again"
+    );
+    assert_eq!(card.counters().interrupts_dropped, 2);
+    assert_eq!(card.counters().buffers_corrupted, 1);
+    let fault = std::iter::from_fn(|| card.pop_event()).find(|e| e.kind.get() == kind::FAULT);
+    assert_eq!(fault.map(|e| e.arg0.get()), Some(9));
+}
+
+#[test]
+fn scenario_stall_starves_the_buffers_and_overruns_the_fifo() {
+    let mut card = card(settings(), 64);
+    card.set_scenario(
+        scenario::Scenario::parse("[[step]]\nat_ms = 10\naction = \"stall\"\nduration_ms = 100\n")
+            .expect("valid scenario"),
+    );
+    let mut out = Vec::new();
+    for _ in 0..8 {
+        card.post(buffer(50), 0, &mut out);
+    }
+    card.start(0);
+    card.advance(10 * MS, &mut out);
+    let before = out.len();
+    card.advance(100 * MS, &mut out);
+    assert_eq!(out.len(), before, "nothing moves during the stall");
+    assert!(
+        card.counters().frames_dropped > 0,
+        "the 64-frame FIFO overran"
+    );
+    card.advance(200 * MS, &mut out);
+    assert!(out.len() > before, "data flows again after the stall");
+    let c = card.counters();
+    assert_eq!(
+        c.frames_produced,
+        c.frames_delivered + c.frames_dropped + card.frames_pending()
+    );
+}

@@ -1,0 +1,293 @@
+//! Scenario files: a timeline of scripted device ("firmware") behaviour, keyed by time since
+//! START or by stream index, in TOML:
+//!
+//! ```toml
+//! description = "lose five interrupts half a second in"
+//! [[step]]
+//! at_ms = 500
+//! action = "drop_interrupts"
+//! count = 5
+//! ```
+//!
+//! Actions: `drop_interrupts` (count), `stall` (duration_ms: the FIFO is not drained),
+//! `corrupt_crc` (count: buffers with a wrong CRC), `fault` (code: a FAULT event),
+//! `needs_reset`, `trigger`, `disconnect` (close the vhost-user connection).
+//! Invalid files are rejected with the line and the reason.
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+/// Why a scenario file was rejected.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("line {line}: {reason}")]
+pub struct ScenarioError {
+    /// 1-based line in the file.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// When a step fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// This long after START (ns of device time).
+    Time(u64),
+    /// When the stream reaches this frame index.
+    Frame(u64),
+}
+
+/// What a step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The next `count` interrupts (used-buffer notifications) are lost.
+    DropInterrupts(u32),
+    /// The FIFO is not drained for this long (ns): buffers wait, the FIFO may overrun.
+    Stall(u64),
+    /// The next `count` buffers with frames carry a wrong CRC (or a corrupted sample without
+    /// CRC).
+    CorruptCrc(u32),
+    /// A FAULT event with this code.
+    Fault(u32),
+    /// The device enters NEEDS_RESET.
+    NeedsReset,
+    /// A software trigger.
+    Trigger,
+    /// The backend closes the vhost-user connection.
+    Disconnect,
+}
+
+/// One timeline entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// When.
+    pub at: At,
+    /// What.
+    pub action: Action,
+    /// Line of the step in its file (for logs).
+    pub line: usize,
+}
+
+/// A parsed scenario.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scenario {
+    /// Free text.
+    pub description: String,
+    /// Steps, in file order.
+    pub steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    step: Vec<Spanned<StepSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepSpec {
+    at_ms: Option<u64>,
+    at_frame: Option<u64>,
+    action: String,
+    count: Option<u32>,
+    duration_ms: Option<u64>,
+    code: Option<u32>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Scenario {
+    /// Parses a scenario file's text.
+    pub fn parse(text: &str) -> Result<Self, ScenarioError> {
+        let file: FileSpec = toml::from_str(text).map_err(|err| ScenarioError {
+            line: err.span().map_or(1, |span| line_of(text, span.start)),
+            reason: err.message().to_string(),
+        })?;
+        let mut steps = Vec::new();
+        for spanned in file.step {
+            let line = line_of(text, spanned.span().start);
+            let spec = spanned.into_inner();
+            let bad = |reason: String| ScenarioError { line, reason };
+            let at = match (spec.at_ms, spec.at_frame) {
+                (Some(ms), None) => At::Time(ms.saturating_mul(1_000_000)),
+                (None, Some(frame)) => At::Frame(frame),
+                _ => return Err(bad("a step needs exactly one of at_ms or at_frame".into())),
+            };
+            let need_count = || {
+                spec.count
+                    .filter(|&c| c > 0)
+                    .ok_or_else(|| bad(format!("action \"{}\" needs count >= 1", spec.action)))
+            };
+            let action = match spec.action.as_str() {
+                "drop_interrupts" => Action::DropInterrupts(need_count()?),
+                "corrupt_crc" => Action::CorruptCrc(need_count()?),
+                "stall" => Action::Stall(
+                    spec.duration_ms
+                        .filter(|&d| d > 0)
+                        .ok_or_else(|| bad("action \"stall\" needs duration_ms >= 1".into()))?
+                        .saturating_mul(1_000_000),
+                ),
+                "fault" => Action::Fault(
+                    spec.code
+                        .ok_or_else(|| bad("action \"fault\" needs a code".into()))?,
+                ),
+                "needs_reset" => Action::NeedsReset,
+                "trigger" => Action::Trigger,
+                "disconnect" => Action::Disconnect,
+                other => {
+                    return Err(bad(format!(
+                        "unknown action \"{other}\" (known: drop_interrupts, stall, corrupt_crc, \
+                         fault, needs_reset, trigger, disconnect)"
+                    )))
+                }
+            };
+            steps.push(Step { at, action, line });
+        }
+        Ok(Scenario {
+            description: file.description,
+            steps,
+        })
+    }
+}
+
+/// Where a running scenario stands.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    steps: Vec<Step>,
+    fired: Vec<bool>,
+}
+
+impl Timeline {
+    /// A timeline over `scenario`'s steps, none fired.
+    pub fn new(scenario: &Scenario) -> Self {
+        Timeline {
+            steps: scenario.steps.clone(),
+            fired: vec![false; scenario.steps.len()],
+        }
+    }
+
+    /// Steps due at `elapsed_ns` since START and stream index `next_frame`, each returned
+    /// once.
+    pub fn due(&mut self, elapsed_ns: u64, next_frame: u64) -> Vec<Step> {
+        let mut due = Vec::new();
+        for (step, fired) in self.steps.iter().zip(self.fired.iter_mut()) {
+            let reached = match step.at {
+                At::Time(at) => elapsed_ns >= at,
+                At::Frame(at) => next_frame >= at,
+            };
+            if reached && !*fired {
+                *fired = true;
+                due.push(*step);
+            }
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_action() {
+        let scenario = Scenario::parse(
+            r#"
+description = "all of them"
+[[step]]
+at_ms = 10
+action = "drop_interrupts"
+count = 3
+[[step]]
+at_frame = 1000
+action = "stall"
+duration_ms = 50
+[[step]]
+at_ms = 20
+action = "corrupt_crc"
+count = 1
+[[step]]
+at_ms = 30
+action = "fault"
+code = 7
+[[step]]
+at_ms = 40
+action = "needs_reset"
+[[step]]
+at_ms = 50
+action = "trigger"
+[[step]]
+at_ms = 60
+action = "disconnect"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(scenario.description, "all of them");
+        assert_eq!(scenario.steps.len(), 7);
+        assert_eq!(scenario.steps[0].action, Action::DropInterrupts(3));
+        assert_eq!(scenario.steps[0].at, At::Time(10_000_000));
+        assert_eq!(scenario.steps[1].at, At::Frame(1000));
+        assert_eq!(scenario.steps[1].action, Action::Stall(50_000_000));
+        assert_eq!(scenario.steps[3].action, Action::Fault(7));
+        assert_eq!(scenario.steps[1].line, 7);
+    }
+
+    #[test]
+    fn invalid_files_name_the_line_and_the_reason() {
+        for (text, line, needle) in [
+            (
+                "[[step]]\nat_ms = 1\naction = \"explode\"\n",
+                1,
+                "unknown action",
+            ),
+            (
+                "\n\n[[step]]\naction = \"trigger\"\n",
+                3,
+                "exactly one of at_ms or at_frame",
+            ),
+            (
+                "[[step]]\nat_ms = 1\naction = \"drop_interrupts\"\n",
+                1,
+                "needs count",
+            ),
+            (
+                "[[step]]\nat_ms = 1\naction = \"stall\"\n",
+                1,
+                "duration_ms",
+            ),
+            (
+                "[[step]]\nat_ms = 1\naction = \"trigger\"\ncolour = 3\n",
+                4,
+                "unknown field",
+            ),
+            (
+                "[[step]]\nat_ms = \"soon\"\naction = \"trigger\"\n",
+                2,
+                "invalid type",
+            ),
+            ("[[step]\n", 1, ""),
+        ] {
+            let err = Scenario::parse(text).expect_err("invalid");
+            assert_eq!(err.line, line, "{text:?}: {err}");
+            assert!(err.reason.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn steps_fire_once_when_due() {
+        let scenario = Scenario::parse(
+            "[[step]]\nat_ms = 5\naction = \"trigger\"\n[[step]]\nat_frame = 100\naction = \"needs_reset\"\n",
+        )
+        .expect("valid");
+        let mut timeline = Timeline::new(&scenario);
+        assert!(timeline.due(4_000_000, 0).is_empty());
+        assert_eq!(timeline.due(5_000_000, 0).len(), 1);
+        assert!(timeline.due(6_000_000, 99).is_empty());
+        assert_eq!(timeline.due(7_000_000, 100)[0].action, Action::NeedsReset);
+        assert!(timeline.due(u64::MAX, u64::MAX).is_empty());
+    }
+}

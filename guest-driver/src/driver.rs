@@ -294,6 +294,12 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.in_flight
     }
 
+    /// Whether the device has returned buffers the bottom half has not taken yet (what a
+    /// lost-interrupt watchdog looks for).
+    pub fn completions_waiting(&self) -> bool {
+        self.data.can_pop() || self.control.can_pop() || self.events.can_pop()
+    }
+
     /// Whether the device reported NEEDS_RESET.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset

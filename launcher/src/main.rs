@@ -126,6 +126,9 @@ struct RunArgs {
     /// Print the guest's JSON report on stdout.
     #[arg(long)]
     json: bool,
+    /// Scenario file for the backend (scripted faults; see scenarios/).
+    #[arg(long, value_name = "FILE")]
+    scenario: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -209,6 +212,15 @@ fn run_config(args: &RunArgs, tools: &Tools, accel: Accel, progress: bool) -> Ru
         "--queue-size".into(),
         "256".into(),
     ];
+    if let Some(scenario) = &args.scenario {
+        backend_args.push("--scenario".into());
+        backend_args.push(
+            std::fs::canonicalize(scenario)
+                .unwrap_or_else(|_| scenario.clone())
+                .display()
+                .to_string(),
+        );
+    }
     if args.mode == Mode::Overrun {
         // A FIFO far smaller than the slow application's backlog makes the overrun certain.
         backend_args.extend([
@@ -283,6 +295,12 @@ fn print_summary(config: &RunConfig, outcome: &RunOutcome) {
                 "  shutdown: {} reads in flight, {} returned, device holds {}",
                 r.shutdown_in_flight, r.shutdown_returned, r.device_held_after
             );
+            if r.watchdog_recoveries + r.crc_errors + r.fault_events > 0 {
+                eprintln!(
+                    "  faults: {} lost-interrupt recoveries, {} CRC mismatches, {} FAULT events",
+                    r.watchdog_recoveries, r.crc_errors, r.fault_events
+                );
+            }
             if r.pass {
                 eprintln!("  PASS");
             } else {
@@ -361,6 +379,7 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
                 crc: false,
                 timeout: None,
                 json: false,
+                scenario: None,
             };
             let mut config = run_config(&run, &tools, accel, false);
             config.guest_args.push("vdaq.consume_only=1".into());
@@ -413,6 +432,7 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
             crc: false,
             timeout: None,
             json: false,
+            scenario: None,
         };
         let config = run_config(&run, &tools, Accel::Tcg, false);
         let outcome = session::run(&config).map_err(|e| e.to_string())?;

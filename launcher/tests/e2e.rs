@@ -255,3 +255,71 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
     }
     pids
 }
+
+/// Runs with a scenario from scenarios/.
+fn vdaq_scenario(scenario: &str, extra: &[&str]) -> (bool, Value) {
+    let path = format!("{}/../scenarios/{scenario}", env!("CARGO_MANIFEST_DIR"));
+    let mut args = vec![
+        "--machine",
+        "q35",
+        "--accel",
+        "tcg",
+        "--duration",
+        "1.5",
+        "--scenario",
+        &path,
+    ];
+    args.extend_from_slice(extra);
+    vdaq(&args)
+}
+
+#[test]
+fn e2e_lost_irq_watchdog_recovers_every_completion() {
+    let (ok, report) = vdaq_scenario("lost-irq.toml", &[]);
+    assert!(ok);
+    assert_sound(&report);
+    assert!(
+        n(&report, "watchdog_recoveries") > 0,
+        "the watchdog found the lost interrupts"
+    );
+}
+
+#[test]
+fn e2e_stall_overrun_reports_every_dropped_sample() {
+    let (ok, report) = vdaq_scenario("stall.toml", &[]);
+    assert!(ok);
+    assert_sound(&report);
+    assert!(
+        n(&report, "dropped_frames") > 0,
+        "the stall overran the FIFO"
+    );
+    assert_eq!(
+        n(&report, "overrun_event_frames"),
+        n(&report, "device_dropped")
+    );
+}
+
+#[test]
+fn e2e_crc_corruption_is_detected_and_fails_the_run() {
+    let (ok, report) = vdaq_scenario("crc.toml", &["--crc"]);
+    assert!(!ok, "corrupted data must not pass");
+    assert_eq!(report["pass"], false);
+    assert_eq!(report["failure"], "payload CRC mismatch");
+    assert_eq!(n(&report, "crc_errors"), 1);
+    // Everything else still adds up.
+    assert_eq!(
+        n(&report, "device_produced"),
+        n(&report, "device_delivered")
+            + n(&report, "device_dropped")
+            + n(&report, "device_pending")
+    );
+    assert_eq!(n(&report, "device_held_after"), 0);
+}
+
+#[test]
+fn e2e_fault_event_is_reported() {
+    let (ok, report) = vdaq_scenario("fault.toml", &[]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(n(&report, "fault_events"), 1);
+}

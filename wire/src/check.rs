@@ -79,6 +79,8 @@ pub struct StreamStats {
     pub triggered_buffers: u64,
     /// Buffers whose CRC was checked.
     pub crc_checked: u64,
+    /// Buffers whose CRC did not match.
+    pub crc_errors: u64,
     /// Buffers that failed verification.
     pub errors: u64,
 }
@@ -131,8 +133,11 @@ impl StreamVerifier {
     /// later buffers are judged on their own.
     pub fn check(&mut self, buffer: &[u8], used: usize) -> Result<BufferHeader, StreamError> {
         let result = self.check_inner(buffer, used);
-        if result.is_err() {
+        if let Err(err) = result {
             self.stats.errors += 1;
+            if matches!(err, StreamError::Crc { .. }) {
+                self.stats.crc_errors += 1;
+            }
         }
         result
     }

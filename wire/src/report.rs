@@ -44,6 +44,12 @@ pub struct Report<'a> {
     pub verify_errors: u64,
     /// Buffers whose CRC was checked.
     pub crc_checked: u64,
+    /// Buffers whose CRC did not match.
+    pub crc_errors: u64,
+    /// Times the lost-interrupt watchdog found completions no interrupt announced.
+    pub watchdog_recoveries: u64,
+    /// FAULT events received.
+    pub fault_events: u64,
     /// Interrupts taken.
     pub interrupts: u64,
     /// Bottom-half runs.
@@ -134,6 +140,9 @@ impl Report<'_> {
             ("overrun_event_frames", self.overrun_event_frames),
             ("verify_errors", self.verify_errors),
             ("crc_checked", self.crc_checked),
+            ("crc_errors", self.crc_errors),
+            ("watchdog_recoveries", self.watchdog_recoveries),
+            ("fault_events", self.fault_events),
             ("interrupts", self.interrupts),
             ("bottom_halves", self.bottom_halves),
             ("found_on_recheck", self.found_on_recheck),
@@ -196,6 +205,9 @@ mod tests {
             overrun_event_frames: 8,
             verify_errors: 9,
             crc_checked: 10,
+            crc_errors: 101,
+            watchdog_recoveries: 102,
+            fault_events: 103,
             interrupts: 11,
             bottom_halves: 12,
             found_on_recheck: 13,

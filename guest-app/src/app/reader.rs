@@ -17,6 +17,9 @@ use super::hal::GuestHal;
 use super::params::Params;
 use crate::arch::{interrupts, time};
 
+/// How long completions may wait on the ring with no interrupt before the watchdog acts.
+const WATCHDOG_NS: u64 = 30_000_000;
+
 /// Halts until an interrupt, with a deadline (the periodic timer guarantees wake-ups).
 pub struct HaltWait {
     pub irq: &'static IrqState,
@@ -217,8 +220,22 @@ pub fn run<T: Transport>(
     };
     let mut failure: Option<&'static str> = None;
 
-    // The completion loop.
+    // The completion loop. The periodic tick wakes it at least every 10 ms; the watchdog
+    // notices completions on the ring that no interrupt announced (a lost interrupt), runs the
+    // bottom half anyway, and counts it.
+    let mut watched_interrupts = irq.interrupts();
+    let mut quiet_since = time::now_ns();
     loop {
+        let now = time::now_ns();
+        if irq.interrupts() != watched_interrupts || !driver.completions_waiting() {
+            watched_interrupts = irq.interrupts();
+            quiet_since = now;
+        } else if !irq.is_pending() && now - quiet_since >= WATCHDOG_NS {
+            report.watchdog_recoveries += 1;
+            crate::println!("vdaq: watchdog: completions waiting without an interrupt; recovering");
+            irq.raise();
+            quiet_since = now;
+        }
         driver.service();
         consumer.drain(&mut driver, &mut verifier, &mut report, true);
         if consumer.resubmit_failed {
@@ -265,8 +282,13 @@ pub fn run<T: Transport>(
     let unexpected = consumer.unexpected;
     let mut latencies_us = consumer.latencies_us;
     while let Some(event) = driver.next_event() {
-        if event.kind.get() == kind::OVERRUN {
-            report.overrun_event_frames += event.arg0.get();
+        match event.kind.get() {
+            kind::OVERRUN => report.overrun_event_frames += event.arg0.get(),
+            kind::FAULT => {
+                report.fault_events += 1;
+                crate::println!("vdaq: device FAULT event, code {}", event.arg0.get());
+            }
+            _ => {}
         }
     }
 
@@ -281,6 +303,7 @@ pub fn run<T: Transport>(
     report.overrun_buffers = stats.overrun_buffers;
     report.verify_errors = stats.errors;
     report.crc_checked = stats.crc_checked;
+    report.crc_errors = stats.crc_errors;
     report.interrupts = irq.interrupts();
     report.bottom_halves = driver_stats.bottom_halves;
     report.found_on_recheck = driver_stats.found_on_recheck;
@@ -314,6 +337,8 @@ pub fn run<T: Transport>(
         "no data arrived"
     } else if report.interrupts == 0 {
         "data arrived without interrupts"
+    } else if report.crc_errors > 0 {
+        "payload CRC mismatch"
     } else if report.verify_errors > 0 {
         "samples failed verification"
     } else if unexpected > 0 || report.invalid > 0 {

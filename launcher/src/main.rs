@@ -129,6 +129,30 @@ struct RunArgs {
     /// Scenario file for the backend (scripted faults; see scenarios/).
     #[arg(long, value_name = "FILE")]
     scenario: Option<PathBuf>,
+    /// Deterministic device: virtual sample time, bit-identical stream on every run.
+    #[arg(long)]
+    deterministic: bool,
+    /// Stop after this many frames instead of after --duration.
+    #[arg(long, default_value_t = 0)]
+    frames: u64,
+    /// Hash every consumed buffer (report field stream_hash).
+    #[arg(long)]
+    hash: bool,
+    /// Signal source.
+    #[arg(long, value_enum, default_value_t = Signal::Counter)]
+    signal: Signal,
+    /// Seed of the noise signal.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Signal {
+    Counter,
+    Sine,
+    Square,
+    Sawtooth,
+    Noise,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -212,6 +236,15 @@ fn run_config(args: &RunArgs, tools: &Tools, accel: Accel, progress: bool) -> Ru
         "--queue-size".into(),
         "256".into(),
     ];
+    backend_args.extend([
+        "--signal".into(),
+        format!("{:?}", args.signal).to_lowercase(),
+        "--seed".into(),
+        args.seed.to_string(),
+    ]);
+    if args.deterministic {
+        backend_args.push("--deterministic".into());
+    }
     if let Some(scenario) = &args.scenario {
         backend_args.push("--scenario".into());
         backend_args.push(
@@ -236,6 +269,8 @@ fn run_config(args: &RunArgs, tools: &Tools, accel: Accel, progress: bool) -> Ru
         format!("vdaq.reads={}", args.reads),
         format!("vdaq.buffer={}", args.buffer_size),
         format!("vdaq.crc={}", u8::from(args.crc)),
+        format!("vdaq.frames={}", args.frames),
+        format!("vdaq.hash={}", u8::from(args.hash)),
     ];
     RunConfig {
         qemu: tools.qemu.clone(),
@@ -380,6 +415,11 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
                 timeout: None,
                 json: false,
                 scenario: None,
+                deterministic: false,
+                frames: 0,
+                hash: false,
+                signal: Signal::Counter,
+                seed: 0x5eed,
             };
             let mut config = run_config(&run, &tools, accel, false);
             config.guest_args.push("vdaq.consume_only=1".into());
@@ -433,6 +473,11 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
             timeout: None,
             json: false,
             scenario: None,
+            deterministic: false,
+            frames: 0,
+            hash: false,
+            signal: Signal::Counter,
+            seed: 0x5eed,
         };
         let config = run_config(&run, &tools, Accel::Tcg, false);
         let outcome = session::run(&config).map_err(|e| e.to_string())?;

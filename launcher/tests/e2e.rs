@@ -323,3 +323,57 @@ fn e2e_fault_event_is_reported() {
     assert_sound(&report);
     assert_eq!(n(&report, "fault_events"), 1);
 }
+
+#[test]
+fn e2e_deterministic_runs_give_identical_stream_hashes() {
+    let run = |seed: &str, signal: &str| {
+        let (ok, report) = vdaq_scenario(
+            "deterministic.toml",
+            &[
+                "--deterministic",
+                "--hash",
+                "--frames",
+                "400000",
+                "--rate",
+                "1000000",
+                "--signal",
+                signal,
+                "--seed",
+                seed,
+            ],
+        );
+        assert!(ok, "run passes: {}", report["failure"]);
+        report
+    };
+    let first = run("1", "counter");
+    let second = run("1", "counter");
+    assert_ne!(n(&first, "stream_hash"), 0);
+    assert_eq!(
+        n(&first, "stream_hash"),
+        n(&second, "stream_hash"),
+        "bit-identical streams"
+    );
+    assert!(
+        n(&first, "dropped_frames") > 0,
+        "the scripted stall dropped frames"
+    );
+    assert_eq!(
+        n(&first, "dropped_frames"),
+        n(&second, "dropped_frames"),
+        "at the same place"
+    );
+    assert_eq!(n(&first, "fault_events"), 1);
+    let noise_a = run("1", "noise");
+    let noise_b = run("1", "noise");
+    let noise_c = run("2", "noise");
+    assert_eq!(
+        n(&noise_a, "stream_hash"),
+        n(&noise_b, "stream_hash"),
+        "seeded noise repeats"
+    );
+    assert_ne!(
+        n(&noise_a, "stream_hash"),
+        n(&noise_c, "stream_hash"),
+        "another seed differs"
+    );
+}

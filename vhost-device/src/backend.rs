@@ -253,6 +253,8 @@ pub struct DeviceOptions {
     pub tick: Duration,
     /// Scripted firmware behaviour, if any.
     pub scenario: Option<std::sync::Arc<crate::model::scenario::Scenario>>,
+    /// Virtual sample time (see `Card::set_deterministic`).
+    pub deterministic: bool,
 }
 
 /// The vhost-user backend of one vdaq device.
@@ -296,6 +298,7 @@ impl DaqBackend {
         if let Some(scenario) = &options.scenario {
             card.set_scenario(scenario.as_ref().clone());
         }
+        card.set_deterministic(options.deterministic);
         let timer = TimerFd::new().map_err(|source| BackendError::Fd {
             what: "sample-clock timer",
             source: io::Error::from_raw_os_error(source.errno()),

@@ -141,6 +141,12 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
 
+    /// Deterministic mode: virtual sample time (frame n at n / rate), sampling exactly as far
+    /// as posted buffers need, scenario steps at virtual times: the same run gives a
+    /// bit-identical stream.
+    #[arg(long)]
+    deterministic: bool,
+
     /// Scenario file (TOML): scripted firmware behaviour and faults; see scenarios/.
     #[arg(long, value_name = "FILE")]
     scenario: Option<PathBuf>,
@@ -254,6 +260,7 @@ where
             queue_size: args.queue_size,
             tick: Duration::from_micros(u64::from(args.tick_us)),
             scenario,
+            deterministic: args.deterministic,
         },
     }))
 }

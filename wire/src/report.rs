@@ -50,6 +50,8 @@ pub struct Report<'a> {
     pub watchdog_recoveries: u64,
     /// FAULT events received.
     pub fault_events: u64,
+    /// Hash of every buffer consumed (header and payload, in order), if asked for; 0 if not.
+    pub stream_hash: u64,
     /// Interrupts taken.
     pub interrupts: u64,
     /// Bottom-half runs.
@@ -143,6 +145,7 @@ impl Report<'_> {
             ("crc_errors", self.crc_errors),
             ("watchdog_recoveries", self.watchdog_recoveries),
             ("fault_events", self.fault_events),
+            ("stream_hash", self.stream_hash),
             ("interrupts", self.interrupts),
             ("bottom_halves", self.bottom_halves),
             ("found_on_recheck", self.found_on_recheck),
@@ -208,6 +211,7 @@ mod tests {
             crc_errors: 101,
             watchdog_recoveries: 102,
             fault_events: 103,
+            stream_hash: u64::MAX - 1,
             interrupts: 11,
             bottom_halves: 12,
             found_on_recheck: 13,

@@ -24,6 +24,10 @@ pub struct Params {
     /// Deliberate delay per consumed buffer (µs): a slow application.
     pub consume_delay_us: u64,
     pub progress_ms: u64,
+    /// Stop after this many frames (0: run for `duration_ms`).
+    pub frames: u64,
+    /// Hash every consumed buffer into the report's `stream_hash`.
+    pub hash: bool,
 }
 
 fn value<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
@@ -65,6 +69,8 @@ impl Params {
                 if overrun { 20_000 } else { 0 },
             ),
             progress_ms: number(cmdline, "progress_ms", 500),
+            frames: number(cmdline, "frames", 0),
+            hash: number(cmdline, "hash", 0) != 0,
         }
     }
 }

@@ -55,6 +55,11 @@ fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
 
 /// Consumes completions: verifies, measures latency, resubmits.
 struct Consumer {
+    /// Running hash of consumed buffers (FNV-1a over each buffer's CRC-32), while hashing.
+    hash: Option<u64>,
+    /// Frames after which hashing stops (0: never).
+    hash_frames: u64,
+    hashed_frames: u64,
     offset: i64,
     consume_delay_us: u64,
     latencies_us: Vec<u32>,
@@ -76,6 +81,7 @@ impl Consumer {
             let now = time::now_ns();
             match done.outcome {
                 ReadOutcome::Data(header) => {
+                    self.hash_buffer(&done.buffer.as_slice()[..done.used_len], &header);
                     match verifier.check(done.buffer.as_slice(), done.used_len) {
                         Ok(_) => self.measure(&header, now, report),
                         Err(err) => {
@@ -105,6 +111,22 @@ impl Consumer {
         }
         // One notification for everything resubmitted in this pass.
         driver.kick();
+    }
+
+    /// Folds a consumed buffer (header and payload) into the stream hash, until the frame
+    /// limit is reached: the same buffers in the same order give the same hash.
+    fn hash_buffer(&mut self, bytes: &[u8], header: &BufferHeader) {
+        let Some(hash) = self.hash.as_mut() else {
+            return;
+        };
+        if self.hash_frames > 0 && self.hashed_frames >= self.hash_frames {
+            return;
+        }
+        const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+        for byte in vdaq_wire::payload_crc32(bytes).to_le_bytes() {
+            *hash = (*hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+        }
+        self.hashed_frames += u64::from(header.frame_count.get());
     }
 
     fn measure(&mut self, header: &BufferHeader, now: u64, report: &mut Report<'static>) {
@@ -211,6 +233,9 @@ pub fn run<T: Transport>(
     let deadline = start + stream_ns;
     let mut next_progress = start + params.progress_ms * 1_000_000;
     let mut consumer = Consumer {
+        hash: params.hash.then_some(0xcbf2_9ce4_8422_2325),
+        hash_frames: params.frames,
+        hashed_frames: 0,
         offset,
         consume_delay_us: params.consume_delay_us,
         latencies_us: Vec::new(),
@@ -253,7 +278,12 @@ pub fn run<T: Transport>(
             );
             next_progress = now + params.progress_ms * 1_000_000;
         }
-        if now >= deadline || failure.is_some() || driver.needs_reset() {
+        let enough = params.frames > 0 && verifier.stats().frames >= params.frames;
+        if (params.frames == 0 && now >= deadline)
+            || enough
+            || failure.is_some()
+            || driver.needs_reset()
+        {
             break;
         }
         halt_unless_pending(irq);
@@ -280,6 +310,7 @@ pub fn run<T: Transport>(
     // The drained reads carry the stream's tail: verify them too.
     consumer.drain(&mut driver, &mut verifier, &mut report, false);
     let unexpected = consumer.unexpected;
+    report.stream_hash = consumer.hash.unwrap_or(0);
     let mut latencies_us = consumer.latencies_us;
     while let Some(event) = driver.next_event() {
         match event.kind.get() {

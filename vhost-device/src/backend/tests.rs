@@ -61,6 +61,7 @@ impl<'a> Rig<'a> {
             queue_size: QUEUE_SIZE,
             tick: Duration::from_millis(1),
             scenario: None,
+            deterministic: false,
         })
         .expect("backend");
         backend.update_memory(atomic.clone()).expect("memory");

@@ -335,6 +335,10 @@ pub struct Card<B> {
     /// Buffers still to corrupt.
     corrupt_buffers: u32,
     disconnect_requested: bool,
+    /// Deterministic mode: virtual sample time (see [`Card::set_deterministic`]).
+    deterministic: bool,
+    /// Deterministic mode: frames up to this index are sampled while the FIFO is not drained.
+    stall_until_frame: u64,
 }
 
 impl<B> std::fmt::Debug for Card<B> {
@@ -467,6 +471,10 @@ impl<B: ReadBuffer> Card<B> {
                 return;
             }
             DeviceState::Running => {}
+        }
+        if self.deterministic && self.settings.clock == ClockMode::Paced {
+            self.run_virtual(out);
+            return;
         }
         self.run_timeline(now_ns);
         if self.state != DeviceState::Running {
@@ -925,6 +933,7 @@ impl<B: ReadBuffer> Card<B> {
         let held = self.posted.drain(..).map(|p| p.buffer).collect();
         let crc_enabled = self.crc_enabled;
         let trigger_enabled = self.trigger_enabled;
+        let deterministic = self.deterministic;
         let scratch = std::mem::take(&mut self.scratch);
         let timeline = self.scenario.as_ref().map(Timeline::new);
         let scenario = self.scenario.take();
@@ -934,6 +943,7 @@ impl<B: ReadBuffer> Card<B> {
             trigger_enabled,
             scenario,
             timeline,
+            deterministic,
             ..Card::new_unchecked(self.defaults, self.limits)
         };
         held
@@ -971,6 +981,82 @@ impl<B: ReadBuffer> Card<B> {
             stall_until_ns: 0,
             corrupt_buffers: 0,
             disconnect_requested: false,
+            deterministic: false,
+            stall_until_frame: 0,
+        }
+    }
+
+    /// Deterministic mode: the paced clock runs in virtual time. Frame n is sampled at
+    /// n × 10⁹ / rate_hz ns, the device samples exactly as far as posted buffers need (the
+    /// driver is never too slow), buffers complete when full (or on STOP/FLUSH), and scenario
+    /// steps fire at virtual times, so the same settings, scenario and buffer sizes give a
+    /// bit-identical stream — fault points included — on every run, however fast the host.
+    pub fn set_deterministic(&mut self, deterministic: bool) {
+        self.deterministic = deterministic;
+    }
+
+    fn virtual_time_ns(&self, frame: u64) -> u64 {
+        let rate = u128::from(self.settings.rate_hz.max(1));
+        u64::try_from(u128::from(frame) * NS_PER_SEC / rate).unwrap_or(u64::MAX)
+    }
+
+    /// Deterministic mode's replacement for the paced clock (see [`Card::set_deterministic`]).
+    fn run_virtual(&mut self, out: &mut Vec<Completion<B>>) {
+        loop {
+            let now = self.virtual_time_ns(self.next_frame);
+            self.run_timeline(now);
+            if self.state != DeviceState::Running {
+                return;
+            }
+            if self.stall_until_frame > self.next_frame {
+                // A stall: the whole stalled stretch is sampled at once; the FIFO keeps what
+                // fits and the rest is dropped.
+                let count = self.stall_until_frame - self.next_frame;
+                let space = u64::from(self.limits.fifo_frames) - self.fifo_level;
+                if space > 0 {
+                    self.accept_frames(count.min(space), now);
+                }
+                if count > space {
+                    self.drop_frames(count - space, now);
+                }
+                continue;
+            }
+            if self.posted.is_empty() {
+                return;
+            }
+            if self.fifo_level > 0 {
+                self.drain(now, true, out);
+                continue;
+            }
+            let Some(front) = self.posted.front() else {
+                return;
+            };
+            if front.filled > 0 && front.first_frame + front.filled != self.next_frame {
+                // Frames were dropped since this buffer's last one: it ends here.
+                self.complete_front(0, now, out);
+                continue;
+            }
+            let mut count = front.capacity_frames - front.filled;
+            // Stop at the next scenario step so it fires at its exact frame.
+            if let Some(step_frame) = self
+                .timeline
+                .as_ref()
+                .and_then(|t| t.next_frame(self.settings.rate_hz))
+            {
+                if step_frame > self.next_frame {
+                    count = count.min(step_frame - self.next_frame);
+                }
+            }
+            let run = Run {
+                first: self.next_frame,
+                len: count,
+                origin_ns: 0,
+                origin_frame: 0,
+            };
+            self.end_overrun(now);
+            self.next_frame += count;
+            self.counters.frames_produced += count;
+            self.fill_front(&run, count, now, out);
         }
     }
 
@@ -1001,7 +1087,15 @@ impl<B: ReadBuffer> Card<B> {
                     self.drop_interrupts = self.drop_interrupts.saturating_add(count)
                 }
                 Action::Stall(duration) => {
-                    self.stall_until_ns = now_ns.saturating_add(duration);
+                    if self.deterministic {
+                        let frames =
+                            u128::from(duration) * u128::from(self.settings.rate_hz) / NS_PER_SEC;
+                        self.stall_until_frame = self
+                            .next_frame
+                            .saturating_add(u64::try_from(frames).unwrap_or(u64::MAX));
+                    } else {
+                        self.stall_until_ns = now_ns.saturating_add(duration);
+                    }
                 }
                 Action::CorruptCrc(count) => {
                     self.corrupt_buffers = self.corrupt_buffers.saturating_add(count)
@@ -1031,8 +1125,15 @@ impl<B: ReadBuffer> Card<B> {
             DeviceState::Running => control::status::OK,
             DeviceState::Stopped => {
                 self.state = DeviceState::Running;
-                self.stream_started_ns.get_or_insert(now_ns);
-                self.origin_ns = now_ns;
+                if self.deterministic {
+                    // Virtual time: frame n is sampled at n × 10⁹ / rate, scenario time zero
+                    // is frame 0.
+                    self.stream_started_ns = Some(0);
+                    self.origin_ns = self.virtual_time_ns(self.next_frame);
+                } else {
+                    self.stream_started_ns.get_or_insert(now_ns);
+                    self.origin_ns = now_ns;
+                }
                 self.origin_frame = self.next_frame;
                 control::status::OK
             }
@@ -1046,7 +1147,7 @@ impl<B: ReadBuffer> Card<B> {
             DeviceState::NeedsReset => control::status::BUSY,
             DeviceState::Stopped => control::status::OK,
             DeviceState::Running => {
-                if self.settings.clock == ClockMode::Paced {
+                if self.settings.clock == ClockMode::Paced && !self.deterministic {
                     let due = self.due_frame(now_ns);
                     self.produce_until(due, now_ns, out);
                 }
@@ -1136,7 +1237,10 @@ impl<B: ReadBuffer> Card<B> {
     /// Returns every held buffer now: FIFO contents go into them first, the rest complete
     /// empty, all flagged FLUSHED. Returns how many buffers were returned.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) -> u32 {
-        if self.state == DeviceState::Running && self.settings.clock == ClockMode::Paced {
+        if self.state == DeviceState::Running
+            && self.settings.clock == ClockMode::Paced
+            && !self.deterministic
+        {
             let due = self.due_frame(now_ns);
             self.produce_until(due, now_ns, out);
         }

@@ -171,6 +171,22 @@ impl Timeline {
         }
     }
 
+    /// The earliest frame index at which a step not yet fired is due, at `rate_hz`.
+    pub fn next_frame(&self, rate_hz: u32) -> Option<u64> {
+        self.steps
+            .iter()
+            .zip(&self.fired)
+            .filter(|(_, fired)| !**fired)
+            .map(|(step, _)| match step.at {
+                At::Frame(frame) => frame,
+                At::Time(ns) => {
+                    let frames = (u128::from(ns) * u128::from(rate_hz)).div_ceil(1_000_000_000);
+                    u64::try_from(frames).unwrap_or(u64::MAX)
+                }
+            })
+            .min()
+    }
+
     /// Steps due at `elapsed_ns` since START and stream index `next_frame`, each returned
     /// once.
     pub fn due(&mut self, elapsed_ns: u64, next_frame: u64) -> Vec<Step> {

@@ -140,6 +140,17 @@ pub struct DriverStats {
     pub data_notifications: u64,
 }
 
+/// Result of [`DaqDriver::recover`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Device counters just before the reset (GET_STATUS still answers in NEEDS_RESET).
+    pub status: Status,
+    /// Reads the device returned while being reset (now in [`DaqDriver::next_completion`]).
+    pub returned: usize,
+    /// Reads the device never returned, taken back after the reset (outcome `Rejected`).
+    pub reclaimed: usize,
+}
+
 /// Result of [`DaqDriver::shutdown`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -682,6 +693,59 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.irq.raise();
         self.service();
         Ok(reply.buffers_returned.get())
+    }
+
+    /// Recovers a device in NEEDS_RESET: reads its counters, resets it (a vhost-user device
+    /// returns the reads it holds while its rings stop), takes back every read, and
+    /// initialises it again. Reads come back as completions; the device is stopped and has
+    /// its power-on settings afterwards.
+    pub fn recover(&mut self, wait: &mut impl Wait) -> Result<RecoveryReport, DriverError> {
+        let status = self.status(wait)?;
+        let completed_before = self.completions.len();
+        self.transport.set_status(DeviceStatus::empty());
+        // The device is reset and touches nothing any more; what it returned before is on
+        // the used ring, everything else is ours again.
+        self.drain_data();
+        let returned = self.completions.len() - completed_before;
+        let mut reclaimed = 0;
+        for slot in self.table.iter_mut() {
+            if let Some(slot) = slot.take() {
+                reclaimed += 1;
+                self.in_flight -= 1;
+                self.stats.rejected += 1;
+                self.completions.push_back(Completion {
+                    id: slot.id,
+                    buffer: slot.buffer,
+                    used_len: 0,
+                    outcome: ReadOutcome::Rejected,
+                });
+            }
+        }
+        self.command = None;
+        for slot in &mut self.event_slots {
+            slot.take();
+        }
+        // Initialise again, as after power-on.
+        let features = self.transport.begin_init(Features(self.features)).0;
+        let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
+        self.data = VirtQueue::new(&mut self.transport, queue::DATA, false, event_idx)?;
+        self.control = VirtQueue::new(&mut self.transport, queue::CONTROL, false, event_idx)?;
+        self.events = VirtQueue::new(&mut self.transport, queue::EVENT, false, event_idx)?;
+        self.transport.finish_init();
+        self.features = features;
+        self.data_added = 0;
+        self.data_added_at_notify = 0;
+        self.needs_reset = false;
+        self.refresh_frame_size()?;
+        for _ in 0..EVENT_BUFFERS {
+            self.post_event_buffer()?;
+        }
+        self.irq.unmask();
+        Ok(RecoveryReport {
+            status,
+            returned,
+            reclaimed,
+        })
     }
 
     /// Stops acquisition, takes every read back from the device (FLUSH), checks the device

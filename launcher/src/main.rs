@@ -330,10 +330,15 @@ fn print_summary(config: &RunConfig, outcome: &RunOutcome) {
                 "  shutdown: {} reads in flight, {} returned, device holds {}",
                 r.shutdown_in_flight, r.shutdown_returned, r.device_held_after
             );
-            if r.watchdog_recoveries + r.crc_errors + r.fault_events > 0 {
+            if r.watchdog_recoveries + r.crc_errors + r.fault_events + r.reset_recoveries > 0 {
                 eprintln!(
-                    "  faults: {} lost-interrupt recoveries, {} CRC mismatches, {} FAULT events",
-                    r.watchdog_recoveries, r.crc_errors, r.fault_events
+                    "  faults: {} lost-interrupt recoveries, {} CRC mismatches, {} FAULT events, \
+                     {} device resets recovered ({} frames discarded at reset)",
+                    r.watchdog_recoveries,
+                    r.crc_errors,
+                    r.fault_events,
+                    r.reset_recoveries,
+                    r.frames_discarded_at_reset
                 );
             }
             if r.pass {

@@ -377,3 +377,27 @@ fn e2e_deterministic_runs_give_identical_stream_hashes() {
         "another seed differs"
     );
 }
+
+#[test]
+fn e2e_needs_reset_is_recovered_and_streaming_resumes() {
+    let (ok, report) = vdaq_scenario("needs-reset.toml", &["--rate", "1000000"]);
+    assert!(ok, "{}", report["failure"]);
+    assert!(
+        n(&report, "reset_recoveries") >= 1,
+        "the driver reset the device"
+    );
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert!(
+        n(&report, "frames") > 500_000,
+        "streaming resumed after the reset"
+    );
+    assert_eq!(
+        n(&report, "device_produced"),
+        n(&report, "device_delivered")
+            + n(&report, "device_dropped")
+            + n(&report, "frames_discarded_at_reset")
+            + n(&report, "device_pending"),
+        "every frame of every epoch is accounted for"
+    );
+    assert_eq!(n(&report, "device_held_after"), 0);
+}

@@ -50,6 +50,10 @@ pub struct Report<'a> {
     pub watchdog_recoveries: u64,
     /// FAULT events received.
     pub fault_events: u64,
+    /// Device resets the application recovered from (NEEDS_RESET → reset → stream again).
+    pub reset_recoveries: u64,
+    /// Frames pending in the device at a reset that no returned buffer carried.
+    pub frames_discarded_at_reset: u64,
     /// Hash of every buffer consumed (header and payload, in order), if asked for; 0 if not.
     pub stream_hash: u64,
     /// Interrupts taken.
@@ -146,6 +150,8 @@ impl Report<'_> {
             ("watchdog_recoveries", self.watchdog_recoveries),
             ("fault_events", self.fault_events),
             ("stream_hash", self.stream_hash),
+            ("reset_recoveries", self.reset_recoveries),
+            ("frames_discarded_at_reset", self.frames_discarded_at_reset),
             ("interrupts", self.interrupts),
             ("bottom_halves", self.bottom_halves),
             ("found_on_recheck", self.found_on_recheck),
@@ -212,6 +218,8 @@ mod tests {
             watchdog_recoveries: 102,
             fault_events: 103,
             stream_hash: u64::MAX - 1,
+            reset_recoveries: 104,
+            frames_discarded_at_reset: 105,
             interrupts: 11,
             bottom_halves: 12,
             found_on_recheck: 13,

@@ -146,6 +146,74 @@ impl Consumer {
     }
 }
 
+/// Device accounting summed over the epochs closed by a reset.
+#[derive(Default)]
+struct Epochs {
+    produced: u64,
+    delivered: u64,
+    dropped: u64,
+    /// Frames pending at a reset that no returned buffer carried.
+    discarded: u64,
+    /// Drops of closed epochs that no header reported (after their last returned buffer).
+    unreported_drops: u64,
+}
+
+impl Epochs {
+    /// Closes an epoch: `status` is the device's just before the reset, `verified` the frames
+    /// the application verified in the epoch (including reads the reset returned).
+    fn close(
+        &mut self,
+        status: &vdaq_wire::control::Status,
+        verified: u64,
+        verifier: &StreamVerifier,
+    ) -> Result<(), &'static str> {
+        let delivered_before = status.frames_delivered.get();
+        let pending = status.frames_pending.get();
+        if verified < delivered_before || verified - delivered_before > pending {
+            return Err("frames verified before a reset disagree with the device's counters");
+        }
+        let dropped = status.frames_dropped.get();
+        let reported = verifier.stats().dropped_frames;
+        if reported > dropped {
+            return Err("more drops reported in headers than the device counted");
+        }
+        self.produced += status.frames_produced.get();
+        self.delivered += verified;
+        self.dropped += dropped;
+        self.discarded += pending - (verified - delivered_before);
+        self.unreported_drops += dropped - reported;
+        Ok(())
+    }
+}
+
+/// Stream statistics summed over epochs.
+#[derive(Default)]
+struct ClosedStats {
+    frames: u64,
+    total: vdaq_wire::check::StreamStats,
+}
+
+impl ClosedStats {
+    fn add(&mut self, stats: &vdaq_wire::check::StreamStats) {
+        let t = &mut self.total;
+        t.buffers += stats.buffers;
+        t.empty_buffers += stats.empty_buffers;
+        t.frames += stats.frames;
+        t.payload_bytes += stats.payload_bytes;
+        t.dropped_frames += stats.dropped_frames;
+        t.overrun_buffers += stats.overrun_buffers;
+        t.triggered_buffers += stats.triggered_buffers;
+        t.crc_checked += stats.crc_checked;
+        t.crc_errors += stats.crc_errors;
+        t.errors += stats.errors;
+        self.frames = t.frames;
+    }
+
+    fn total(&self) -> vdaq_wire::check::StreamStats {
+        self.total
+    }
+}
+
 /// Everything the run measured, turned into the report at the end.
 pub struct Outcome {
     pub report: Report<'static>,
@@ -244,6 +312,9 @@ pub fn run<T: Transport>(
         resubmit_failed: false,
     };
     let mut failure: Option<&'static str> = None;
+    // Streams before a device reset (epochs) are verified and accounted on their own.
+    let mut epochs = Epochs::default();
+    let mut closed = ClosedStats::default();
 
     // The completion loop. The periodic tick wakes it at least every 10 ms; the watchdog
     // notices completions on the ring that no interrupt announced (a lost interrupt), runs the
@@ -272,18 +343,45 @@ pub fn run<T: Transport>(
             crate::println!(
                 "{PROGRESS_PREFIX}{} {} {} {}",
                 (now - start) / 1_000_000,
-                stats.frames,
-                stats.payload_bytes,
+                closed.total().frames + stats.frames,
+                closed.total().payload_bytes + stats.payload_bytes,
                 irq.interrupts()
             );
             next_progress = now + params.progress_ms * 1_000_000;
         }
-        let enough = params.frames > 0 && verifier.stats().frames >= params.frames;
-        if (params.frames == 0 && now >= deadline)
-            || enough
-            || failure.is_some()
-            || driver.needs_reset()
-        {
+        if driver.needs_reset() {
+            // The device gave up: take its counters, reset it, take every read back, and
+            // stream again — a new epoch of the stream, accounted separately.
+            crate::println!("vdaq: device needs reset; recovering");
+            match driver.recover(&mut wait) {
+                Ok(recovery) => {
+                    consumer.drain(&mut driver, &mut verifier, &mut report, false);
+                    let epoch_frames = verifier.stats().frames;
+                    if let Err(why) = epochs.close(&recovery.status, epoch_frames, &verifier) {
+                        failure.get_or_insert(why);
+                    }
+                    report.reset_recoveries += 1;
+                    closed.add(&verifier.stats());
+                    verifier =
+                        StreamVerifier::new(format, channels, counter).require_crc(params.crc);
+                    for _ in 0..params.reads {
+                        if let Err((err, _)) = driver.submit_read(DmaBuffer::new(params.buffer)) {
+                            crate::println!("vdaq: submit after reset failed: {err:?}");
+                            failure.get_or_insert("cannot submit reads after reset");
+                        }
+                    }
+                    if driver.start(&mut wait).is_err() {
+                        failure.get_or_insert("START after reset failed");
+                    }
+                }
+                Err(err) => {
+                    crate::println!("vdaq: recovery failed: {err:?}");
+                    failure.get_or_insert("device needs reset and recovery failed");
+                }
+            }
+        }
+        let enough = params.frames > 0 && closed.frames + verifier.stats().frames >= params.frames;
+        if (params.frames == 0 && now >= deadline) || enough || failure.is_some() {
             break;
         }
         halt_unless_pending(irq);
@@ -297,10 +395,11 @@ pub fn run<T: Transport>(
             report.shutdown_in_flight = shutdown.in_flight_at_start as u64;
             report.shutdown_returned = shutdown.returned as u64;
             report.device_held_after = shutdown.device_held_after;
-            report.device_produced = shutdown.status.frames_produced.get();
-            report.device_delivered = shutdown.status.frames_delivered.get();
-            report.device_dropped = shutdown.status.frames_dropped.get();
+            report.device_produced = epochs.produced + shutdown.status.frames_produced.get();
+            report.device_delivered = epochs.delivered + shutdown.status.frames_delivered.get();
+            report.device_dropped = epochs.dropped + shutdown.status.frames_dropped.get();
             report.device_pending = shutdown.status.frames_pending.get();
+            report.frames_discarded_at_reset = epochs.discarded;
         }
         Err(err) => {
             crate::println!("vdaq: shutdown failed: {err:?}");
@@ -323,7 +422,15 @@ pub fn run<T: Transport>(
         }
     }
 
-    let stats = verifier.stats();
+    // Frames the device dropped after the last buffer it returned cannot be in a header:
+    // everything after the verified stream's end is pending or such trailing drops.
+    let last_epoch_produced = report.device_produced - epochs.produced;
+    let stream_end_frame = verifier.next_frame().unwrap_or(0);
+    let trailing_drops = last_epoch_produced
+        .saturating_sub(stream_end_frame)
+        .saturating_sub(report.device_pending);
+    closed.add(&verifier.stats());
+    let stats = closed.total();
     let driver_stats = driver.stats();
     report.frames = stats.frames;
     report.samples = stats.frames * u64::from(channels);
@@ -351,17 +458,12 @@ pub fn run<T: Transport>(
         report.consume_only_mib_s = consume_only_rate(params, format, channels, counter);
     }
 
-    // Frames the device dropped after the last buffer it returned cannot be in a header:
-    // everything after the verified stream's end is pending or such trailing drops.
-    let stream_end_frame = verifier.next_frame().unwrap_or(0);
-    let trailing_drops = report
-        .device_produced
-        .saturating_sub(stream_end_frame)
-        .saturating_sub(report.device_pending);
-
     // The verdict.
     let accounted = report.device_produced
-        == report.device_delivered + report.device_dropped + report.device_pending;
+        == report.device_delivered
+            + report.device_dropped
+            + report.frames_discarded_at_reset
+            + report.device_pending;
     report.failure = failure.unwrap_or(if driver.needs_reset() {
         "device needs reset"
     } else if report.frames == 0 {
@@ -376,10 +478,12 @@ pub fn run<T: Transport>(
         "reads ended without data"
     } else if report.frames != report.device_delivered {
         "verified frames differ from frames the device delivered"
-    } else if report.dropped_frames + trailing_drops != report.device_dropped {
+    } else if report.dropped_frames + trailing_drops + epochs.unreported_drops
+        != report.device_dropped
+    {
         "dropped frames not all reported in buffer headers"
     } else if !accounted {
-        "produced != delivered + dropped + pending"
+        "produced != delivered + dropped + discarded + pending"
     } else if report.shutdown_returned != report.shutdown_in_flight || report.device_held_after != 0
     {
         "shutdown left reads in the device"

@@ -3,6 +3,7 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::sync::atomic::{fence, Ordering};
 
 use vdaq_wire::buffer::{status as buffer_status, BufferHeader, HEADER_SIZE};
 use vdaq_wire::config::DaqConfig;
@@ -202,6 +203,8 @@ pub struct DaqDriver<H: Hal, T: Transport> {
     data_added_at_notify: u64,
     shutting_down: bool,
     needs_reset: bool,
+    /// A used ring returned an entry the driver cannot take.
+    ring_corrupt: bool,
     stats: DriverStats,
 }
 
@@ -263,6 +266,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             data_added_at_notify: 0,
             shutting_down: false,
             needs_reset: false,
+            ring_corrupt: false,
             stats: DriverStats::default(),
         };
         driver.refresh_frame_size()?;
@@ -375,6 +379,8 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     /// when the 16-bit avail index wrapped since the last notification: virtio-drivers 0.13's
     /// `should_notify` compares without wrap-around and can miss exactly that case.
     fn notify_data(&mut self) {
+        // The avail-index write must be visible before avail_event is read (virtio's mb()).
+        fence(Ordering::SeqCst);
         let before = self.data_added_at_notify as u16;
         let now = self.data_added as u16;
         if self.data.should_notify() || now < before {
@@ -415,6 +421,15 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             }
             first_pass = false;
             self.irq.unmask();
+            if self.ring_corrupt {
+                // An entry that cannot be taken stays on the ring: re-checking would spin.
+                // The device must be reset (`recover`).
+                self.needs_reset = true;
+                break;
+            }
+            // The unmask (or, without a line to mask, nothing) must be ordered before the
+            // re-check reads the used index: a full fence, as virtio's mb().
+            fence(Ordering::SeqCst);
             if !(self.data.can_pop() || self.control.can_pop() || self.events.can_pop()) {
                 break;
             }
@@ -443,7 +458,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             else {
                 // A token the driver never submitted: the ring is corrupt.
                 log::error!("data queue returned unknown token {token}");
-                self.needs_reset = true;
+                self.ring_corrupt = true;
                 return found;
             };
             // SAFETY: this is the buffer that was added with `token`.
@@ -455,6 +470,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 Err(err) => {
                     log::error!("pop_used failed: {err:?}");
                     self.table[usize::from(token)] = Some(slot);
+                    self.ring_corrupt = true;
                     return found;
                 }
             };
@@ -509,10 +525,16 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         };
         let Some(mut pending) = self.command.take() else {
             log::error!("control queue returned a buffer no command is waiting for");
+            self.ring_corrupt = true;
             return 0;
         };
         if pending.token != token {
+            log::error!(
+                "control queue returned token {token}, expected {}",
+                pending.token
+            );
             self.command = Some(pending);
+            self.ring_corrupt = true;
             return 0;
         }
         // SAFETY: these are the buffers added with `token`.
@@ -524,7 +546,10 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             )
         };
         let reply = match used {
-            Ok(used) if used as usize >= size_of::<ResponseHeader>() => {
+            Ok(used)
+                if used as usize >= size_of::<ResponseHeader>()
+                    && used as usize <= pending.reply.len() =>
+            {
                 let bytes = &pending.reply.as_slice()[..used as usize];
                 let status = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
                 (status, bytes[size_of::<ResponseHeader>()..].to_vec())
@@ -545,6 +570,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 .and_then(Option::take)
             else {
                 log::error!("event queue returned unknown token {token}");
+                self.ring_corrupt = true;
                 return found;
             };
             // SAFETY: the buffer added with `token`.
@@ -626,6 +652,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             opcode: op,
         });
         self.command_reply = None;
+        fence(Ordering::SeqCst);
         if self.control.should_notify() {
             self.transport.notify(queue::CONTROL);
         }
@@ -736,6 +763,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.data_added = 0;
         self.data_added_at_notify = 0;
         self.needs_reset = false;
+        self.ring_corrupt = false;
         self.refresh_frame_size()?;
         for _ in 0..EVENT_BUFFERS {
             self.post_event_buffer()?;

@@ -53,8 +53,8 @@ pub struct MsiMessage {
 
 /// Maps `len` bytes of device memory at physical `address`.
 fn map<H: Hal>(address: u64, len: usize) -> usize {
-    // SAFETY: callers pass regions the device describes in its own capabilities, inside BARs
-    // the PCI bus reports as assigned memory BARs.
+    // SAFETY: only called from `PciDaqTransport::new`, whose caller guarantees the BARs are
+    // assigned and mappable; the regions are the ones the device's capabilities describe.
     unsafe { H::mmio_phys_to_virt(address as PhysAddr, len) }.as_ptr() as usize
 }
 
@@ -137,10 +137,16 @@ fn bar_address<C: ConfigurationAccess>(
 impl PciDaqTransport {
     /// Sets up the virtio PCI function at `function`: memory decoding and bus mastering on,
     /// MSI-X entry 0 pointed at `msi` (masked until the driver is ready), the transport.
-    /// BARs must already be assigned. `config` accesses the same configuration space as
-    /// `root` (virtio-drivers' `PciRoot` does not expose raw register access, which the
-    /// virtio and MSI-X capability fields need).
-    pub fn new<H: Hal, C: ConfigurationAccess, R: ConfigurationAccess>(
+    /// `config` accesses the same configuration space as `root` (virtio-drivers' `PciRoot`
+    /// does not expose raw register access, which the virtio and MSI-X capability fields
+    /// need).
+    ///
+    /// # Safety
+    ///
+    /// The function's memory BARs must be assigned to otherwise unused physical addresses,
+    /// and `H::mmio_phys_to_virt` must map them (uncached) for the life of the transport:
+    /// this writes the device's MSI-X table and common configuration through those mappings.
+    pub unsafe fn new<H: Hal, C: ConfigurationAccess, R: ConfigurationAccess>(
         root: &mut PciRoot<C>,
         config: &mut R,
         function: DeviceFunction,

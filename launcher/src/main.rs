@@ -426,6 +426,9 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
                 signal: Signal::Counter,
                 seed: 0x5eed,
             };
+            if INTERRUPTED.load(Ordering::Acquire) {
+                return Ok(false);
+            }
             let mut config = run_config(&run, &tools, accel, false);
             config.guest_args.push("vdaq.consume_only=1".into());
             let outcome = session::run(&config).map_err(|e| e.to_string())?;
@@ -484,6 +487,9 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
             signal: Signal::Counter,
             seed: 0x5eed,
         };
+        if INTERRUPTED.load(Ordering::Acquire) {
+            return Ok(false);
+        }
         let config = run_config(&run, &tools, Accel::Tcg, false);
         let outcome = session::run(&config).map_err(|e| e.to_string())?;
         let Some(r) = outcome.report() else {

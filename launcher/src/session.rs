@@ -3,6 +3,7 @@
 //! or socket behind on success, failure, timeout or Ctrl-C.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -141,7 +142,9 @@ impl Supervised {
             }
             // SAFETY: getppid has no preconditions and is async-signal-safe.
             if unsafe { libc::getppid() } == 1 {
-                return Err(std::io::Error::other("launcher already gone"));
+                // The launcher is already gone (no allocation here: we are between fork and
+                // exec).
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         };
@@ -199,10 +202,15 @@ impl RunDir {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = base.join(format!("vdaq-run-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path).map_err(|source| SessionError::RunDir {
-            path: path.clone(),
-            source,
-        })?;
+        // Private (0700) and new: a directory someone else prepared is refused, so nobody
+        // can slip their own socket in front of QEMU and the shared guest memory.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| SessionError::RunDir {
+                path: path.clone(),
+                source,
+            })?;
         Ok(RunDir(path))
     }
 }
@@ -225,10 +233,20 @@ fn remove_stale_run_dirs(base: &Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        // Only our own directories, and only those whose launcher is gone.
+        let ours = std::os::unix::fs::MetadataExt::uid(&match entry.metadata() {
+            Ok(meta) => meta,
+            Err(_) => continue,
+        }) == current_uid();
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
 }
 
 fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
@@ -295,7 +313,10 @@ fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
 fn wait_for_socket(socket: &Path, backend: &mut Supervised) -> Result<(), SessionError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
-        if backend.try_wait().is_some() || Instant::now() > deadline {
+        if backend.try_wait().is_some()
+            || Instant::now() > deadline
+            || INTERRUPTED.load(Ordering::Acquire)
+        {
             return Err(SessionError::BackendNotListening(socket.to_path_buf()));
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -80,6 +80,12 @@ pub enum ChainError {
     /// More descriptors than the device accepts.
     #[error("more than {MAX_CHAIN_DESCRIPTORS} descriptors in one chain")]
     TooManyDescriptors,
+    /// More bytes than a used length can describe (4 GiB).
+    #[error("chain longer than 4 GiB")]
+    TooLong,
+    /// A buffer whose descriptor head the device already holds (the driver reused it).
+    #[error("buffer made available again while the device still holds it")]
+    AlreadyHeld,
     /// Not even room for the header.
     #[error("chain too short for the header")]
     TooShort,
@@ -117,6 +123,7 @@ fn validate_chain(
 ) -> Result<ChainLayout, ChainError> {
     let mut layout = ChainLayout::default();
     let mut count = 0;
+    let mut total: u64 = 0;
     let mut last_has_next = false;
     for desc in chain {
         count += 1;
@@ -124,6 +131,10 @@ fn validate_chain(
             return Err(ChainError::TooManyDescriptors);
         }
         let len = desc.len() as usize;
+        total += u64::from(desc.len());
+        if total > u64::from(u32::MAX) {
+            return Err(ChainError::TooLong);
+        }
         let access = if desc.is_write_only() {
             Permissions::Write
         } else {
@@ -222,10 +233,14 @@ struct GuestErrorLog {
     seen: std::collections::HashSet<String>,
 }
 
+/// Distinct guest-error messages logged at warning level per connection: messages can carry
+/// guest-chosen values, so the set is bounded; past it everything goes to debug level.
+const MAX_WARNED_GUEST_ERRORS: usize = 64;
+
 impl GuestErrorLog {
     fn report(&mut self, queue_name: &str, what: impl std::fmt::Display) {
         let message = format!("{queue_name} queue: {what}");
-        if self.seen.insert(message.clone()) {
+        if self.seen.len() < MAX_WARNED_GUEST_ERRORS && self.seen.insert(message.clone()) {
             warn!("{message} (further reports of this kind at debug level)");
         } else {
             debug!("{message}");
@@ -276,6 +291,9 @@ pub struct DaqBackend {
     errors: GuestErrorLog,
     /// Bit n set: queue n was stopped (GET_VRING_BASE) since the last reset.
     stopped_queues: u8,
+    /// Descriptor heads of read buffers the device holds (a head made available again while
+    /// held means the ring is corrupt, and holding it twice would grow without bound).
+    held_reads: std::collections::HashSet<u16>,
     /// The driver was told about NEEDS_RESET (config-change notification sent).
     needs_reset_notified: bool,
     /// Closes this connection (a scenario's `disconnect`).
@@ -329,6 +347,7 @@ impl DaqBackend {
             completions: Vec::new(),
             errors: GuestErrorLog::default(),
             stopped_queues: 0,
+            held_reads: std::collections::HashSet::new(),
             needs_reset_notified: false,
             connection: None,
         })
@@ -442,6 +461,11 @@ impl DaqBackend {
         };
         self.drain_available(vring, "data", |this, chain, mem| {
             let head = chain.head_index();
+            if this.held_reads.contains(&head) {
+                this.errors.report("data", ChainError::AlreadyHeld);
+                this.needs_reset(fault::QUEUE_CORRUPT);
+                return;
+            }
             let buffer = validate_chain(chain, mem).and_then(|layout| {
                 if !layout.readable.is_empty() {
                     return Err(ChainError::WrongDirection);
@@ -460,6 +484,7 @@ impl DaqBackend {
             match buffer {
                 Ok(buffer) => {
                     let now = this.now_ns();
+                    this.held_reads.insert(head);
                     this.card.post(buffer, now, &mut this.completions);
                     // Fill and return right away where the clock allows (free-running), so
                     // the driver can consume this buffer while the next one is being filled.
@@ -590,6 +615,11 @@ impl DaqBackend {
     fn process_event_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
         self.drain_available(vring, "event", |this, chain, mem| {
             let head = chain.head_index();
+            if this.event_slots.iter().any(|slot| slot.head == head) {
+                this.errors.report("event", ChainError::AlreadyHeld);
+                this.needs_reset(fault::QUEUE_CORRUPT);
+                return;
+            }
             match validate_chain(chain, mem) {
                 Ok(layout)
                     if layout.readable.is_empty() && layout.writable_bytes() >= EVENT_SIZE =>
@@ -650,6 +680,7 @@ impl DaqBackend {
     /// coalescing policy (or `force`) says so.
     fn publish_completions(&mut self, vring: &VringRwLock, force: bool) {
         for completion in self.completions.drain(..) {
+            self.held_reads.remove(&completion.buffer.head);
             if let Err(err) = vring.add_used(completion.buffer.head, completion.used_len) {
                 self.errors
                     .report("data", format_args!("add_used failed: {err}"));
@@ -805,6 +836,7 @@ impl VhostUserBackendMut for DaqBackend {
         self.stopped_queues = 0;
         self.needs_reset_notified = false;
         let released = self.card.reset();
+        self.held_reads.clear();
         self.event_slots.clear();
         self.completions.clear();
         debug!("device reset; {} read buffers released", released.len());

@@ -133,8 +133,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     coalesce: u16,
 
-    /// Most channels a frame may carry.
-    #[arg(long, default_value_t = 64)]
+    /// Most channels a frame may carry (at most 1024).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     max_channels: u16,
 
     /// Largest virtqueue size offered to the driver (power of two).

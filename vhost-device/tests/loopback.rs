@@ -192,8 +192,16 @@ fn loopback_backend_serves_the_next_connection_after_a_disconnect() {
             10_000,
             Duration::from_secs(30),
         );
-        // Each connection starts from a reset device: sequence 0, frame 0.
+        // Each connection starts from a reset device: sequence 0 (the verifier starts there)
+        // and stream index 0.
         assert_eq!(verifier.stats().errors, 0);
+        // The stream's end equals everything it carried: it started at frame 0.
+        let stats = verifier.stats();
+        assert_eq!(
+            verifier.next_frame(),
+            Some(stats.frames + stats.dropped_frames),
+            "the stream restarted at frame 0"
+        );
     }
 }
 

@@ -72,12 +72,15 @@ fn run_pci(params: &Params, id: u16) -> Result<Outcome, &'static str> {
         address: 0xfee0_0000 | (u64::from(interrupts::lapic_id()) << 12),
         data: u32::from(DAQ_VECTOR),
     };
-    let (transport, interrupt) =
+    // SAFETY: `find_and_assign` put the BARs in the free window 0xC000_0000..0xFEC0_0000,
+    // which the arch layer identity-maps uncached, and GuestHal maps physical = virtual.
+    let (transport, interrupt) = unsafe {
         PciDaqTransport::new::<GuestHal, _, _>(&mut root, &mut pci::PortCam, function, msi)
-            .map_err(|err| {
-                crate::println!("vdaq: PCI setup failed: {err:?}");
-                "PCI transport setup failed"
-            })?;
+    }
+    .map_err(|err| {
+        crate::println!("vdaq: PCI setup failed: {err:?}");
+        "PCI transport setup failed"
+    })?;
     let line: &'static MsixEntryLine = MSIX_LINE.call_once(|| interrupt.line);
     // SAFETY: the acknowledgement address is the device's ISR register, mapped (identity,
     // uncached) for as long as the program runs.

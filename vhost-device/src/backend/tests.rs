@@ -595,3 +595,17 @@ fn advertised_features_match_the_wire_crate() {
         .protocol_features()
         .contains(VhostUserProtocolFeatures::CONFIG));
 }
+
+#[test]
+fn a_buffer_made_available_twice_while_held_puts_the_device_in_needs_reset() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let addr = rig.alloc(4096);
+    // Two avail entries naming the same descriptor chain (head 0).
+    rig.make_available(queue::DATA, &[(addr, 4096, W)]);
+    rig.next_desc[0] = 0;
+    rig.make_available(queue::DATA, &[(addr, 4096, W)]);
+    rig.kick(queue::DATA);
+    assert_eq!(rig.backend.card().buffers_held(), 1, "held once, not twice");
+    assert_eq!(rig.backend.card().state(), DeviceState::NeedsReset);
+}

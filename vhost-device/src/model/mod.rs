@@ -25,8 +25,12 @@ use signal::SignalParams;
 const NS_PER_SEC: u128 = 1_000_000_000;
 
 /// Frames are rendered through a scratch block of this size before being copied into guest
-/// memory, so generation runs in cache and the copy is a single memcpy per block.
+/// memory, so generation runs in cache and the copy is a single memcpy per block. It holds at
+/// least one frame of the largest kind (1024 channels × 4 bytes; see `Limits::max_channels`).
 const RENDER_BLOCK_BYTES: usize = 32 * 1024;
+
+/// Most channels a card can be built with (keeps a frame within the render block).
+pub const MAX_CHANNELS_LIMIT: u16 = 1024;
 
 /// A device-writable buffer the driver posted on the data queue.
 pub trait ReadBuffer {
@@ -157,7 +161,7 @@ impl Settings {
                 max: limits.max_rate_hz,
             });
         }
-        if self.channels == 0 || self.channels > limits.max_channels {
+        if self.channels == 0 || self.channels > limits.max_channels.min(MAX_CHANNELS_LIMIT) {
             return Err(SettingsError::Channels(self.channels, limits.max_channels));
         }
         if self.watermark_frames == 0 || self.watermark_frames > limits.fifo_frames {
@@ -742,7 +746,8 @@ impl<B: ReadBuffer> Card<B> {
             // The frames are gone: they count as dropped, the buffer is returned empty, and
             // the next buffer's header reports them in `dropped_frames`.
             if let Some(broken) = self.posted.pop_front() {
-                self.delivered_end = broken.first_frame;
+                // Back to before this buffer's drops too, so the next header reports them.
+                self.delivered_end = broken.first_frame - broken.dropped_before;
                 self.counters.frames_dropped += broken.filled;
                 self.counters.requests_rejected += 1;
                 warn!("read buffer became unwritable; returning it with used length 0");
@@ -830,6 +835,8 @@ impl<B: ReadBuffer> Card<B> {
                 warn!("read buffer header write failed: {err}");
                 self.counters.requests_rejected += 1;
                 self.counters.frames_dropped += posted.filled;
+                // The frames (and the drops before them) go into the next header.
+                self.delivered_end = posted.first_frame - posted.dropped_before;
                 self.note_completion(now_ns);
                 out.push(Completion {
                     buffer: posted.buffer,

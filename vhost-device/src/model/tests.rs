@@ -876,3 +876,32 @@ fn deterministic_stream_with_a_long_stall_verifies() {
     }
     assert!(verifier.stats().dropped_frames > 0);
 }
+
+#[test]
+fn drops_before_an_unwritable_buffer_are_reported_in_the_next_header() {
+    let mut card = card(settings(), 10);
+    let mut out = Vec::new();
+    card.start(0);
+    card.advance(30 * MS, &mut out); // FIFO keeps 0..10, 10..30 dropped
+    let mut bad = buffer(100);
+    bad.fail_writes = true;
+    card.post(buffer(10), 30 * MS, &mut out);
+    card.advance(30 * MS, &mut out); // frames 0..10 delivered
+    card.post(bad, 30 * MS, &mut out);
+    card.advance(40 * MS, &mut out); // 30..40 into the unwritable buffer: lost
+    card.post(buffer(100), 40 * MS, &mut out);
+    card.flush(40 * MS, &mut out);
+    let last = out.last().expect("completion").buffer.header();
+    assert_eq!(last.first_frame.get(), 40);
+    assert_eq!(
+        last.dropped_frames.get(),
+        30,
+        "20 overrun + 10 lost with the bad buffer"
+    );
+    let c = card.counters();
+    assert_eq!(c.frames_dropped, 30);
+    assert_eq!(
+        c.frames_produced,
+        c.frames_delivered + c.frames_dropped + card.frames_pending()
+    );
+}

@@ -353,6 +353,30 @@ impl DaqBackend {
         })
     }
 
+    /// Applies a scripted action now (control socket).
+    pub fn inject(&mut self, action: crate::model::scenario::Action) {
+        let now = self.now_ns();
+        self.card.apply(action, now);
+    }
+
+    /// Changes delivery parameters that leave the samples alone (control socket).
+    pub fn adjust(
+        &mut self,
+        latency_us: Option<u32>,
+        coalesce_buffers: Option<u16>,
+        watermark_frames: Option<u32>,
+    ) -> Result<(), String> {
+        self.card
+            .adjust(latency_us, coalesce_buffers, watermark_frames)
+            .map_err(|err| err.to_string())
+    }
+
+    /// Takes the next pending device event (tests).
+    #[cfg(test)]
+    pub fn pop_event_for_tests(&mut self) -> Option<vdaq_wire::event::Event> {
+        self.card.pop_event()
+    }
+
     /// Lets the backend close its own connection (scenario `disconnect`).
     pub fn set_connection(&mut self, handle: vhost_user_backend::ShutdownHandle) {
         self.connection = Some(handle);

@@ -27,6 +27,8 @@ pub enum Endpoint {
 pub struct DaemonConfig {
     /// Connection source.
     pub endpoint: Endpoint,
+    /// Control socket per device (same order as the endpoint's sockets), if asked for.
+    pub control_sockets: Vec<PathBuf>,
     /// Per-device options.
     pub device: DeviceOptions,
 }
@@ -38,6 +40,27 @@ pub enum Action {
     Serve(DaemonConfig),
     /// Exit now with this code (help, version, capabilities were printed).
     Exit(ExitCode),
+    /// Send one request to a running backend's control socket.
+    Control {
+        /// The control socket.
+        socket: PathBuf,
+        /// The request line (JSON).
+        request: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Talk to a running backend's control socket: `ctl SOCKET stats`,
+    /// `ctl SOCKET inject stall duration_ms=100`, `ctl SOCKET set coalesce_buffers=8`, or a
+    /// JSON request line.
+    Ctl {
+        /// The backend's --control-socket.
+        socket: PathBuf,
+        /// The request.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        request: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -66,8 +89,16 @@ enum ClockArg {
 
 /// vhost-user backend for vdaq, a virtual data-acquisition card.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Runtime control socket (line-delimited JSON: statistics, parameters, fault injection);
+    /// with --socket-count N, PATH0 .. PATH{N-1}.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+
     /// Location of the vhost-user Unix domain socket. With --socket-count N > 1, the
     /// sockets are PATH0 .. PATH{N-1}.
     #[arg(short = 's', long, value_name = "PATH", conflicts_with = "fd")]
@@ -175,6 +206,10 @@ where
             };
         }
     };
+    if let Some(Command::Ctl { socket, request }) = args.command {
+        let request = crate::control::request_from_words(&request)?;
+        return Ok(Action::Control { socket, request });
+    }
     if args.print_capabilities {
         println!("{}", capabilities_json());
         return Ok(Action::Exit(ExitCode::SUCCESS));
@@ -252,8 +287,14 @@ where
             Some(std::sync::Arc::new(scenario))
         }
     };
+    let control_sockets = match (&args.control_socket, &endpoint) {
+        (None, _) => Vec::new(),
+        (Some(path), Endpoint::Paths(paths)) => socket_paths(path, paths.len() as u16),
+        (Some(path), Endpoint::Fd(_)) => vec![path.clone()],
+    };
     Ok(Action::Serve(DaemonConfig {
         endpoint,
+        control_sockets,
         device: DeviceOptions {
             settings,
             limits,

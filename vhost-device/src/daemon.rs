@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{BackendError, DaqBackend, DeviceOptions, TIMER_EVENT};
 use crate::cli::{DaemonConfig, Endpoint};
+use crate::control::DeviceSlot;
 
 /// Why the daemon stopped (connection errors are not among them: those are logged).
 #[derive(Debug, Error)]
@@ -44,6 +45,9 @@ pub enum DaemonError {
     /// The vhost-user daemon could not be set up.
     #[error("vhost-user daemon setup failed: {0}")]
     Daemon(vhost_user_backend::Error),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(crate::control::ControlError),
     /// A device thread panicked (a bug).
     #[error("device thread for {0} panicked")]
     ThreadPanic(String),
@@ -54,12 +58,16 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
     match config.endpoint {
         Endpoint::Fd(fd) => {
             let listener = inherited_listener(fd)?;
-            serve_listener(Listener::from(listener), "fd".into(), config.device)
+            let slot = control_slot(config.control_sockets.first())?;
+            serve_listener(Listener::from(listener), "fd".into(), config.device, slot)
         }
         Endpoint::Paths(paths) => {
-            remove_sockets_on_termination(paths.clone());
+            let mut owned = paths.clone();
+            owned.extend(config.control_sockets.iter().cloned());
+            remove_sockets_on_termination(owned);
             let mut threads = Vec::new();
-            for path in paths {
+            for (index, path) in paths.into_iter().enumerate() {
+                let slot = control_slot(config.control_sockets.get(index))?;
                 // Bind before spawning, so a bad path fails the daemon at once.
                 let listener =
                     Listener::new(&path, true).map_err(|source| DaemonError::Listen {
@@ -73,7 +81,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
                     name.clone(),
                     thread::Builder::new()
                         .name(format!("vdaq {name}"))
-                        .spawn(move || serve_listener(listener, name, device))
+                        .spawn(move || serve_listener(listener, name, device, slot))
                         .map_err(|err| {
                             DaemonError::Backend(BackendError::Fd {
                                 what: "device thread",
@@ -97,9 +105,13 @@ fn serve_listener(
     mut listener: Listener,
     name: String,
     device: DeviceOptions,
+    slot: DeviceSlot,
 ) -> Result<(), DaemonError> {
     loop {
         let backend = Arc::new(RwLock::new(DaqBackend::new(device.clone())?));
+        if let Ok(mut current) = slot.lock() {
+            *current = Some(backend.clone());
+        }
         let timer_fd = backend
             .read()
             .map_err(|_| DaemonError::ThreadPanic(name.clone()))?
@@ -144,6 +156,15 @@ fn serve_listener(
             vhost_user_backend::VhostUserBackendMut::reset_device(&mut *device);
         };
     }
+}
+
+/// The slot a device's control socket (if any) reads the current device from.
+fn control_slot(control_socket: Option<&PathBuf>) -> Result<DeviceSlot, DaemonError> {
+    let slot = DeviceSlot::default();
+    if let Some(path) = control_socket {
+        crate::control::serve(path, slot.clone()).map_err(DaemonError::Control)?;
+    }
+    Ok(slot)
 }
 
 /// Ends the epoll worker threads of a finished connection.

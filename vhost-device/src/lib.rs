@@ -3,9 +3,11 @@
 //! - [`model`]: the card (clock, FIFO, completer, commands), free of any vhost type;
 //! - [`backend`]: vrings and descriptors ⇄ model calls;
 //! - [`cli`]: command-line options → device options;
-//! - [`daemon`]: sockets, connections, reconnection.
+//! - [`daemon`]: sockets, connections, reconnection;
+//! - [`control`]: the runtime control socket (statistics, parameters, fault injection).
 
 pub mod backend;
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod model;

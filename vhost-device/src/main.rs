@@ -2,13 +2,31 @@
 
 use std::process::ExitCode;
 
-use vhost_device_daq::{cli, daemon};
+use vhost_device_daq::{cli, control, daemon};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = match cli::parse(std::env::args_os()) {
         Ok(cli::Action::Serve(config)) => config,
         Ok(cli::Action::Exit(code)) => return code,
+        Ok(cli::Action::Control { socket, request }) => {
+            return match control::request(&socket, &request) {
+                Ok(reply) => {
+                    println!("{reply}");
+                    if reply.contains("\"ok\":true") {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(err) => {
+                    eprintln!(
+                        "vhost-device-daq: {err}; is the backend running with --control-socket?"
+                    );
+                    ExitCode::from(2)
+                }
+            };
+        }
         Err(message) => {
             eprintln!("vhost-device-daq: {message}");
             return ExitCode::from(2);

@@ -88,3 +88,59 @@ fn socket_count_serves_one_socket_per_device_and_sigterm_removes_them() {
         assert!(!socket.exists(), "{} removed", socket.display());
     }
 }
+
+#[test]
+fn ctl_talks_to_a_running_backend_and_reports_bad_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("daq.sock");
+    let control = dir.path().join("ctl.sock");
+    let mut child = daq()
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--control-socket")
+        .arg(&control)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    assert!(wait_for(&control, true), "control socket appears");
+    let stats = daq()
+        .arg("ctl")
+        .arg(&control)
+        .arg("stats")
+        .output()
+        .expect("ctl");
+    assert!(stats.status.success());
+    let value: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
+    assert_eq!(value["ok"], true);
+    assert_eq!(value["state"], "Stopped");
+    let inject = daq()
+        .arg("ctl")
+        .arg(&control)
+        .args(["inject", "drop_interrupts", "count=3"])
+        .output()
+        .expect("ctl");
+    assert!(
+        inject.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inject.stdout)
+    );
+    let bad = daq()
+        .arg("ctl")
+        .arg(&control)
+        .args(["inject", "warp"])
+        .output()
+        .expect("ctl");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("unknown action"));
+    let missing = daq()
+        .arg("ctl")
+        .arg(dir.path().join("nope.sock"))
+        .arg("stats")
+        .output()
+        .expect("ctl");
+    assert_eq!(missing.status.code(), Some(2));
+    // SAFETY: kill() with a pid we spawned and a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    child.wait().expect("wait");
+    assert!(!control.exists(), "control socket removed on SIGTERM");
+}

@@ -1089,35 +1089,56 @@ impl<B: ReadBuffer> Card<B> {
         };
         for step in timeline.due(now_ns.saturating_sub(started), next_frame) {
             log::info!("scenario line {}: {:?}", step.line, step.action);
-            match step.action {
-                Action::DropInterrupts(count) => {
-                    self.drop_interrupts = self.drop_interrupts.saturating_add(count)
-                }
-                Action::Stall(duration) => {
-                    if self.deterministic {
-                        let frames =
-                            u128::from(duration) * u128::from(self.settings.rate_hz) / NS_PER_SEC;
-                        self.stall_until_frame = self
-                            .next_frame
-                            .saturating_add(u64::try_from(frames).unwrap_or(u64::MAX));
-                    } else {
-                        self.stall_until_ns = now_ns.saturating_add(duration);
-                    }
-                }
-                Action::CorruptCrc(count) => {
-                    self.corrupt_buffers = self.corrupt_buffers.saturating_add(count)
-                }
-                Action::Fault(code) => {
-                    self.push_event(kind::FAULT, now_ns, u64::from(code), 0);
-                }
-                Action::NeedsReset => {
-                    self.enter_needs_reset(vdaq_wire::event::fault::FIRMWARE, now_ns)
-                }
-                Action::Trigger => {
-                    self.trigger_at = Some(self.next_frame);
-                }
-                Action::Disconnect => self.disconnect_requested = true,
+            self.apply(step.action, now_ns);
+        }
+    }
+
+    /// Changes delivery parameters that leave the samples alone, at any time.
+    pub fn adjust(
+        &mut self,
+        latency_us: Option<u32>,
+        coalesce_buffers: Option<u16>,
+        watermark_frames: Option<u32>,
+    ) -> Result<(), SettingsError> {
+        let adjusted = Settings {
+            latency_us: latency_us.unwrap_or(self.settings.latency_us),
+            coalesce_buffers: coalesce_buffers.unwrap_or(self.settings.coalesce_buffers),
+            watermark_frames: watermark_frames.unwrap_or(self.settings.watermark_frames),
+            ..self.settings
+        };
+        adjusted.validate(&self.limits)?;
+        self.settings = adjusted;
+        Ok(())
+    }
+
+    /// Applies a scripted action now (from a scenario step or the control socket).
+    pub fn apply(&mut self, action: Action, now_ns: u64) {
+        match action {
+            Action::DropInterrupts(count) => {
+                self.drop_interrupts = self.drop_interrupts.saturating_add(count)
             }
+            Action::Stall(duration) => {
+                if self.deterministic {
+                    let frames =
+                        u128::from(duration) * u128::from(self.settings.rate_hz) / NS_PER_SEC;
+                    self.stall_until_frame = self
+                        .next_frame
+                        .saturating_add(u64::try_from(frames).unwrap_or(u64::MAX));
+                } else {
+                    self.stall_until_ns = now_ns.saturating_add(duration);
+                }
+            }
+            Action::CorruptCrc(count) => {
+                self.corrupt_buffers = self.corrupt_buffers.saturating_add(count)
+            }
+            Action::Fault(code) => {
+                self.push_event(kind::FAULT, now_ns, u64::from(code), 0);
+            }
+            Action::NeedsReset => self.enter_needs_reset(vdaq_wire::event::fault::FIRMWARE, now_ns),
+            Action::Trigger => {
+                self.trigger_at = Some(self.next_frame);
+            }
+            Action::Disconnect => self.disconnect_requested = true,
         }
     }
 

@@ -57,6 +57,43 @@ pub enum Action {
     Disconnect,
 }
 
+impl Action {
+    /// Builds an action from its name and parameters (a scenario step, or a control-socket
+    /// request). The error names what is missing or unknown.
+    pub fn from_fields(
+        name: &str,
+        count: Option<u32>,
+        duration_ms: Option<u64>,
+        code: Option<u32>,
+    ) -> Result<Self, String> {
+        let need_count = || {
+            count
+                .filter(|&c| c > 0)
+                .ok_or_else(|| format!("action \"{name}\" needs count >= 1"))
+        };
+        Ok(match name {
+            "drop_interrupts" => Action::DropInterrupts(need_count()?),
+            "corrupt_crc" => Action::CorruptCrc(need_count()?),
+            "stall" => Action::Stall(
+                duration_ms
+                    .filter(|&d| d > 0)
+                    .ok_or("action \"stall\" needs duration_ms >= 1")?
+                    .saturating_mul(1_000_000),
+            ),
+            "fault" => Action::Fault(code.ok_or("action \"fault\" needs a code")?),
+            "needs_reset" => Action::NeedsReset,
+            "trigger" => Action::Trigger,
+            "disconnect" => Action::Disconnect,
+            other => {
+                return Err(format!(
+                    "unknown action \"{other}\" (known: drop_interrupts, stall, corrupt_crc, \
+                     fault, needs_reset, trigger, disconnect)"
+                ))
+            }
+        })
+    }
+}
+
 /// One timeline entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -118,34 +155,8 @@ impl Scenario {
                 (None, Some(frame)) => At::Frame(frame),
                 _ => return Err(bad("a step needs exactly one of at_ms or at_frame".into())),
             };
-            let need_count = || {
-                spec.count
-                    .filter(|&c| c > 0)
-                    .ok_or_else(|| bad(format!("action \"{}\" needs count >= 1", spec.action)))
-            };
-            let action = match spec.action.as_str() {
-                "drop_interrupts" => Action::DropInterrupts(need_count()?),
-                "corrupt_crc" => Action::CorruptCrc(need_count()?),
-                "stall" => Action::Stall(
-                    spec.duration_ms
-                        .filter(|&d| d > 0)
-                        .ok_or_else(|| bad("action \"stall\" needs duration_ms >= 1".into()))?
-                        .saturating_mul(1_000_000),
-                ),
-                "fault" => Action::Fault(
-                    spec.code
-                        .ok_or_else(|| bad("action \"fault\" needs a code".into()))?,
-                ),
-                "needs_reset" => Action::NeedsReset,
-                "trigger" => Action::Trigger,
-                "disconnect" => Action::Disconnect,
-                other => {
-                    return Err(bad(format!(
-                        "unknown action \"{other}\" (known: drop_interrupts, stall, corrupt_crc, \
-                         fault, needs_reset, trigger, disconnect)"
-                    )))
-                }
-            };
+            let action = Action::from_fields(&spec.action, spec.count, spec.duration_ms, spec.code)
+                .map_err(bad)?;
             steps.push(Step { at, action, line });
         }
         Ok(Scenario {

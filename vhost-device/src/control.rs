@@ -1,0 +1,344 @@
+//! Runtime control: a Unix socket speaking line-delimited JSON, to read statistics, adjust
+//! delivery parameters and inject any scenario action while the device streams; and the
+//! client behind `vhost-device-daq ctl`.
+//!
+//! Requests (one JSON object per line) and replies (one per request):
+//! - `{"cmd":"stats"}` → `{"ok":true,"connected":…,"state":…,"settings":{…},"counters":{…},…}`
+//! - `{"cmd":"inject","action":"drop_interrupts","count":5}` (the scenario actions and their
+//!   parameters: `count`, `duration_ms`, `code`) → `{"ok":true}`
+//! - `{"cmd":"set","latency_us":2000,"coalesce_buffers":8,"watermark_frames":512}` (any
+//!   subset; parameters that do not change the samples) → `{"ok":true,"settings":{…}}`
+//!
+//! Malformed or failing requests get `{"ok":false,"error":"…"}`; the connection stays open.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+
+use log::{info, warn};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::backend::DaqBackend;
+use crate::model::scenario::Action;
+
+/// The device a control socket talks to: replaced on every new vhost-user connection.
+pub type DeviceSlot = Arc<Mutex<Option<Arc<RwLock<DaqBackend>>>>>;
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// Control-socket errors (setup and client side).
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The socket could not be created or reached.
+    #[error("control socket {path}: {source}")]
+    Socket {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Serves the control socket at `path` for the device in `slot`, in a background thread.
+pub fn serve(path: &Path, slot: DeviceSlot) -> Result<(), ControlError> {
+    let socket_error = |source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(socket_error(err)),
+    }
+    let listener = UnixListener::bind(path).map_err(socket_error)?;
+    info!("control socket on {}", path.display());
+    thread::Builder::new()
+        .name("vdaq control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        let slot = slot.clone();
+                        let spawned = thread::Builder::new()
+                            .name("vdaq control client".into())
+                            .spawn(move || serve_client(stream, &slot));
+                        if let Err(err) = spawned {
+                            warn!("control socket: cannot serve a client: {err}");
+                        }
+                    }
+                    Err(err) => warn!("control socket: accept failed: {err}"),
+                }
+            }
+        })
+        .map_err(socket_error)?;
+    Ok(())
+}
+
+fn serve_client(stream: UnixStream, slot: &DeviceSlot) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = std::io::Read::take(&mut reader, MAX_REQUEST as u64 + 1).read_line(&mut line);
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > MAX_REQUEST {
+            // Skip the rest of the oversized line.
+            let mut rest = Vec::new();
+            let _ = reader.read_until(b'\n', &mut rest);
+            error(format!("request longer than {MAX_REQUEST} bytes"))
+        } else if line.trim().is_empty() {
+            continue;
+        } else {
+            handle(line.trim(), slot)
+        };
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn error(message: impl Into<String>) -> Value {
+    json!({"ok": false, "error": message.into()})
+}
+
+/// Answers one request line.
+pub fn handle(line: &str, slot: &DeviceSlot) -> Value {
+    let request: Value = match serde_json::from_str(line) {
+        Ok(value) => value,
+        Err(err) => return error(format!("not JSON: {err}")),
+    };
+    let Some(cmd) = request.get("cmd").and_then(Value::as_str) else {
+        return error("missing \"cmd\" (one of stats, inject, set)");
+    };
+    let device = slot.lock().ok().and_then(|current| current.clone());
+    let Some(device) = device else {
+        return error("no device (the backend is starting)");
+    };
+    let Ok(mut backend) = device.write() else {
+        return error("device state unavailable");
+    };
+    match cmd {
+        "stats" => stats(&backend),
+        "inject" => {
+            let field = |name: &str| request.get(name).and_then(Value::as_u64);
+            let Some(name) = request.get("action").and_then(Value::as_str) else {
+                return error("inject needs \"action\"");
+            };
+            let count = field("count").map(|c| u32::try_from(c).unwrap_or(u32::MAX));
+            let code = field("code").map(|c| u32::try_from(c).unwrap_or(u32::MAX));
+            match Action::from_fields(name, count, field("duration_ms"), code) {
+                Ok(action) => {
+                    backend.inject(action);
+                    json!({"ok": true})
+                }
+                Err(reason) => error(reason),
+            }
+        }
+        "set" => {
+            let field = |name: &str| request.get(name).and_then(Value::as_u64);
+            let to_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+            let to_u16 = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+            match backend.adjust(
+                field("latency_us").map(to_u32),
+                field("coalesce_buffers").map(to_u16),
+                field("watermark_frames").map(to_u32),
+            ) {
+                Ok(()) => {
+                    let mut reply = stats(&backend);
+                    if let Some(object) = reply.as_object_mut() {
+                        object.remove("counters");
+                    }
+                    reply
+                }
+                Err(reason) => error(reason),
+            }
+        }
+        other => error(format!(
+            "unknown cmd \"{other}\" (one of stats, inject, set)"
+        )),
+    }
+}
+
+fn stats(backend: &DaqBackend) -> Value {
+    let card = backend.card();
+    let c = card.counters();
+    let s = card.settings();
+    json!({
+        "ok": true,
+        "state": format!("{:?}", card.state()),
+        "settings": {
+            "rate_hz": s.rate_hz,
+            "channels": s.channels,
+            "format": format!("{:?}", s.format),
+            "signal": format!("{:?}", s.signal),
+            "clock": format!("{:?}", s.clock),
+            "latency_us": s.latency_us,
+            "watermark_frames": s.watermark_frames,
+            "coalesce_buffers": s.coalesce_buffers,
+        },
+        "counters": {
+            "frames_produced": c.frames_produced,
+            "frames_delivered": c.frames_delivered,
+            "frames_dropped": c.frames_dropped,
+            "frames_pending": card.frames_pending(),
+            "buffers_completed": c.buffers_completed,
+            "buffers_held": card.buffers_held(),
+            "requests_rejected": c.requests_rejected,
+            "events_lost": c.events_lost,
+            "interrupts_dropped": c.interrupts_dropped,
+            "buffers_corrupted": c.buffers_corrupted,
+        },
+    })
+}
+
+/// Sends one request to a control socket and returns the reply line.
+pub fn request(socket: &Path, line: &str) -> Result<String, ControlError> {
+    let socket_error = |source| ControlError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(socket_error)?;
+    writeln!(stream, "{line}").map_err(socket_error)?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(socket_error)?;
+    Ok(reply.trim_end().to_string())
+}
+
+/// Turns `ctl` words into a request: raw JSON as is, or `stats`, `inject ACTION [k=v…]`,
+/// `set k=v…`.
+pub fn request_from_words(words: &[String]) -> Result<String, String> {
+    let Some(first) = words.first() else {
+        return Err("missing request; use e.g. `stats`, `inject stall duration_ms=100`".into());
+    };
+    if first.starts_with('{') {
+        return Ok(words.join(" "));
+    }
+    let mut object = serde_json::Map::new();
+    object.insert("cmd".into(), json!(first));
+    let mut rest = &words[1..];
+    if first == "inject" {
+        let Some(action) = rest.first() else {
+            return Err("inject needs an action, e.g. `inject drop_interrupts count=5`".into());
+        };
+        object.insert("action".into(), json!(action));
+        rest = &rest[1..];
+    }
+    for word in rest {
+        let Some((key, value)) = word.split_once('=') else {
+            return Err(format!("\"{word}\" is not key=value"));
+        };
+        let value = value
+            .parse::<u64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::from(value));
+        object.insert(key.into(), value);
+    }
+    Ok(Value::Object(object).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DeviceOptions;
+    use crate::model::{Limits, Settings};
+    use std::time::Duration;
+    use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
+
+    fn slot() -> DeviceSlot {
+        let backend = DaqBackend::new(DeviceOptions {
+            settings: Settings {
+                rate_hz: 1000,
+                channels: 2,
+                format: SampleFormat::S16,
+                signal: SignalKind::Counter,
+                signal_freq_mhz: 1000,
+                amplitude_permille: 1000,
+                seed: 1,
+                clock: ClockMode::Paced,
+                latency_us: 1000,
+                watermark_frames: 1,
+                coalesce_buffers: 1,
+            },
+            limits: Limits::default(),
+            queue_size: 16,
+            tick: Duration::from_millis(1),
+            scenario: None,
+            deterministic: false,
+        })
+        .expect("backend");
+        Arc::new(Mutex::new(Some(Arc::new(RwLock::new(backend)))))
+    }
+
+    #[test]
+    fn stats_inject_and_set_work_and_bad_requests_get_errors() {
+        let slot = slot();
+        let stats = handle(r#"{"cmd":"stats"}"#, &slot);
+        assert_eq!(stats["ok"], true);
+        assert_eq!(stats["settings"]["channels"], 2);
+        assert_eq!(stats["state"], "Stopped");
+        let injected = handle(r#"{"cmd":"inject","action":"fault","code":3}"#, &slot);
+        assert_eq!(injected["ok"], true);
+        let device = slot.lock().expect("lock").clone().expect("device");
+        let event = device.write().expect("lock").pop_event_for_tests();
+        assert_eq!(event.map(|e| e.arg0.get()), Some(3));
+        let set = handle(r#"{"cmd":"set","coalesce_buffers":8}"#, &slot);
+        assert_eq!(set["ok"], true, "{set}");
+        assert_eq!(set["settings"]["coalesce_buffers"], 8);
+        for bad in [
+            "not json",
+            r#"{"nocmd":1}"#,
+            r#"{"cmd":"explode"}"#,
+            r#"{"cmd":"inject"}"#,
+            r#"{"cmd":"inject","action":"stall"}"#,
+            r#"{"cmd":"inject","action":"warp"}"#,
+            r#"{"cmd":"set","coalesce_buffers":0}"#,
+            r#"{"cmd":"set","watermark_frames":99999999}"#,
+        ] {
+            let reply = handle(bad, &slot);
+            assert_eq!(reply["ok"], false, "{bad}");
+            assert!(
+                reply["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn words_become_requests() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            request_from_words(&words(&["inject", "stall", "duration_ms=100"])).expect("ok"),
+            r#"{"action":"stall","cmd":"inject","duration_ms":100}"#
+        );
+        assert_eq!(
+            request_from_words(&words(&["stats"])).expect("ok"),
+            r#"{"cmd":"stats"}"#
+        );
+        assert!(request_from_words(&words(&["set", "latency"])).is_err());
+        assert!(request_from_words(&[]).is_err());
+    }
+
+    #[test]
+    fn the_socket_answers_line_by_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ctl.sock");
+        serve(&path, slot()).expect("serve");
+        let reply = request(&path, r#"{"cmd":"stats"}"#).expect("reply");
+        let value: Value = serde_json::from_str(&reply).expect("JSON reply");
+        assert_eq!(value["ok"], true);
+        let reply = request(&path, "garbage").expect("reply");
+        assert!(reply.contains("\"ok\":false"));
+    }
+}

@@ -248,6 +248,96 @@ impl GuestErrorLog {
     }
 }
 
+/// Appends delivered buffers (header and payload, exactly as the driver got them) to a
+/// recording file: `VDAQREC1` then the buffers back to back (`model::source` reads it).
+struct Recorder {
+    file: std::io::BufWriter<std::fs::File>,
+    scratch: Vec<u8>,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    fn open(path: &std::path::Path) -> io::Result<Self> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        if file.metadata()?.len() == 0 {
+            file.write_all(crate::model::source::RECORDING_MAGIC)?;
+        }
+        Ok(Recorder {
+            file: std::io::BufWriter::new(file),
+            scratch: Vec::new(),
+            failed: false,
+        })
+    }
+
+    fn record(&mut self, buffer: &GuestBuffer, used: usize) {
+        use std::io::Write;
+        if self.failed || used < HEADER_SIZE {
+            return;
+        }
+        self.scratch.resize(used, 0);
+        let mem = buffer.mem.memory();
+        if read_segments(&mem, &buffer.writable, &mut self.scratch).is_err() {
+            return;
+        }
+        // Only buffers with data and status OK: rejected ones carry nothing to replay.
+        if self.scratch[46] != vdaq_wire::buffer::status::OK {
+            return;
+        }
+        if let Err(err) = self.file.write_all(&self.scratch) {
+            warn!("recording stopped: {err}");
+            self.failed = true;
+        }
+    }
+}
+
+impl Recorder {
+    fn flush(&mut self) {
+        use std::io::Write;
+        if let Err(err) = self.file.flush() {
+            warn!("recording: {err}");
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Reads `out.len()` bytes from the start of the area made of `segments`.
+fn read_segments(
+    mem: &GuestMemoryMmap<()>,
+    segments: &[Segment],
+    out: &mut [u8],
+) -> Result<(), ()> {
+    let mut done = 0;
+    for segment in segments {
+        if done == out.len() {
+            break;
+        }
+        let n = segment.len.min(out.len() - done);
+        mem.read_slice(&mut out[done..done + n], segment.addr)
+            .map_err(|_| ())?;
+        done += n;
+    }
+    if done == out.len() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
 /// A device-writable buffer posted on the event queue.
 #[derive(Debug)]
 struct EventSlot {
@@ -270,6 +360,10 @@ pub struct DeviceOptions {
     pub scenario: Option<std::sync::Arc<crate::model::scenario::Scenario>>,
     /// Virtual sample time (see `Card::set_deterministic`).
     pub deterministic: bool,
+    /// Samples for the `file` signal.
+    pub source: Option<std::sync::Arc<crate::model::source::FileSource>>,
+    /// Where to record every delivered buffer.
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// The vhost-user backend of one vdaq device.
@@ -291,6 +385,8 @@ pub struct DaqBackend {
     errors: GuestErrorLog,
     /// Bit n set: queue n was stopped (GET_VRING_BASE) since the last reset.
     stopped_queues: u8,
+    /// Appends every delivered buffer to a recording, if asked to.
+    recorder: Option<Recorder>,
     /// Descriptor heads of read buffers the device holds (a head made available again while
     /// held means the ring is corrupt, and holding it twice would grow without bound).
     held_reads: std::collections::HashSet<u16>,
@@ -317,6 +413,16 @@ impl DaqBackend {
             card.set_scenario(scenario.as_ref().clone());
         }
         card.set_deterministic(options.deterministic);
+        if let Some(source) = &options.source {
+            card.set_source(source.clone());
+        }
+        let recorder = match &options.record {
+            None => None,
+            Some(path) => Some(Recorder::open(path).map_err(|source| BackendError::Fd {
+                what: "recording file",
+                source,
+            })?),
+        };
         let timer = TimerFd::new().map_err(|source| BackendError::Fd {
             what: "sample-clock timer",
             source: io::Error::from_raw_os_error(source.errno()),
@@ -348,6 +454,7 @@ impl DaqBackend {
             errors: GuestErrorLog::default(),
             stopped_queues: 0,
             held_reads: std::collections::HashSet::new(),
+            recorder,
             needs_reset_notified: false,
             connection: None,
         })
@@ -705,6 +812,10 @@ impl DaqBackend {
     fn publish_completions(&mut self, vring: &VringRwLock, force: bool) {
         for completion in self.completions.drain(..) {
             self.held_reads.remove(&completion.buffer.head);
+            if let Some(recorder) = &mut self.recorder {
+                // Before add_used: the driver cannot have touched the buffer yet.
+                recorder.record(&completion.buffer, completion.used_len as usize);
+            }
             if let Err(err) = vring.add_used(completion.buffer.head, completion.used_len) {
                 self.errors
                     .report("data", format_args!("add_used failed: {err}"));
@@ -857,6 +968,9 @@ impl VhostUserBackendMut for DaqBackend {
     }
 
     fn reset_device(&mut self) {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.flush();
+        }
         self.stopped_queues = 0;
         self.needs_reset_notified = false;
         let released = self.card.reset();

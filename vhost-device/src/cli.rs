@@ -11,6 +11,7 @@ use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
 use crate::backend::DeviceOptions;
 use crate::model::scenario::Scenario;
+use crate::model::source::FileSource;
 use crate::model::{Limits, Settings};
 
 /// Where the daemon takes vhost-user connections from.
@@ -77,6 +78,8 @@ enum SignalArg {
     Square,
     Sawtooth,
     Noise,
+    /// Replay --source.
+    File,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -172,6 +175,15 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
 
+    /// File the `file` signal replays (looping): a .vdaqrec recording, .wav, .csv, or raw
+    /// samples in the device's format.
+    #[arg(long, value_name = "FILE")]
+    source: Option<PathBuf>,
+
+    /// Record every buffer the device delivers to FILE (a .vdaqrec, replayable as --source).
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+
     /// Deterministic mode: virtual sample time (frame n at n / rate), sampling exactly as far
     /// as posted buffers need, scenario steps at virtual times: the same run gives a
     /// bit-identical stream.
@@ -249,6 +261,7 @@ where
             SignalArg::Square => SignalKind::Square,
             SignalArg::Sawtooth => SignalKind::Sawtooth,
             SignalArg::Noise => SignalKind::Noise,
+            SignalArg::File => SignalKind::File,
         },
         signal_freq_mhz: hz_to_mhz(args.signal_freq).ok_or_else(|| {
             format!(
@@ -287,6 +300,25 @@ where
             Some(std::sync::Arc::new(scenario))
         }
     };
+    let source = match (&args.source, settings.signal) {
+        (None, SignalKind::File) => {
+            return Err("--signal file needs --source FILE".into());
+        }
+        (None, _) => None,
+        (Some(path), _) => {
+            let source = FileSource::load(path, settings.format, settings.channels)
+                .map_err(|err| format!("--source: {err}"))?;
+            if source.channels != settings.channels {
+                return Err(format!(
+                    "--source {} has {} channels; pass --channels {}",
+                    path.display(),
+                    source.channels,
+                    source.channels
+                ));
+            }
+            Some(std::sync::Arc::new(source))
+        }
+    };
     let control_sockets = match (&args.control_socket, &endpoint) {
         (None, _) => Vec::new(),
         (Some(path), Endpoint::Paths(paths)) => socket_paths(path, paths.len() as u16),
@@ -302,6 +334,8 @@ where
             tick: Duration::from_micros(u64::from(args.tick_us)),
             scenario,
             deterministic: args.deterministic,
+            source,
+            record: args.record,
         },
     }))
 }

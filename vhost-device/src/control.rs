@@ -276,6 +276,8 @@ mod tests {
             tick: Duration::from_millis(1),
             scenario: None,
             deterministic: false,
+            source: None,
+            record: None,
         })
         .expect("backend");
         Arc::new(Mutex::new(Some(Arc::new(RwLock::new(backend)))))

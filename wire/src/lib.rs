@@ -129,6 +129,8 @@ pub enum SignalKind {
     Sawtooth = 3,
     /// Uniform white noise from a counter-based generator keyed by `seed`.
     Noise = 4,
+    /// Samples replayed from a file on the host (a recording, WAV, CSV or raw), looping.
+    File = 5,
 }
 
 impl SignalKind {
@@ -140,6 +142,7 @@ impl SignalKind {
             2 => Some(SignalKind::Square),
             3 => Some(SignalKind::Sawtooth),
             4 => Some(SignalKind::Noise),
+            5 => Some(SignalKind::File),
             _ => None,
         }
     }
@@ -223,10 +226,10 @@ mod tests {
             assert_eq!(SampleFormat::from_code(format as u8), Some(format));
         }
         assert_eq!(SampleFormat::from_code(0), None);
-        for code in 0..=4 {
+        for code in 0..=5 {
             assert_eq!(SignalKind::from_code(code).map(|s| s as u8), Some(code));
         }
-        assert_eq!(SignalKind::from_code(5), None);
+        assert_eq!(SignalKind::from_code(6), None);
         assert_eq!(ClockMode::from_code(2), None);
         assert_eq!(DeviceState::from_code(3), None);
     }

@@ -62,6 +62,8 @@ impl<'a> Rig<'a> {
             tick: Duration::from_millis(1),
             scenario: None,
             deterministic: false,
+            source: None,
+            record: None,
         })
         .expect("backend");
         backend.update_memory(atomic.clone()).expect("memory");

@@ -7,6 +7,7 @@
 
 pub mod scenario;
 pub mod signal;
+pub mod source;
 
 use std::collections::VecDeque;
 
@@ -343,6 +344,8 @@ pub struct Card<B> {
     deterministic: bool,
     /// Deterministic mode: frames up to this index are sampled while the FIFO is not drained.
     stall_until_frame: u64,
+    /// Samples for the `File` signal.
+    source: Option<std::sync::Arc<source::FileSource>>,
 }
 
 impl<B> std::fmt::Debug for Card<B> {
@@ -723,7 +726,12 @@ impl<B: ReadBuffer> Card<B> {
                 vdaq_wire::pattern::s16_counter_window((first + done) * channels, bytes / 2)
             } else {
                 let scratch = &mut self.scratch[..bytes];
-                params.render(first + done, scratch);
+                match (&self.source, params.kind) {
+                    (Some(source), SignalKind::File) => {
+                        source.render(params.format, first + done, scratch)
+                    }
+                    _ => params.render(first + done, scratch),
+                }
                 scratch
             };
             if crc_enabled {
@@ -941,6 +949,7 @@ impl<B: ReadBuffer> Card<B> {
         let crc_enabled = self.crc_enabled;
         let trigger_enabled = self.trigger_enabled;
         let deterministic = self.deterministic;
+        let source = self.source.take();
         let scratch = std::mem::take(&mut self.scratch);
         let timeline = self.scenario.as_ref().map(Timeline::new);
         let scenario = self.scenario.take();
@@ -951,6 +960,7 @@ impl<B: ReadBuffer> Card<B> {
             scenario,
             timeline,
             deterministic,
+            source,
             ..Card::new_unchecked(self.defaults, self.limits)
         };
         held
@@ -990,7 +1000,23 @@ impl<B: ReadBuffer> Card<B> {
             disconnect_requested: false,
             deterministic: false,
             stall_until_frame: 0,
+            source: None,
         }
+    }
+
+    /// Sets the samples the `File` signal replays.
+    pub fn set_source(&mut self, source: std::sync::Arc<source::FileSource>) {
+        self.source = Some(source);
+    }
+
+    /// Whether `settings` can be served: the `File` signal needs a source with as many
+    /// channels as the frames.
+    fn source_fits(&self, settings: &Settings) -> bool {
+        settings.signal != SignalKind::File
+            || self
+                .source
+                .as_ref()
+                .is_some_and(|s| s.channels == settings.channels)
     }
 
     /// Deterministic mode: the paced clock runs in virtual time. Frame n is sampled at
@@ -1203,6 +1229,10 @@ impl<B: ReadBuffer> Card<B> {
         }
         if let Err(err) = settings.validate(&self.limits) {
             debug!("CONFIGURE refused: {err}");
+            return control::status::INVALID;
+        }
+        if !self.source_fits(&settings) {
+            debug!("CONFIGURE refused: the file signal needs a source with as many channels");
             return control::status::INVALID;
         }
         if self.frames_pending() > 0 && settings != self.settings {

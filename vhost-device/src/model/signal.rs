@@ -83,7 +83,8 @@ impl SignalParams {
                 // 53 random bits → [0, 1) → [-1, 1).
                 (bits >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
             }
-            SignalKind::Counter => 0.0,
+            // Rendered by the card from its file source (`model::source`).
+            SignalKind::Counter | SignalKind::File => 0.0,
         }
     }
 }
@@ -97,14 +98,21 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn encode_analog(format: SampleFormat, value: f64, out: &mut [u8]) {
+/// Encodes a full-scale value in [-1, 1] as one sample.
+pub fn encode_analog(format: SampleFormat, value: f64, out: &mut [u8]) {
     let value = value.clamp(-1.0, 1.0);
     match format {
         SampleFormat::S16 => {
-            out.copy_from_slice(&((value * f64::from(i16::MAX)) as i16).to_le_bytes())
+            // Scaling by a power of two keeps decode/encode exact for every integer sample
+            // (file replay reproduces recordings bit for bit).
+            let scaled = (value * 32_768.0).round().clamp(-32_768.0, 32_767.0);
+            out.copy_from_slice(&(scaled as i16).to_le_bytes())
         }
         SampleFormat::S32 => {
-            out.copy_from_slice(&((value * f64::from(i32::MAX)) as i32).to_le_bytes())
+            let scaled = (value * 2_147_483_648.0)
+                .round()
+                .clamp(-2_147_483_648.0, 2_147_483_647.0);
+            out.copy_from_slice(&(scaled as i32).to_le_bytes())
         }
         SampleFormat::F32 => out.copy_from_slice(&(value as f32).to_le_bytes()),
     }
@@ -191,6 +199,6 @@ mod tests {
         };
         let mut out = vec![0u8; 4];
         p.render(0, &mut out);
-        assert_eq!(i16::from_le_bytes([out[0], out[1]]), i16::MAX / 2);
+        assert_eq!(i16::from_le_bytes([out[0], out[1]]), 16_384);
     }
 }

@@ -401,3 +401,15 @@ fn e2e_needs_reset_is_recovered_and_streaming_resumes() {
     );
     assert_eq!(n(&report, "device_held_after"), 0);
 }
+
+#[test]
+fn e2e_delayed_completions_arrive_late_and_complete() {
+    let (ok, report) = vdaq_scenario("delay.toml", &[]);
+    assert!(ok, "{}", report["failure"]);
+    assert_sound(&report);
+    assert!(
+        n(&report, "latency_max_us") >= 250_000,
+        "buffers waited out the 300 ms delay: max latency {} µs",
+        n(&report, "latency_max_us")
+    );
+}

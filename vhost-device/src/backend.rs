@@ -387,6 +387,8 @@ pub struct DaqBackend {
     stopped_queues: u8,
     /// Appends every delivered buffer to a recording, if asked to.
     recorder: Option<Recorder>,
+    /// Completed buffers held back by a scripted delay, oldest first.
+    delayed: Vec<Completion<GuestBuffer>>,
     /// Descriptor heads of read buffers the device holds (a head made available again while
     /// held means the ring is corrupt, and holding it twice would grow without bound).
     held_reads: std::collections::HashSet<u16>,
@@ -455,6 +457,7 @@ impl DaqBackend {
             stopped_queues: 0,
             held_reads: std::collections::HashSet::new(),
             recorder,
+            delayed: Vec::new(),
             needs_reset_notified: false,
             connection: None,
         })
@@ -810,6 +813,15 @@ impl DaqBackend {
     /// Puts completed read buffers on the used ring and notifies the driver when the
     /// coalescing policy (or `force`) says so.
     fn publish_completions(&mut self, vring: &VringRwLock, force: bool) {
+        let now = self.now_ns();
+        if !force && self.card.completions_delayed(now) {
+            // A scripted delay: hold completed buffers back until the window ends.
+            self.delayed.append(&mut self.completions);
+            return;
+        }
+        let mut ready = std::mem::take(&mut self.delayed);
+        ready.append(&mut self.completions);
+        self.completions = ready;
         for completion in self.completions.drain(..) {
             self.held_reads.remove(&completion.buffer.head);
             if let Some(recorder) = &mut self.recorder {
@@ -885,7 +897,7 @@ impl DaqBackend {
     }
 
     fn update_timer(&mut self) {
-        let wanted = self.card.wants_ticks();
+        let wanted = self.card.wants_ticks() || !self.delayed.is_empty();
         if wanted == self.timer_armed {
             return;
         }
@@ -974,6 +986,7 @@ impl VhostUserBackendMut for DaqBackend {
         self.stopped_queues = 0;
         self.needs_reset_notified = false;
         let released = self.card.reset();
+        self.delayed.clear();
         self.held_reads.clear();
         self.event_slots.clear();
         self.completions.clear();

@@ -346,6 +346,8 @@ pub struct Card<B> {
     stall_until_frame: u64,
     /// Samples for the `File` signal.
     source: Option<std::sync::Arc<source::FileSource>>,
+    /// Completed buffers are held back until this device time (scripted).
+    delay_completions_until_ns: u64,
 }
 
 impl<B> std::fmt::Debug for Card<B> {
@@ -1001,7 +1003,13 @@ impl<B: ReadBuffer> Card<B> {
             deterministic: false,
             stall_until_frame: 0,
             source: None,
+            delay_completions_until_ns: 0,
         }
+    }
+
+    /// Whether completed buffers must be held back at `now_ns` (a scripted delay).
+    pub fn completions_delayed(&self, now_ns: u64) -> bool {
+        now_ns < self.delay_completions_until_ns
     }
 
     /// Sets the samples the `File` signal replays.
@@ -1142,6 +1150,9 @@ impl<B: ReadBuffer> Card<B> {
         match action {
             Action::DropInterrupts(count) => {
                 self.drop_interrupts = self.drop_interrupts.saturating_add(count)
+            }
+            Action::DelayCompletions(duration) => {
+                self.delay_completions_until_ns = now_ns.saturating_add(duration);
             }
             Action::Stall(duration) => {
                 if self.deterministic {

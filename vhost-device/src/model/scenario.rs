@@ -9,7 +9,8 @@
 //! count = 5
 //! ```
 //!
-//! Actions: `drop_interrupts` (count), `stall` (duration_ms: the FIFO is not drained),
+//! Actions: `drop_interrupts` (count), `delay_completions` (duration_ms: completed buffers
+//! are held back), `stall` (duration_ms: the FIFO is not drained),
 //! `corrupt_crc` (count: buffers with a wrong CRC), `fault` (code: a FAULT event),
 //! `needs_reset`, `trigger`, `disconnect` (close the vhost-user connection).
 //! Invalid files are rejected with the line and the reason.
@@ -42,6 +43,9 @@ pub enum At {
 pub enum Action {
     /// The next `count` interrupts (used-buffer notifications) are lost.
     DropInterrupts(u32),
+    /// Buffers completed during the next this-many ns reach the used ring only when the
+    /// window ends (or at FLUSH/STOP).
+    DelayCompletions(u64),
     /// The FIFO is not drained for this long (ns): buffers wait, the FIFO may overrun.
     Stall(u64),
     /// The next `count` buffers with frames carry a wrong CRC (or a corrupted sample without
@@ -73,6 +77,12 @@ impl Action {
         };
         Ok(match name {
             "drop_interrupts" => Action::DropInterrupts(need_count()?),
+            "delay_completions" => Action::DelayCompletions(
+                duration_ms
+                    .filter(|&d| d > 0)
+                    .ok_or("action \"delay_completions\" needs duration_ms >= 1")?
+                    .saturating_mul(1_000_000),
+            ),
             "corrupt_crc" => Action::CorruptCrc(need_count()?),
             "stall" => Action::Stall(
                 duration_ms
@@ -86,8 +96,8 @@ impl Action {
             "disconnect" => Action::Disconnect,
             other => {
                 return Err(format!(
-                    "unknown action \"{other}\" (known: drop_interrupts, stall, corrupt_crc, \
-                     fault, needs_reset, trigger, disconnect)"
+                    "unknown action \"{other}\" (known: drop_interrupts, delay_completions, \
+                     stall, corrupt_crc, fault, needs_reset, trigger, disconnect)"
                 ))
             }
         })
@@ -250,11 +260,19 @@ action = "trigger"
 [[step]]
 at_ms = 60
 action = "disconnect"
+[[step]]
+at_ms = 70
+action = "delay_completions"
+duration_ms = 5
 "#,
         )
         .expect("valid");
         assert_eq!(scenario.description, "all of them");
-        assert_eq!(scenario.steps.len(), 7);
+        assert_eq!(scenario.steps.len(), 8);
+        assert_eq!(
+            scenario.steps[7].action,
+            Action::DelayCompletions(5_000_000)
+        );
         assert_eq!(scenario.steps[0].action, Action::DropInterrupts(3));
         assert_eq!(scenario.steps[0].at, At::Time(10_000_000));
         assert_eq!(scenario.steps[1].at, At::Frame(1000));

@@ -820,9 +820,10 @@ impl<H: Hal, T: Transport> Drop for DaqDriver<H, T> {
     }
 }
 
-/// Feature set for `Transport::begin_init`, which wants a bitflags type.
+/// Feature bits as `Transport::begin_init` wants them (a bitflags type over the vdaq and
+/// virtio feature bits the driver knows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Features(u64);
+pub struct Features(pub u64);
 
 impl bitflags::Flags for Features {
     const FLAGS: &'static [bitflags::Flag<Self>] = &[

@@ -28,6 +28,6 @@ pub mod pci;
 
 pub use dma::DmaBuffer;
 pub use driver::{
-    Completion, DaqDriver, DriverError, DriverOptions, DriverStats, ReadOutcome, RecoveryReport,
-    RequestId, ShutdownReport, Wait, DATA_QUEUE_SIZE,
+    Completion, DaqDriver, DriverError, DriverOptions, DriverStats, Features, ReadOutcome,
+    RecoveryReport, RequestId, ShutdownReport, Wait, DATA_QUEUE_SIZE,
 };

@@ -376,6 +376,39 @@ fn run_once(args: &RunArgs) -> Result<bool, String> {
     Ok(passed)
 }
 
+/// One benchmark configuration: 4 ch × s16 counter stream, verified, no scenario.
+fn bench_run(
+    common: &Common,
+    duration: f64,
+    rate: u32,
+    clock: Clock,
+    buffer_size: u32,
+    reads: u32,
+    coalesce: u16,
+) -> RunArgs {
+    RunArgs {
+        common: common.clone(),
+        mode: Mode::Stream,
+        duration,
+        rate,
+        channels: 4,
+        format: Format::S16,
+        clock,
+        buffer_size,
+        reads,
+        coalesce,
+        crc: false,
+        timeout: None,
+        json: false,
+        scenario: None,
+        deterministic: false,
+        frames: 0,
+        hash: false,
+        signal: Signal::Counter,
+        seed: 0x5eed,
+    }
+}
+
 fn bench(args: &BenchArgs) -> Result<bool, String> {
     let tools = tools(&args.common)?;
     let mut accels = vec![Accel::Tcg];
@@ -405,27 +438,15 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
     );
     for accel in accels {
         for (reads, buffer) in [(8u32, 4096u32), (8, 65536), (64, 4096), (64, 65536)] {
-            let run = RunArgs {
-                common: args.common.clone(),
-                mode: Mode::Stream,
-                duration: args.duration,
-                rate: 1_000_000,
-                channels: 4,
-                format: Format::S16,
-                clock: Clock::Free,
-                buffer_size: buffer,
+            let run = bench_run(
+                &args.common,
+                args.duration,
+                1_000_000,
+                Clock::Free,
+                buffer,
                 reads,
-                coalesce: 1,
-                crc: false,
-                timeout: None,
-                json: false,
-                scenario: None,
-                deterministic: false,
-                frames: 0,
-                hash: false,
-                signal: Signal::Counter,
-                seed: 0x5eed,
-            };
+                1,
+            );
             if INTERRUPTED.load(Ordering::Acquire) {
                 return Ok(false);
             }
@@ -466,27 +487,15 @@ fn bench(args: &BenchArgs) -> Result<bool, String> {
         "coalesce", "verified MB/s", "completions/s", "irq/s", "completions per irq"
     );
     for coalesce in [1u16, 16] {
-        let run = RunArgs {
-            common: args.common.clone(),
-            mode: Mode::Stream,
-            duration: args.duration,
-            rate: 4_000_000,
-            channels: 4,
-            format: Format::S16,
-            clock: Clock::Paced,
-            buffer_size: 16 * 1024,
-            reads: 64,
+        let run = bench_run(
+            &args.common,
+            args.duration,
+            4_000_000,
+            Clock::Paced,
+            16 * 1024,
+            64,
             coalesce,
-            crc: false,
-            timeout: None,
-            json: false,
-            scenario: None,
-            deterministic: false,
-            frames: 0,
-            hash: false,
-            signal: Signal::Counter,
-            seed: 0x5eed,
-        };
+        );
         if INTERRUPTED.load(Ordering::Acquire) {
             return Ok(false);
         }

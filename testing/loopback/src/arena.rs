@@ -142,67 +142,9 @@ impl Arena {
     }
 }
 
-/// A byte buffer in the arena, owned exclusively; what the loopback driver posts.
-#[derive(Debug)]
-pub struct DmaBuffer {
-    paddr: u64,
-    ptr: NonNull<u8>,
-    len: usize,
-    pages: usize,
-}
-
-// SAFETY: DmaBuffer owns its pages exclusively (like a Box<[u8]>); the arena mapping lives for
-// the whole process.
-unsafe impl Send for DmaBuffer {}
-
-impl DmaBuffer {
-    /// A zeroed buffer of `len` bytes.
-    pub fn new(len: usize) -> Self {
-        let pages = len.div_ceil(PAGE_SIZE).max(1);
-        let (paddr, ptr) = arena()
-            .alloc_pages(pages)
-            .expect("loopback guest memory exhausted");
-        DmaBuffer {
-            paddr,
-            ptr,
-            len,
-            pages,
-        }
-    }
-
-    /// Guest-physical address.
-    pub fn paddr(&self) -> u64 {
-        self.paddr
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the buffer is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is inside pages this value owns exclusively.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// The bytes, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for DmaBuffer {
-    fn drop(&mut self) {
-        arena().free_pages(self.paddr, self.pages);
-    }
-}
+/// A byte buffer in the arena, owned exclusively: the reference driver's DMA buffer over
+/// the arena's HAL.
+pub type DmaBuffer = vdaq_driver::DmaBuffer<ArenaHal>;
 
 /// virtio-drivers HAL over the arena: DMA memory is arena pages, and buffers to share must
 /// already live in the arena (allocate them as [`DmaBuffer`]s).
@@ -264,8 +206,10 @@ mod tests {
     fn dma_buffers_are_visible_at_their_guest_address() {
         let mut buffer = DmaBuffer::new(100);
         buffer.as_mut_slice()[..4].copy_from_slice(b"vdaq");
+        let host = buffer.as_slice().as_ptr() as usize;
+        let paddr = arena().guest_address(host).expect("inside the arena");
         let mut read = [0u8; 4];
-        vm_memory::Bytes::read_slice(arena().memory(), &mut read, GuestAddress(buffer.paddr()))
+        vm_memory::Bytes::read_slice(arena().memory(), &mut read, GuestAddress(paddr))
             .expect("read back");
         assert_eq!(&read, b"vdaq");
     }

@@ -82,7 +82,7 @@ impl LoopbackDaq {
         if crc {
             wanted |= 1 << feature::DAQ_F_CRC32;
         }
-        let negotiated = transport.begin_init(LoopbackFeatures(wanted)).0;
+        let negotiated = transport.begin_init(vdaq_driver::Features(wanted)).0;
         let event_idx = negotiated & (1 << feature::VIRTIO_F_EVENT_IDX) != 0;
         let data = VirtQueue::new(&mut transport, queue::DATA, false, event_idx)?;
         let control = VirtQueue::new(&mut transport, queue::CONTROL, false, event_idx)?;
@@ -261,48 +261,5 @@ impl Drop for LoopbackDaq {
         // Stop the rings before their memory returns to the arena, so the device never
         // writes into pages that are reused.
         self.reset();
-    }
-}
-
-/// Feature set for `Transport::begin_init`, which wants a bitflags type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct LoopbackFeatures(u64);
-
-impl bitflags::Flags for LoopbackFeatures {
-    const FLAGS: &'static [bitflags::Flag<Self>] = &[
-        bitflags::Flag::new("DAQ_F_CRC32", LoopbackFeatures(1 << feature::DAQ_F_CRC32)),
-        bitflags::Flag::new(
-            "DAQ_F_TRIGGER",
-            LoopbackFeatures(1 << feature::DAQ_F_TRIGGER),
-        ),
-        bitflags::Flag::new(
-            "INDIRECT_DESC",
-            LoopbackFeatures(1 << feature::VIRTIO_F_INDIRECT_DESC),
-        ),
-        bitflags::Flag::new(
-            "EVENT_IDX",
-            LoopbackFeatures(1 << feature::VIRTIO_F_EVENT_IDX),
-        ),
-        bitflags::Flag::new(
-            "VERSION_1",
-            LoopbackFeatures(1 << feature::VIRTIO_F_VERSION_1),
-        ),
-    ];
-    type Bits = u64;
-
-    fn bits(&self) -> u64 {
-        self.0
-    }
-
-    fn from_bits_retain(bits: u64) -> Self {
-        LoopbackFeatures(bits)
-    }
-}
-
-impl std::ops::BitAnd for LoopbackFeatures {
-    type Output = Self;
-
-    fn bitand(self, rhs: Self) -> Self {
-        LoopbackFeatures(self.0 & rhs.0)
     }
 }

@@ -292,3 +292,85 @@ fn driver_shutdown_returns_reads_the_device_was_still_filling() {
         Err((DriverError::ShuttingDown, _))
     ));
 }
+
+#[test]
+fn driver_arms_a_rising_edge_trigger_and_receives_flagged_buffers_and_events() {
+    use vdaq_wire::buffer::flags;
+    use vdaq_wire::control::{opcode, trigger_mode, TriggerConfig};
+    use vdaq_wire::event::kind;
+    use vdaq_wire::zerocopy::IntoBytes;
+    // A 1 kHz square wave, free-running (nominal 1 MHz): rising edges every 1000 frames.
+    let mut rig = rig(
+        &[
+            "--clock",
+            "free",
+            "--channels",
+            "2",
+            "--format",
+            "s16",
+            "--signal",
+            "square",
+            "--signal-freq",
+            "1000",
+        ],
+        DriverOptions {
+            crc: false,
+            trigger: true,
+        },
+        Duration::from_secs(30),
+    );
+    let config = TriggerConfig {
+        mode: trigger_mode::RISING,
+        reserved: 0,
+        channel: 0.into(),
+        threshold_ppm: 0.into(),
+        pre_frames: 100.into(),
+        post_frames: 500.into(),
+    };
+    rig.driver
+        .command(opcode::SET_TRIGGER, config.as_bytes(), &mut rig.wait)
+        .expect("SET_TRIGGER");
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 2, false);
+    rig.driver.start(&mut rig.wait).expect("START");
+    let mut triggered_at = Vec::new();
+    for _ in 0..8 {
+        rig.driver
+            .submit_read(DmaBuffer::new(HEADER_SIZE + 4 * 1000))
+            .map_err(|(err, _)| err)
+            .expect("submit");
+    }
+    while verifier.stats().frames < 10_000 {
+        rig.driver.service();
+        while let Some(done) = rig.driver.next_completion() {
+            let header = verifier
+                .check(done.buffer.as_slice(), done.used_len)
+                .expect("stream verifies");
+            if header.flags.get() & flags::TRIGGERED != 0 {
+                triggered_at.push(header.first_frame.get() + u64::from(header.trigger_frame.get()));
+            }
+            rig.driver
+                .submit_read(done.buffer)
+                .map_err(|(err, _)| err)
+                .expect("resubmit");
+        }
+        if !rig.irq.is_pending() {
+            assert!(rig.wait.wait(), "stalled");
+        }
+    }
+    rig.driver.shutdown(&mut rig.wait).expect("shutdown");
+    let events: Vec<u64> = std::iter::from_fn(|| rig.driver.next_event())
+        .filter(|e| e.kind.get() == kind::TRIGGER)
+        .map(|e| e.arg0.get())
+        .collect();
+    assert!(
+        triggered_at.len() >= 9,
+        "one rising edge per 1000 frames: {triggered_at:?}"
+    );
+    for (i, frame) in triggered_at.iter().enumerate() {
+        assert_eq!(*frame, 1000 * (i as u64 + 1), "edges at whole periods");
+    }
+    assert!(
+        events.starts_with(&triggered_at[..8]),
+        "events match the flags: {events:?}"
+    );
+}

@@ -22,6 +22,23 @@ pub mod opcode {
     /// Zero the counters (frames, buffers, rejected requests, lost events); frames pending at
     /// that moment stay counted as produced. The stream position is kept. No payload.
     pub const RESET_COUNTERS: u32 = 7;
+    /// Arms (or disarms) the level/edge trigger; payload [`super::TriggerConfig`]. Needs
+    /// VIRTIO_DAQ_F_TRIGGER.
+    pub const SET_TRIGGER: u32 = 8;
+}
+
+/// Trigger conditions of [`TriggerConfig::mode`].
+pub mod trigger_mode {
+    /// Disarmed.
+    pub const OFF: u8 = 0;
+    /// Fires on a frame whose channel value is at or above the threshold.
+    pub const LEVEL_ABOVE: u8 = 1;
+    /// Fires on a frame whose channel value is at or below the threshold.
+    pub const LEVEL_BELOW: u8 = 2;
+    /// Fires where the channel crosses the threshold upwards (previous < threshold ≤ this).
+    pub const RISING: u8 = 3;
+    /// Fires where the channel crosses the threshold downwards (previous > threshold ≥ this).
+    pub const FALLING: u8 = 4;
 }
 
 /// Command status codes of [`ResponseHeader::status`].
@@ -95,6 +112,30 @@ pub struct Configure {
     pub reserved: [u8; 7],
 }
 
+/// Payload of SET_TRIGGER: a hardware (level/edge) trigger on one channel, evaluated on every
+/// frame the device delivers. When it fires at frame T the buffer holding T is flagged
+/// TRIGGERED (`trigger_frame` = its offset) and a TRIGGER event is raised; the capture window
+/// is frames T − `pre_frames` … T + `post_frames` − 1 of the stream, and the trigger re-arms
+/// after the window's last frame.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct TriggerConfig {
+    /// One of [`trigger_mode`].
+    pub mode: u8,
+    /// Reserved, zero.
+    pub reserved: u8,
+    /// Channel watched, `0..channels`.
+    pub channel: U16,
+    /// Threshold in millionths of full scale (−1 000 000 … 1 000 000), two's complement.
+    pub threshold_ppm: U32,
+    /// Frames of the window before the trigger frame.
+    pub pre_frames: U32,
+    /// Frames of the window from the trigger frame on (≥ 1).
+    pub post_frames: U32,
+}
+
 /// Reply payload of FLUSH.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
@@ -149,6 +190,7 @@ pub const fn reply_payload_size(opcode: u32) -> usize {
 pub const fn command_payload_size(op: u32) -> Option<usize> {
     match op {
         opcode::CONFIGURE => Some(core::mem::size_of::<Configure>()),
+        opcode::SET_TRIGGER => Some(core::mem::size_of::<TriggerConfig>()),
         opcode::START
         | opcode::STOP
         | opcode::TRIGGER
@@ -181,6 +223,11 @@ mod tests {
         assert_eq!(offset_of!(Configure, seed), 24);
         assert_eq!(offset_of!(Configure, clock), 32);
         assert_eq!(size_of::<FlushReply>(), 8);
+        assert_eq!(size_of::<TriggerConfig>(), 16);
+        assert_eq!(offset_of!(TriggerConfig, channel), 2);
+        assert_eq!(offset_of!(TriggerConfig, threshold_ppm), 4);
+        assert_eq!(offset_of!(TriggerConfig, pre_frames), 8);
+        assert_eq!(offset_of!(TriggerConfig, post_frames), 12);
         assert_eq!(size_of::<Status>(), 72);
         assert_eq!(offset_of!(Status, device_time_ns), 0);
         assert_eq!(offset_of!(Status, buffers_held), 40);

@@ -255,6 +255,61 @@ pub struct Counters {
     pub buffers_corrupted: u64,
 }
 
+/// The armed level/edge trigger (SET_TRIGGER).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct HwTrigger {
+    mode: u8,
+    channel: u16,
+    threshold: f64,
+    post_frames: u64,
+}
+
+/// Where the trigger evaluation stands across blocks.
+#[derive(Clone, Copy, Debug, Default)]
+struct TriggerState {
+    /// Value of the watched channel in the last frame evaluated.
+    previous: Option<f64>,
+    /// The trigger re-arms at this frame (after the last window).
+    rearm_frame: u64,
+}
+
+/// Evaluates `trigger` on `block` (frames from `first_frame`); returns the frames it fires at.
+fn scan_trigger(
+    trigger: &HwTrigger,
+    state: &mut TriggerState,
+    format: SampleFormat,
+    channels: u16,
+    first_frame: u64,
+    block: &[u8],
+) -> Vec<u64> {
+    use vdaq_wire::control::trigger_mode;
+    let size = format.sample_bytes();
+    let frame_bytes = size * usize::from(channels);
+    let offset = usize::from(trigger.channel) * size;
+    let mut fired = Vec::new();
+    for (i, frame) in block.chunks_exact(frame_bytes).enumerate() {
+        let value = source::decode(format, &frame[offset..offset + size]);
+        let index = first_frame + i as u64;
+        let hit = match (trigger.mode, state.previous) {
+            (trigger_mode::LEVEL_ABOVE, _) => value >= trigger.threshold,
+            (trigger_mode::LEVEL_BELOW, _) => value <= trigger.threshold,
+            (trigger_mode::RISING, Some(prev)) => {
+                prev < trigger.threshold && value >= trigger.threshold
+            }
+            (trigger_mode::FALLING, Some(prev)) => {
+                prev > trigger.threshold && value <= trigger.threshold
+            }
+            _ => false,
+        };
+        state.previous = Some(value);
+        if hit && index >= state.rearm_frame {
+            fired.push(index);
+            state.rearm_frame = index + trigger.post_frames;
+        }
+    }
+    fired
+}
+
 /// Contiguous frames in the FIFO, sampled in one clock run (START to STOP). A gap between
 /// two runs is an overrun; a new clock origin is a pause.
 #[derive(Clone, Copy, Debug)]
@@ -348,6 +403,9 @@ pub struct Card<B> {
     source: Option<std::sync::Arc<source::FileSource>>,
     /// Completed buffers are held back until this device time (scripted).
     delay_completions_until_ns: u64,
+    /// The armed level/edge trigger.
+    hw_trigger: Option<HwTrigger>,
+    hw_trigger_state: TriggerState,
 }
 
 impl<B> std::fmt::Debug for Card<B> {
@@ -720,6 +778,7 @@ impl<B: ReadBuffer> Card<B> {
         };
         let frames_per_block = (block_bytes / frame_bytes).max(1) as u64;
         let channels = u64::from(params.channels);
+        let mut hw_fired: Vec<u64> = Vec::new();
         let mut done = 0;
         while done < taken {
             let n = frames_per_block.min(taken - done);
@@ -736,6 +795,16 @@ impl<B: ReadBuffer> Card<B> {
                 }
                 scratch
             };
+            if let Some(trigger) = &self.hw_trigger {
+                hw_fired.extend(scan_trigger(
+                    trigger,
+                    &mut self.hw_trigger_state,
+                    params.format,
+                    params.channels,
+                    first + done,
+                    block,
+                ));
+            }
             if crc_enabled {
                 front.crc.update(block);
             }
@@ -746,8 +815,17 @@ impl<B: ReadBuffer> Card<B> {
             }
             done += n;
         }
+        for &frame in &hw_fired {
+            if front.flags & flags::TRIGGERED == 0 {
+                front.flags |= flags::TRIGGERED;
+                front.trigger_frame = (frame - front.first_frame) as u32;
+            }
+        }
         front.filled += taken;
         self.delivered_end = first + taken;
+        for frame in hw_fired {
+            self.push_event(kind::TRIGGER, now_ns, frame, self.sequence);
+        }
         if let Some(trigger) = triggered {
             self.trigger_at = None;
             self.push_event(kind::TRIGGER, now_ns, trigger, self.sequence);
@@ -1004,7 +1082,34 @@ impl<B: ReadBuffer> Card<B> {
             stall_until_frame: 0,
             source: None,
             delay_completions_until_ns: 0,
+            hw_trigger: None,
+            hw_trigger_state: TriggerState::default(),
         }
+    }
+
+    /// SET_TRIGGER: arms (or, with mode OFF, disarms) the level/edge trigger.
+    pub fn set_trigger(&mut self, config: &vdaq_wire::control::TriggerConfig) -> u32 {
+        use vdaq_wire::control::trigger_mode;
+        if config.mode == trigger_mode::OFF {
+            self.hw_trigger = None;
+            return control::status::OK;
+        }
+        let threshold = config.threshold_ppm.get() as i32;
+        if config.mode > trigger_mode::FALLING
+            || config.channel.get() >= self.settings.channels
+            || !(-1_000_000..=1_000_000).contains(&threshold)
+            || config.post_frames.get() == 0
+        {
+            return control::status::INVALID;
+        }
+        self.hw_trigger = Some(HwTrigger {
+            mode: config.mode,
+            channel: config.channel.get(),
+            threshold: f64::from(threshold) / 1e6,
+            post_frames: u64::from(config.post_frames.get()),
+        });
+        self.hw_trigger_state = TriggerState::default();
+        control::status::OK
     }
 
     /// Whether completed buffers must be held back at `now_ns` (a scripted delay).
@@ -1276,6 +1381,12 @@ impl<B: ReadBuffer> Card<B> {
             self.discontinuity = true;
         }
         self.settings = settings;
+        if self
+            .hw_trigger
+            .is_some_and(|t| t.channel >= settings.channels)
+        {
+            self.hw_trigger = None;
+        }
         // No buffer is partly filled here (frames_pending is 0), so capacities can be redone.
         let frame_bytes = self.frame_bytes() as u64;
         for posted in std::mem::take(&mut self.posted) {
@@ -1423,6 +1534,15 @@ impl<B: ReadBuffer> Card<B> {
                 CommandReply::status(control::status::UNSUPPORTED)
             }
             opcode::TRIGGER => CommandReply::status(self.trigger()),
+            opcode::SET_TRIGGER if !self.trigger_enabled => {
+                CommandReply::status(control::status::UNSUPPORTED)
+            }
+            opcode::SET_TRIGGER => {
+                match vdaq_wire::control::TriggerConfig::read_from_bytes(payload) {
+                    Ok(config) => CommandReply::status(self.set_trigger(&config)),
+                    Err(_) => CommandReply::status(control::status::BAD_SIZE),
+                }
+            }
             opcode::FLUSH => {
                 let returned = self.flush(now_ns, out);
                 CommandReply {

@@ -53,7 +53,8 @@ pub struct FileSource {
     pub samples: Vec<f64>,
 }
 
-fn decode(format: SampleFormat, bytes: &[u8]) -> f64 {
+/// Decodes one sample to full scale ([-1, 1]).
+pub fn decode(format: SampleFormat, bytes: &[u8]) -> f64 {
     match format {
         // Full scale is 2^15 / 2^31, matching `encode_analog`, so integers round-trip exactly.
         SampleFormat::S16 => f64::from(i16::from_le_bytes([bytes[0], bytes[1]])) / 32_768.0,

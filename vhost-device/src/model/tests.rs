@@ -905,3 +905,82 @@ fn drops_before_an_unwritable_buffer_are_reported_in_the_next_header() {
         c.frames_delivered + c.frames_dropped + card.frames_pending()
     );
 }
+
+#[test]
+fn edge_and_level_triggers_flag_buffers_and_raise_events() {
+    use vdaq_wire::control::{trigger_mode, TriggerConfig};
+    // A 10 kHz square wave at the free-running clock's nominal 1 MHz: +1 on frames 0..50,
+    // −1 on 50..100, +1 from 100 …
+    let mut card = card(
+        Settings {
+            signal: SignalKind::Square,
+            signal_freq_mhz: 10_000_000,
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    let mut out = Vec::new();
+    let rising = TriggerConfig {
+        mode: trigger_mode::RISING,
+        reserved: 0,
+        channel: 0.into(),
+        threshold_ppm: 0.into(),
+        pre_frames: 10.into(),
+        post_frames: 20.into(),
+    };
+    assert_eq!(
+        card.execute(opcode::SET_TRIGGER, rising.as_bytes(), 0, &mut out)
+            .status,
+        control::status::UNSUPPORTED,
+        "needs the trigger feature"
+    );
+    card.set_trigger_enabled(true);
+    let bad = TriggerConfig {
+        channel: 5.into(),
+        ..rising
+    };
+    assert_eq!(
+        card.execute(opcode::SET_TRIGGER, bad.as_bytes(), 0, &mut out)
+            .status,
+        control::status::INVALID
+    );
+    assert_eq!(
+        card.execute(opcode::SET_TRIGGER, rising.as_bytes(), 0, &mut out)
+            .status,
+        control::status::OK
+    );
+    card.start(0);
+    for _ in 0..3 {
+        card.post(buffer(80), 0, &mut out);
+    }
+    card.advance(0, &mut out);
+    let headers: Vec<BufferHeader> = out.iter().map(|c| c.buffer.header()).collect();
+    // Rising edges at frames 100 and 200: in buffers 1 (80..160) and 2 (160..240).
+    assert_eq!(headers[0].flags.get() & flags::TRIGGERED, 0);
+    assert_ne!(headers[1].flags.get() & flags::TRIGGERED, 0);
+    assert_eq!(headers[1].trigger_frame.get(), 20);
+    assert_eq!(headers[2].trigger_frame.get(), 40);
+    let fired: Vec<u64> = std::iter::from_fn(|| card.pop_event())
+        .filter(|e| e.kind.get() == kind::TRIGGER)
+        .map(|e| e.arg0.get())
+        .collect();
+    assert_eq!(fired, vec![100, 200]);
+    // A level trigger fires on the first frame at or below −0.5, then re-arms after the
+    // post-trigger window.
+    let below = TriggerConfig {
+        mode: trigger_mode::LEVEL_BELOW,
+        threshold_ppm: (-500_000i32 as u32).into(),
+        post_frames: 30.into(),
+        ..rising
+    };
+    assert_eq!(card.set_trigger(&below), control::status::OK);
+    card.post(buffer(80), 0, &mut out);
+    card.advance(0, &mut out);
+    let fired: Vec<u64> = std::iter::from_fn(|| card.pop_event())
+        .filter(|e| e.kind.get() == kind::TRIGGER)
+        .map(|e| e.arg0.get())
+        .collect();
+    // Buffer 240..320: −1 on 250..300 → fires at 250 and again at 280 (re-armed after 30).
+    assert_eq!(fired, vec![250, 280]);
+}

@@ -21,6 +21,8 @@ pub enum Endpoint {
     Paths(Vec<PathBuf>),
     /// Serve the listening socket inherited as this fd.
     Fd(i32),
+    /// Connect to a frontend listening here (and reconnect after every disconnect).
+    Connect(PathBuf),
 }
 
 /// Everything `serve` needs.
@@ -112,8 +114,14 @@ struct Args {
     socket_count: u16,
 
     /// Serve the already-listening vhost-user socket inherited as this file descriptor.
-    #[arg(long, value_name = "FDNUM")]
+    #[arg(long, value_name = "FDNUM", conflicts_with = "connect")]
     fd: Option<i32>,
+
+    /// Connect to a frontend that listens at PATH (QEMU: -chardev socket,server=on) instead
+    /// of listening; after a disconnect, or when started later, connect again. A restarted
+    /// backend thus finds a running VM again.
+    #[arg(long, value_name = "PATH", conflicts_with = "socket_path")]
+    connect: Option<PathBuf>,
 
     /// Print the backend's capabilities as JSON and exit (vhost-user backend convention).
     #[arg(long)]
@@ -227,6 +235,12 @@ where
         return Ok(Action::Exit(ExitCode::SUCCESS));
     }
     let endpoint = match (&args.socket_path, args.fd) {
+        (None, None) if args.connect.is_some() => {
+            if args.socket_count != 1 {
+                return Err("--connect serves one device; drop --socket-count".into());
+            }
+            Endpoint::Connect(args.connect.clone().unwrap_or_default())
+        }
         (Some(path), None) => Endpoint::Paths(socket_paths(path, args.socket_count)),
         (None, Some(fd)) if fd >= 0 => {
             if args.socket_count != 1 {
@@ -322,7 +336,7 @@ where
     let control_sockets = match (&args.control_socket, &endpoint) {
         (None, _) => Vec::new(),
         (Some(path), Endpoint::Paths(paths)) => socket_paths(path, paths.len() as u16),
-        (Some(path), Endpoint::Fd(_)) => vec![path.clone()],
+        (Some(path), Endpoint::Fd(_) | Endpoint::Connect(_)) => vec![path.clone()],
     };
     Ok(Action::Serve(DaemonConfig {
         endpoint,
@@ -404,6 +418,23 @@ mod tests {
         );
         assert_eq!(config.device.settings.rate_hz, 100_000);
         assert_eq!(config.device.settings.signal, SignalKind::Counter);
+    }
+
+    #[test]
+    fn connect_mode_is_an_endpoint_of_its_own() {
+        let config = config(&["--connect", "/run/qemu-daq.sock"]);
+        assert_eq!(
+            config.endpoint,
+            Endpoint::Connect("/run/qemu-daq.sock".into())
+        );
+        for args in [
+            &["--connect", "a", "--socket-path", "b"][..],
+            &["--connect", "a", "--fd", "3"][..],
+            &["--connect", "a", "--socket-count", "2"][..],
+        ] {
+            let message = parse_args(args).expect_err("conflicting endpoints");
+            assert!(!message.contains('\n'), "{message}");
+        }
     }
 
     #[test]

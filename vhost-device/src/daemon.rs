@@ -56,6 +56,11 @@ pub enum DaemonError {
 /// Serves every configured socket until the process is stopped.
 pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
     match config.endpoint {
+        Endpoint::Connect(path) => {
+            let slot = control_slot(config.control_sockets.first())?;
+            let name = path.display().to_string();
+            serve_connections(Connections::Connect(path), name, config.device, slot)
+        }
         Endpoint::Fd(fd) => {
             let listener = inherited_listener(fd)?;
             let slot = control_slot(config.control_sockets.first())?;
@@ -100,13 +105,31 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
     }
 }
 
-/// Accepts connections on `listener` forever, one at a time, each with a fresh device.
+/// Where connections come from.
+enum Connections {
+    /// Accept them on a listening socket.
+    Listen(Listener),
+    /// Connect to a frontend's listening socket (`--connect`), again after every disconnect.
+    Connect(PathBuf),
+}
+
+/// Serves connections forever, one at a time, each with a fresh device.
 fn serve_listener(
-    mut listener: Listener,
+    listener: Listener,
     name: String,
     device: DeviceOptions,
     slot: DeviceSlot,
 ) -> Result<(), DaemonError> {
+    serve_connections(Connections::Listen(listener), name, device, slot)
+}
+
+fn serve_connections(
+    mut connections: Connections,
+    name: String,
+    device: DeviceOptions,
+    slot: DeviceSlot,
+) -> Result<(), DaemonError> {
+    let mut waiting_logged = false;
     loop {
         let backend = Arc::new(RwLock::new(DaqBackend::new(device.clone())?));
         if let Ok(mut current) = slot.lock() {
@@ -130,14 +153,29 @@ fn serve_listener(
                     source,
                 })?;
         }
-        if let Err(err) = daemon.start(&mut listener) {
-            // Accept failed (e.g. the peer vanished during the handshake): try again.
-            warn!("{name}: accepting a connection failed: {err}");
+        let started = match &mut connections {
+            Connections::Listen(listener) => daemon.start(listener),
+            Connections::Connect(path) => daemon.start_client(&path.to_string_lossy()),
+        };
+        if let Err(err) = started {
+            // Accept failed (e.g. the peer vanished during the handshake), or the frontend
+            // is not listening (yet): try again, without spinning.
+            match &connections {
+                Connections::Listen(_) => warn!("{name}: accepting a connection failed: {err}"),
+                Connections::Connect(path) if !waiting_logged => {
+                    info!(
+                        "{name}: waiting for a frontend at {}: {err}",
+                        path.display()
+                    );
+                    waiting_logged = true;
+                }
+                Connections::Connect(_) => {}
+            }
             stop_workers(&backend);
-            // Do not spin if accept keeps failing (e.g. out of file descriptors).
             thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
+        waiting_logged = false;
         info!("{name}: frontend connected");
         if let (Some(handle), Ok(mut device)) = (daemon.shutdown_handle(), backend.write()) {
             device.set_connection(handle);

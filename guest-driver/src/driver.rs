@@ -105,6 +105,9 @@ pub enum ReadOutcome {
     },
     /// The application cancelled the read; the device returned the buffer.
     Cancelled,
+    /// The device never returned the read; the driver took it back after resetting the
+    /// device ([`DaqDriver::recover`]). Nothing in it is valid.
+    Reclaimed,
 }
 
 /// A finished read: the buffer is the application's again.
@@ -144,11 +147,12 @@ pub struct DriverStats {
 /// Result of [`DaqDriver::recover`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecoveryReport {
-    /// Device counters just before the reset (GET_STATUS still answers in NEEDS_RESET).
-    pub status: Status,
+    /// Device counters just before the reset (GET_STATUS still answers in NEEDS_RESET); None
+    /// if the control queue could not be used (a command stuck, or its ring corrupt).
+    pub status: Option<Status>,
     /// Reads the device returned while being reset (now in [`DaqDriver::next_completion`]).
     pub returned: usize,
-    /// Reads the device never returned, taken back after the reset (outcome `Rejected`).
+    /// Reads the device never returned, taken back after the reset (outcome `Reclaimed`).
     pub reclaimed: usize,
 }
 
@@ -486,7 +490,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 ReadOutcome::Data(_) => self.stats.completed += 1,
                 ReadOutcome::Rejected => self.stats.rejected += 1,
                 ReadOutcome::Invalid { .. } => self.stats.invalid += 1,
-                ReadOutcome::Cancelled => {}
+                ReadOutcome::Cancelled | ReadOutcome::Reclaimed => {}
             }
             self.completions.push_back(Completion {
                 id: slot.id,
@@ -727,7 +731,11 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     /// initialises it again. Reads come back as completions; the device is stopped and has
     /// its power-on settings afterwards.
     pub fn recover(&mut self, wait: &mut impl Wait) -> Result<RecoveryReport, DriverError> {
-        let status = self.status(wait)?;
+        let status = if self.command.is_none() && !self.ring_corrupt {
+            self.status(wait).ok()
+        } else {
+            None
+        };
         let completed_before = self.completions.len();
         self.transport.set_status(DeviceStatus::empty());
         // The device is reset and touches nothing any more; what it returned before is on
@@ -739,12 +747,11 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             if let Some(slot) = slot.take() {
                 reclaimed += 1;
                 self.in_flight -= 1;
-                self.stats.rejected += 1;
                 self.completions.push_back(Completion {
                     id: slot.id,
                     buffer: slot.buffer,
                     used_len: 0,
-                    outcome: ReadOutcome::Rejected,
+                    outcome: ReadOutcome::Reclaimed,
                 });
             }
         }

@@ -281,21 +281,33 @@ impl Recorder {
 
     fn record(&mut self, buffer: &GuestBuffer, used: usize) {
         use std::io::Write;
+        /// Bytes copied per step: the buffer is streamed to the file, never held whole.
+        const CHUNK: usize = 64 * 1024;
         if self.failed || used < HEADER_SIZE {
             return;
         }
-        self.scratch.resize(used, 0);
         let mem = buffer.mem.memory();
-        if read_segments(&mem, &buffer.writable, &mut self.scratch).is_err() {
+        let mut header = [0u8; HEADER_SIZE];
+        if read_segments(&mem, &buffer.writable, 0, &mut header).is_err()
+            || header[46] != vdaq_wire::buffer::status::OK
+        {
+            // Only buffers with status OK: rejected ones carry nothing to replay.
             return;
         }
-        // Only buffers with data and status OK: rejected ones carry nothing to replay.
-        if self.scratch[46] != vdaq_wire::buffer::status::OK {
-            return;
-        }
-        if let Err(err) = self.file.write_all(&self.scratch) {
-            warn!("recording stopped: {err}");
-            self.failed = true;
+        self.scratch.resize(CHUNK, 0);
+        let mut offset = 0;
+        while offset < used {
+            let n = CHUNK.min(used - offset);
+            let chunk = &mut self.scratch[..n];
+            if read_segments(&mem, &buffer.writable, offset, chunk).is_err() {
+                return;
+            }
+            if let Err(err) = self.file.write_all(chunk) {
+                warn!("recording stopped: {err}");
+                self.failed = true;
+                return;
+            }
+            offset += n;
         }
     }
 }
@@ -315,10 +327,11 @@ impl Drop for Recorder {
     }
 }
 
-/// Reads `out.len()` bytes from the start of the area made of `segments`.
+/// Reads `out.len()` bytes from byte `offset` of the area made of `segments`.
 fn read_segments(
     mem: &GuestMemoryMmap<()>,
     segments: &[Segment],
+    mut offset: usize,
     out: &mut [u8],
 ) -> Result<(), ()> {
     let mut done = 0;
@@ -326,10 +339,16 @@ fn read_segments(
         if done == out.len() {
             break;
         }
-        let n = segment.len.min(out.len() - done);
-        mem.read_slice(&mut out[done..done + n], segment.addr)
+        if offset >= segment.len {
+            offset -= segment.len;
+            continue;
+        }
+        let n = (segment.len - offset).min(out.len() - done);
+        let addr = segment.addr.checked_add(offset as u64).ok_or(())?;
+        mem.read_slice(&mut out[done..done + n], addr)
             .map_err(|_| ())?;
         done += n;
+        offset = 0;
     }
     if done == out.len() {
         Ok(())
@@ -467,6 +486,11 @@ impl DaqBackend {
     pub fn inject(&mut self, action: crate::model::scenario::Action) {
         let now = self.now_ns();
         self.card.apply(action, now);
+        // Take effect now (events, NEEDS_RESET, disconnect), not at the guest's next kick.
+        if !self.vrings.is_empty() {
+            let vrings = self.vrings.clone();
+            self.pump(&vrings);
+        }
     }
 
     /// Changes delivery parameters that leave the samples alone (control socket).

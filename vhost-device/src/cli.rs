@@ -304,6 +304,15 @@ where
     settings
         .validate(&limits)
         .map_err(|err| format!("{err}; fix the matching option (see --help)"))?;
+    if args.deterministic && settings.clock != ClockMode::Paced {
+        return Err("--deterministic needs the paced clock; drop --clock free".into());
+    }
+    if args.record.is_some() && args.socket_count != 1 {
+        return Err(
+            "--record records one device; drop --socket-count (or run one backend per device)"
+                .into(),
+        );
+    }
     let scenario = match &args.scenario {
         None => None,
         Some(path) => {

@@ -3,7 +3,7 @@
 //! client behind `vhost-device-daq ctl`.
 //!
 //! Requests (one JSON object per line) and replies (one per request):
-//! - `{"cmd":"stats"}` → `{"ok":true,"connected":…,"state":…,"settings":{…},"counters":{…},…}`
+//! - `{"cmd":"stats"}` → `{"ok":true,"state":…,"settings":{…},"counters":{…}}`
 //! - `{"cmd":"inject","action":"drop_interrupts","count":5}` (the scenario actions and their
 //!   parameters: `count`, `duration_ms`, `code`) → `{"ok":true}`
 //! - `{"cmd":"set","latency_us":2000,"coalesce_buffers":8,"watermark_frames":512}` (any
@@ -49,8 +49,16 @@ pub fn serve(path: &Path, slot: DeviceSlot) -> Result<(), ControlError> {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).map_err(socket_error)?;
+        }
+        Ok(_) => {
+            return Err(socket_error(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; pick another path",
+            )))
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(socket_error(err)),
     }
@@ -91,10 +99,11 @@ fn serve_client(stream: UnixStream, slot: &DeviceSlot) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let reply = if line.len() > MAX_REQUEST {
-            // Skip the rest of the oversized line.
-            let mut rest = Vec::new();
-            let _ = reader.read_until(b'\n', &mut rest);
+        let reply = if line.len() > MAX_REQUEST && !line.ends_with('\n') {
+            // Skip the rest of the oversized line without buffering it.
+            if !skip_line(&mut reader) {
+                return;
+            }
             error(format!("request longer than {MAX_REQUEST} bytes"))
         } else if line.trim().is_empty() {
             continue;
@@ -103,6 +112,23 @@ fn serve_client(stream: UnixStream, slot: &DeviceSlot) {
         };
         if writeln!(writer, "{reply}").is_err() {
             return;
+        }
+    }
+}
+
+/// Discards input up to and including the next newline; false at end of input or error.
+fn skip_line(reader: &mut BufReader<UnixStream>) -> bool {
+    loop {
+        let (found, used) = match reader.fill_buf() {
+            Ok([]) | Err(_) => return false,
+            Ok(bytes) => match bytes.iter().position(|&b| b == b'\n') {
+                Some(at) => (true, at + 1),
+                None => (false, bytes.len()),
+            },
+        };
+        reader.consume(used);
+        if found {
+            return true;
         }
     }
 }

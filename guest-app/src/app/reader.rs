@@ -91,6 +91,8 @@ impl Consumer {
                         }
                     }
                 }
+                // Taken back after a device reset: accounted by the epoch, not an error.
+                ReadOutcome::Reclaimed => {}
                 other => {
                     self.unexpected += 1;
                     if self.unexpected <= 3 {
@@ -357,8 +359,17 @@ pub fn run<T: Transport>(
                 Ok(recovery) => {
                     consumer.drain(&mut driver, &mut verifier, &mut report, false);
                     let epoch_frames = verifier.stats().frames;
-                    if let Err(why) = epochs.close(&recovery.status, epoch_frames, &verifier) {
-                        failure.get_or_insert(why);
+                    match &recovery.status {
+                        Some(status) => {
+                            if let Err(why) = epochs.close(status, epoch_frames, &verifier) {
+                                failure.get_or_insert(why);
+                            }
+                        }
+                        None => {
+                            failure.get_or_insert(
+                                "device reset without its counters (control queue unusable)",
+                            );
+                        }
                     }
                     report.reset_recoveries += 1;
                     closed.add(&verifier.stats());

@@ -403,6 +403,9 @@ pub struct Card<B> {
     source: Option<std::sync::Arc<source::FileSource>>,
     /// Completed buffers are held back until this device time (scripted).
     delay_completions_until_ns: u64,
+    /// Latest real device time seen by `advance` (deterministic mode keeps virtual time
+    /// apart from it).
+    real_now_ns: u64,
     /// The armed level/edge trigger.
     hw_trigger: Option<HwTrigger>,
     hw_trigger_state: TriggerState,
@@ -526,6 +529,7 @@ impl<B: ReadBuffer> Card<B> {
 
     /// Moves the card forward to `now_ns`: samples due frames, fills and completes buffers.
     pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) {
+        self.real_now_ns = now_ns;
         match self.state {
             DeviceState::NeedsReset => return,
             DeviceState::Stopped => {
@@ -945,7 +949,14 @@ impl<B: ReadBuffer> Card<B> {
 
     fn note_completion(&mut self, now_ns: u64) {
         self.unsignaled += 1;
-        self.first_unsignaled_ns.get_or_insert(now_ns);
+        // Interrupt coalescing runs on real time, also in deterministic mode, where `now_ns`
+        // inside the sampling loop is virtual.
+        let real = if self.deterministic {
+            self.real_now_ns
+        } else {
+            now_ns
+        };
+        self.first_unsignaled_ns.get_or_insert(real);
     }
 
     /// Whether to notify the driver now (interrupt coalescing): after `coalesce_buffers`
@@ -1082,6 +1093,7 @@ impl<B: ReadBuffer> Card<B> {
             stall_until_frame: 0,
             source: None,
             delay_completions_until_ns: 0,
+            real_now_ns: 0,
             hw_trigger: None,
             hw_trigger_state: TriggerState::default(),
         }
@@ -1155,9 +1167,18 @@ impl<B: ReadBuffer> Card<B> {
                 return;
             }
             if self.stall_until_frame > self.next_frame {
-                // A stall: the whole stalled stretch is sampled at once; the FIFO keeps what
-                // fits and the rest is dropped.
-                let count = self.stall_until_frame - self.next_frame;
+                // A stall: the stalled stretch is sampled at once (up to the next scenario
+                // step, which must fire at its exact frame); the FIFO keeps what fits and the
+                // rest is dropped.
+                let mut count = self.stall_until_frame - self.next_frame;
+                if let Some(step) = self
+                    .timeline
+                    .as_ref()
+                    .and_then(|t| t.next_frame(self.settings.rate_hz))
+                    .filter(|&step| step > self.next_frame)
+                {
+                    count = count.min(step - self.next_frame);
+                }
                 let space = u64::from(self.limits.fifo_frames) - self.fifo_level;
                 if space > 0 {
                     self.accept_frames(count.min(space), now);
@@ -1257,9 +1278,18 @@ impl<B: ReadBuffer> Card<B> {
                 self.drop_interrupts = self.drop_interrupts.saturating_add(count)
             }
             Action::DelayCompletions(duration) => {
-                self.delay_completions_until_ns = now_ns.saturating_add(duration);
+                // Completions are held on the real clock (virtual time may run ahead or
+                // behind it in deterministic mode).
+                let real = if self.deterministic {
+                    self.real_now_ns
+                } else {
+                    now_ns
+                };
+                self.delay_completions_until_ns = real.saturating_add(duration);
             }
             Action::Stall(duration) => {
+                // At most a minute of stall: bounded virtual time, no index wrap-around.
+                let duration = duration.min(60 * 1_000_000_000);
                 if self.deterministic {
                     let frames =
                         u128::from(duration) * u128::from(self.settings.rate_hz) / NS_PER_SEC;

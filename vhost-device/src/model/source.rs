@@ -91,8 +91,13 @@ impl FileSource {
             "csv" => Self::from_csv(&bytes).map_err(bad)?,
             _ => Self::from_raw(&bytes, format, channels).map_err(bad)?,
         };
+        let mut source = source;
+        // Whole frames only: a trailing partial frame is dropped, and at least one must stay.
+        let channels = usize::from(source.channels.max(1));
+        let whole = source.samples.len() / channels * channels;
+        source.samples.truncate(whole);
         if source.samples.is_empty() {
-            return Err(bad("no samples".into()));
+            return Err(bad(format!("no complete frame of {channels} channels")));
         }
         Ok(source)
     }

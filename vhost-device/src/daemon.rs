@@ -57,11 +57,13 @@ pub enum DaemonError {
 pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
     match config.endpoint {
         Endpoint::Connect(path) => {
+            remove_sockets_on_termination(config.control_sockets.clone());
             let slot = control_slot(config.control_sockets.first())?;
             let name = path.display().to_string();
             serve_connections(Connections::Connect(path), name, config.device, slot)
         }
         Endpoint::Fd(fd) => {
+            remove_sockets_on_termination(config.control_sockets.clone());
             let listener = inherited_listener(fd)?;
             let slot = control_slot(config.control_sockets.first())?;
             serve_listener(Listener::from(listener), "fd".into(), config.device, slot)

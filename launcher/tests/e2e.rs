@@ -413,3 +413,14 @@ fn e2e_delayed_completions_arrive_late_and_complete() {
         n(&report, "latency_max_us")
     );
 }
+
+#[test]
+fn e2e_set_signal_switches_the_stream_without_mixing_signals() {
+    let (ok, report) = vdaq_scenario("set-signal.toml", &["--rate", "1000000"]);
+    assert!(ok, "{}", report["failure"]);
+    assert_sound(&report);
+    assert!(
+        n(&report, "frames") > 600_000,
+        "the run went past both switches"
+    );
+}

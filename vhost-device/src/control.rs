@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::backend::DaqBackend;
-use crate::model::scenario::Action;
+use crate::model::scenario::{Action, ActionFields};
 
 /// The device a control socket talks to: replaced on every new vhost-user connection.
 pub type DeviceSlot = Arc<Mutex<Option<Arc<RwLock<DaqBackend>>>>>;
@@ -160,9 +160,18 @@ pub fn handle(line: &str, slot: &DeviceSlot) -> Value {
             let Some(name) = request.get("action").and_then(Value::as_str) else {
                 return error("inject needs \"action\"");
             };
-            let count = field("count").map(|c| u32::try_from(c).unwrap_or(u32::MAX));
-            let code = field("code").map(|c| u32::try_from(c).unwrap_or(u32::MAX));
-            match Action::from_fields(name, count, field("duration_ms"), code) {
+            let fields = ActionFields {
+                count: field("count").map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
+                duration_ms: field("duration_ms"),
+                code: field("code").map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
+                signal: request
+                    .get("signal")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                freq_hz: request.get("freq_hz").and_then(Value::as_f64),
+                amplitude: field("amplitude").map(|a| u16::try_from(a).unwrap_or(u16::MAX)),
+            };
+            match Action::from_fields(name, &fields) {
                 Ok(action) => {
                     backend.inject(action);
                     json!({"ok": true})

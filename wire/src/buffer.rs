@@ -67,8 +67,10 @@ pub struct BufferHeader {
     pub format: u8,
     /// Channels per frame.
     pub channels: U16,
+    /// [`crate::SignalKind`] code of the signal the payload carries (one per buffer).
+    pub signal: u8,
     /// Reserved, zero.
-    pub reserved0: U16,
+    pub reserved0: u8,
     /// Sample rate (Hz) the frames were taken at; 0 in free-running mode.
     pub rate_hz: U32,
     /// Reserved, zero.
@@ -104,6 +106,7 @@ mod tests {
         assert_eq!(offset_of!(BufferHeader, status), 46);
         assert_eq!(offset_of!(BufferHeader, format), 47);
         assert_eq!(offset_of!(BufferHeader, channels), 48);
+        assert_eq!(offset_of!(BufferHeader, signal), 50);
         assert_eq!(offset_of!(BufferHeader, rate_hz), 52);
         assert_eq!(offset_of!(BufferHeader, reserved1), 56);
     }

@@ -99,7 +99,8 @@ pub struct StreamVerifier {
 
 impl StreamVerifier {
     /// A verifier for a stream of `format` × `channels`, starting at sequence 0. With
-    /// `counter_pattern`, every sample is checked against the counter signal.
+    /// `counter_pattern`, every sample of a buffer whose header names the counter signal is
+    /// checked against the counter pattern.
     pub fn new(format: SampleFormat, channels: u16, counter_pattern: bool) -> Self {
         StreamVerifier {
             format,
@@ -211,7 +212,7 @@ impl StreamVerifier {
         } else if self.require_crc {
             return Err(StreamError::MissingCrc);
         }
-        if self.counter_pattern {
+        if self.counter_pattern && header.signal == crate::SignalKind::Counter as u8 {
             let first_sample = first_frame.wrapping_mul(u64::from(self.channels));
             if let Some(sample) = verify_counter(self.format, first_sample, payload) {
                 return Err(StreamError::Pattern { sample });

@@ -10,7 +10,7 @@ use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
 use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
 use vdaq_wire::zerocopy::IntoBytes;
-use vdaq_wire::{SampleFormat, SignalKind};
+use vdaq_wire::SampleFormat;
 use virtio_drivers::transport::Transport;
 
 use super::hal::GuestHal;
@@ -259,7 +259,9 @@ pub fn run<T: Transport>(
         return fail(report, "unknown sample format");
     };
     let channels = config.channels.get();
-    let counter = config.signal == SignalKind::Counter as u8;
+    // Buffers whose header names the counter signal are checked sample by sample, whatever
+    // the signal was at the start (a scenario may switch it while streaming).
+    let counter = true;
     let mut verifier = StreamVerifier::new(format, channels, counter).require_crc(params.crc);
     let stream_ns = params.duration_ms * 1_000_000;
     let mut wait = HaltWait {

@@ -324,6 +324,8 @@ struct Run {
 /// A posted buffer and what the device has put in it so far.
 struct Posted<B> {
     buffer: B,
+    /// Signal of the frames in the buffer (set when the first frame goes in).
+    signal: SignalKind,
     /// Clock origin of the frames in the buffer (frames of one buffer share one clock run).
     origin_ns: u64,
     capacity_frames: u64,
@@ -406,6 +408,9 @@ pub struct Card<B> {
     /// Latest real device time seen by `advance` (deterministic mode keeps virtual time
     /// apart from it).
     real_now_ns: u64,
+    /// Signal changes made while streaming (`set_signal`): frames from each start index on
+    /// carry that segment's signal. Empty: every frame carries the current settings' signal.
+    signal_segments: VecDeque<(u64, SignalParams)>,
     /// The armed level/edge trigger.
     hw_trigger: Option<HwTrigger>,
     hw_trigger_state: TriggerState,
@@ -497,6 +502,7 @@ impl<B: ReadBuffer> Card<B> {
         }
         self.posted.push_back(Posted {
             buffer,
+            signal: self.settings.signal,
             origin_ns: 0,
             capacity_frames: capacity_frames.min(u64::from(u32::MAX)),
             filled: 0,
@@ -713,16 +719,27 @@ impl<B: ReadBuffer> Card<B> {
             return;
         }
         while let Some(front) = self.posted.front() {
-            let count = front.capacity_frames - front.filled;
+            let mut count = front.capacity_frames - front.filled;
+            // Frame-keyed scenario steps fire at their exact frame.
+            if let Some(step) = self.timeline.as_ref().and_then(Timeline::next_frame_step) {
+                if step <= self.next_frame {
+                    self.run_timeline(now_ns);
+                    if self.state != DeviceState::Running || now_ns < self.stall_until_ns {
+                        return;
+                    }
+                    continue;
+                }
+                count = count.min(step - self.next_frame);
+            }
             let run = Run {
                 first: self.next_frame,
                 len: count,
                 origin_ns: now_ns,
                 origin_frame: self.next_frame,
             };
-            self.next_frame += count;
-            self.counters.frames_produced += count;
-            self.fill_front(&run, count, now_ns, out);
+            let taken = self.fill_front(&run, count, now_ns, out);
+            self.next_frame += taken;
+            self.counters.frames_produced += taken;
         }
     }
 
@@ -736,8 +753,27 @@ impl<B: ReadBuffer> Card<B> {
         out: &mut Vec<Completion<B>>,
     ) -> u64 {
         let first = run.first;
+        // Frames of one buffer share one signal: a change ends the buffer being filled.
+        if self.signal_changes_at(first)
+            && self
+                .posted
+                .front()
+                .is_some_and(|p| p.filled > 0 && p.first_frame < first)
+        {
+            self.complete_front(0, now_ns, out);
+            return 0;
+        }
+        let count = match self.signal_change_after(first) {
+            Some(change) if change < first + count => change - first,
+            _ => count,
+        };
+        let signal_changed_here = self.signal_changes_at(first);
+        // Segments fully behind the delivered stream are no longer needed.
+        while self.signal_segments.len() > 1 && self.signal_segments[1].0 <= self.delivered_end {
+            self.signal_segments.pop_front();
+        }
         let frame_bytes = self.frame_bytes();
-        let params = self.settings.signal_params();
+        let params = self.signal_at(first);
         let crc_enabled = self.crc_enabled;
         let frame_time = self.frame_time_ns(run, first);
         let free_running = self.settings.clock == ClockMode::FreeRunning;
@@ -749,13 +785,14 @@ impl<B: ReadBuffer> Card<B> {
         };
         if front.filled == 0 {
             front.first_frame = first;
+            front.signal = params.kind;
             front.origin_ns = run.origin_ns;
             front.timestamp_ns = if free_running { now_ns } else { frame_time };
             front.dropped_before = first.saturating_sub(delivered_end);
             if front.dropped_before > 0 {
                 front.flags |= flags::OVERRUN;
             }
-            if discontinuity {
+            if discontinuity || signal_changed_here {
                 front.flags |= flags::DISCONTINUITY;
             }
         }
@@ -913,7 +950,8 @@ impl<B: ReadBuffer> Card<B> {
             status: buffer_status::OK,
             format: self.settings.format as u8,
             channels: self.settings.channels.into(),
-            reserved0: 0.into(),
+            signal: posted.signal as u8,
+            reserved0: 0,
             rate_hz: match self.settings.clock {
                 ClockMode::Paced => self.settings.rate_hz,
                 ClockMode::FreeRunning => 0,
@@ -1094,6 +1132,7 @@ impl<B: ReadBuffer> Card<B> {
             source: None,
             delay_completions_until_ns: 0,
             real_now_ns: 0,
+            signal_segments: VecDeque::new(),
             hw_trigger: None,
             hw_trigger_state: TriggerState::default(),
         }
@@ -1132,6 +1171,32 @@ impl<B: ReadBuffer> Card<B> {
     /// Sets the samples the `File` signal replays.
     pub fn set_source(&mut self, source: std::sync::Arc<source::FileSource>) {
         self.source = Some(source);
+    }
+
+    /// The signal frame `frame` is sampled with.
+    fn signal_at(&self, frame: u64) -> SignalParams {
+        self.signal_segments
+            .iter()
+            .rev()
+            .find(|(start, _)| *start <= frame)
+            .map_or_else(|| self.settings.signal_params(), |(_, params)| *params)
+    }
+
+    /// The first signal change after `frame`, if any.
+    fn signal_change_after(&self, frame: u64) -> Option<u64> {
+        self.signal_segments
+            .iter()
+            .map(|(start, _)| *start)
+            .find(|&start| start > frame)
+    }
+
+    /// Whether a signal change starts exactly at `frame`.
+    fn signal_changes_at(&self, frame: u64) -> bool {
+        frame > 0
+            && self
+                .signal_segments
+                .iter()
+                .any(|(start, _)| *start == frame)
     }
 
     /// Whether `settings` can be served: the `File` signal needs a source with as many
@@ -1221,9 +1286,9 @@ impl<B: ReadBuffer> Card<B> {
                 origin_frame: 0,
             };
             self.end_overrun(now);
-            self.next_frame += count;
-            self.counters.frames_produced += count;
-            self.fill_front(&run, count, now, out);
+            let taken = self.fill_front(&run, count, now, out);
+            self.next_frame += taken;
+            self.counters.frames_produced += taken;
         }
     }
 
@@ -1311,6 +1376,34 @@ impl<B: ReadBuffer> Card<B> {
                 self.trigger_at = Some(self.next_frame);
             }
             Action::Disconnect => self.disconnect_requested = true,
+            Action::SetSignal {
+                signal,
+                freq_mhz,
+                amplitude_permille,
+            } => {
+                let changed = Settings {
+                    signal,
+                    signal_freq_mhz: freq_mhz.unwrap_or(self.settings.signal_freq_mhz),
+                    amplitude_permille: amplitude_permille
+                        .unwrap_or(self.settings.amplitude_permille),
+                    ..self.settings
+                };
+                if !self.source_fits(&changed) {
+                    warn!(
+                        "set_signal to file ignored: no source with {} channels",
+                        changed.channels
+                    );
+                    return;
+                }
+                if self.signal_segments.is_empty() {
+                    // Frames sampled so far keep the signal they were sampled with.
+                    self.signal_segments
+                        .push_back((0, self.settings.signal_params()));
+                }
+                self.signal_segments
+                    .push_back((self.next_frame, changed.signal_params()));
+                self.settings = changed;
+            }
         }
     }
 
@@ -1411,6 +1504,7 @@ impl<B: ReadBuffer> Card<B> {
             self.discontinuity = true;
         }
         self.settings = settings;
+        self.signal_segments.clear();
         if self
             .hw_trigger
             .is_some_and(|t| t.channel >= settings.channels)

@@ -18,6 +18,7 @@
 use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
+use vdaq_wire::SignalKind;
 
 /// Why a scenario file was rejected.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -59,17 +60,46 @@ pub enum Action {
     Trigger,
     /// The backend closes the vhost-user connection.
     Disconnect,
+    /// From the next sampled frame on, the analog front end carries another signal (and
+    /// optionally frequency and amplitude); the first buffer with it is flagged
+    /// DISCONTINUITY.
+    SetSignal {
+        /// The new waveform.
+        signal: SignalKind,
+        /// New frequency (mHz), or unchanged.
+        freq_mhz: Option<u32>,
+        /// New amplitude (‰), or unchanged.
+        amplitude_permille: Option<u16>,
+    },
+}
+
+/// Parameters an action may take (scenario step fields, control-socket request fields).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ActionFields {
+    /// `count`.
+    pub count: Option<u32>,
+    /// `duration_ms`.
+    pub duration_ms: Option<u64>,
+    /// `code`.
+    pub code: Option<u32>,
+    /// `signal` (counter, sine, square, sawtooth, noise, file).
+    pub signal: Option<String>,
+    /// `freq_hz`.
+    pub freq_hz: Option<f64>,
+    /// `amplitude` (‰).
+    pub amplitude: Option<u16>,
 }
 
 impl Action {
     /// Builds an action from its name and parameters (a scenario step, or a control-socket
     /// request). The error names what is missing or unknown.
-    pub fn from_fields(
-        name: &str,
-        count: Option<u32>,
-        duration_ms: Option<u64>,
-        code: Option<u32>,
-    ) -> Result<Self, String> {
+    pub fn from_fields(name: &str, fields: &ActionFields) -> Result<Self, String> {
+        let ActionFields {
+            count,
+            duration_ms,
+            code,
+            ..
+        } = *fields;
         let need_count = || {
             count
                 .filter(|&c| c > 0)
@@ -94,10 +124,40 @@ impl Action {
             "needs_reset" => Action::NeedsReset,
             "trigger" => Action::Trigger,
             "disconnect" => Action::Disconnect,
+            "set_signal" => {
+                let signal = match fields.signal.as_deref() {
+                    Some("counter") => SignalKind::Counter,
+                    Some("sine") => SignalKind::Sine,
+                    Some("square") => SignalKind::Square,
+                    Some("sawtooth") => SignalKind::Sawtooth,
+                    Some("noise") => SignalKind::Noise,
+                    Some("file") => SignalKind::File,
+                    _ => {
+                        return Err("action \"set_signal\" needs signal = counter, sine, \
+                                    square, sawtooth, noise or file"
+                            .into())
+                    }
+                };
+                let freq_mhz = match fields.freq_hz {
+                    None => None,
+                    Some(hz) if hz.is_finite() && (0.0..=4_294_967.0).contains(&hz) => {
+                        Some((hz * 1000.0).round() as u32)
+                    }
+                    Some(_) => return Err("freq_hz must be within 0 ..= 4294967".into()),
+                };
+                if fields.amplitude.is_some_and(|a| a > 1000) {
+                    return Err("amplitude is in per mille: 0 ..= 1000".into());
+                }
+                Action::SetSignal {
+                    signal,
+                    freq_mhz,
+                    amplitude_permille: fields.amplitude,
+                }
+            }
             other => {
                 return Err(format!(
                     "unknown action \"{other}\" (known: drop_interrupts, delay_completions, \
-                     stall, corrupt_crc, fault, needs_reset, trigger, disconnect)"
+                     stall, corrupt_crc, fault, needs_reset, trigger, disconnect, set_signal)"
                 ))
             }
         })
@@ -142,6 +202,9 @@ struct StepSpec {
     count: Option<u32>,
     duration_ms: Option<u64>,
     code: Option<u32>,
+    signal: Option<String>,
+    freq_hz: Option<f64>,
+    amplitude: Option<u16>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -165,8 +228,15 @@ impl Scenario {
                 (None, Some(frame)) => At::Frame(frame),
                 _ => return Err(bad("a step needs exactly one of at_ms or at_frame".into())),
             };
-            let action = Action::from_fields(&spec.action, spec.count, spec.duration_ms, spec.code)
-                .map_err(bad)?;
+            let fields = ActionFields {
+                count: spec.count,
+                duration_ms: spec.duration_ms,
+                code: spec.code,
+                signal: spec.signal,
+                freq_hz: spec.freq_hz,
+                amplitude: spec.amplitude,
+            };
+            let action = Action::from_fields(&spec.action, &fields).map_err(bad)?;
             steps.push(Step { at, action, line });
         }
         Ok(Scenario {
@@ -190,6 +260,19 @@ impl Timeline {
             steps: scenario.steps.clone(),
             fired: vec![false; scenario.steps.len()],
         }
+    }
+
+    /// The earliest frame index of a frame-keyed step not yet fired.
+    pub fn next_frame_step(&self) -> Option<u64> {
+        self.steps
+            .iter()
+            .zip(&self.fired)
+            .filter(|(step, fired)| !**fired && matches!(step.at, At::Frame(_)))
+            .filter_map(|(step, _)| match step.at {
+                At::Frame(frame) => Some(frame),
+                At::Time(_) => None,
+            })
+            .min()
     }
 
     /// The earliest frame index at which a step not yet fired is due, at `rate_hz`.

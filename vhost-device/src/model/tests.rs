@@ -984,3 +984,62 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
     // Buffer 240..320: −1 on 250..300 → fires at 250 and again at 280 (re-armed after 30).
     assert_eq!(fired, vec![250, 280]);
 }
+
+#[test]
+fn set_signal_mid_stream_ends_the_buffer_and_flags_the_next_one() {
+    let mut card = card(
+        Settings {
+            clock: ClockMode::FreeRunning,
+            ..settings()
+        },
+        1024,
+    );
+    card.set_scenario(
+        scenario::Scenario::parse(
+            "[[step]]\nat_frame = 150\naction = \"set_signal\"\nsignal = \"square\"\nfreq_hz = 1000\n",
+        )
+        .expect("valid"),
+    );
+    let mut out = Vec::new();
+    card.start(0);
+    for _ in 0..4 {
+        card.post(buffer(100), 0, &mut out);
+    }
+    // Buffer 0: frames 0..100. The step fires once frame 100 is reached, at the next frame
+    // sampled: buffer 1 (from 100) is counter up to there.
+    card.advance(0, &mut out);
+    let headers: Vec<BufferHeader> = out.iter().map(|c| c.buffer.header()).collect();
+    let change = headers
+        .iter()
+        .position(|h| h.flags.get() & flags::DISCONTINUITY != 0)
+        .expect("a buffer starts with the new signal");
+    let before = &out[change - 1];
+    let before_header = headers[change - 1];
+    assert_eq!(
+        vdaq_wire::pattern::verify_counter(
+            SampleFormat::S32,
+            before_header.first_frame.get() * 2,
+            before.buffer.payload()
+        ),
+        None,
+        "frames before the change are still the counter"
+    );
+    let first_changed = headers[change].first_frame.get();
+    assert_eq!(
+        first_changed,
+        before_header.first_frame.get() + u64::from(before_header.frame_count.get()),
+        "contiguous"
+    );
+    let payload = out[change].buffer.payload();
+    let sample = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    assert!(
+        sample.unsigned_abs() > 1 << 30,
+        "a full-scale square sample, got {sample}"
+    );
+    assert_eq!(card.settings().signal, SignalKind::Square);
+    let c = card.counters();
+    assert_eq!(
+        c.frames_produced,
+        c.frames_delivered + c.frames_dropped + card.frames_pending()
+    );
+}

@@ -164,39 +164,58 @@ fn validate_chain(
     Ok(layout)
 }
 
+/// The pieces of bytes `offset .. offset + len` of the area made of `segments`: for each, where
+/// it starts in guest memory and which bytes of the `len` it covers. None if the area is too
+/// small, so callers touch nothing. Allocation-free: it runs for every block written.
+fn segment_pieces(
+    segments: &[Segment],
+    offset: usize,
+    len: usize,
+) -> Option<impl Iterator<Item = Option<(GuestAddress, std::ops::Range<usize>)>> + '_> {
+    let total: usize = segments.iter().map(|s| s.len).sum();
+    if offset.checked_add(len)? > total {
+        return None;
+    }
+    let mut skip = offset;
+    let mut done = 0;
+    Some(segments.iter().filter_map(move |segment| {
+        if done == len {
+            return None;
+        }
+        if skip >= segment.len {
+            skip -= segment.len;
+            return None;
+        }
+        let n = (segment.len - skip).min(len - done);
+        // An address overflow yields None inside: the caller fails.
+        let piece = segment
+            .addr
+            .checked_add(skip as u64)
+            .map(|addr| (addr, done..done + n));
+        done += n;
+        skip = 0;
+        Some(piece)
+    }))
+}
+
 /// Writes `data` at byte `offset` of the area made of `segments`. Fails without writing
 /// anything if the area is too small.
 fn write_segments(
     mem: &GuestMemoryMmap<()>,
     segments: &[Segment],
-    mut offset: usize,
-    mut data: &[u8],
+    offset: usize,
+    data: &[u8],
 ) -> Result<(), BufferWriteError> {
-    let total: usize = segments.iter().map(|s| s.len).sum();
     let error = BufferWriteError {
         offset,
         len: data.len(),
     };
-    if offset.checked_add(data.len()).is_none_or(|end| end > total) {
-        return Err(error);
-    }
-    for segment in segments {
-        if data.is_empty() {
-            break;
-        }
-        if offset >= segment.len {
-            offset -= segment.len;
-            continue;
-        }
-        let n = (segment.len - offset).min(data.len());
-        let addr = segment
-            .addr
-            .checked_add(offset as u64)
-            .ok_or(BufferWriteError { ..error })?;
-        mem.write_slice(&data[..n], addr)
+    let pieces =
+        segment_pieces(segments, offset, data.len()).ok_or(BufferWriteError { ..error })?;
+    for piece in pieces {
+        let (addr, range) = piece.ok_or(BufferWriteError { ..error })?;
+        mem.write_slice(&data[range], addr)
             .map_err(|_| BufferWriteError { ..error })?;
-        data = &data[n..];
-        offset = 0;
     }
     Ok(())
 }
@@ -331,30 +350,14 @@ impl Drop for Recorder {
 fn read_segments(
     mem: &GuestMemoryMmap<()>,
     segments: &[Segment],
-    mut offset: usize,
+    offset: usize,
     out: &mut [u8],
 ) -> Result<(), ()> {
-    let mut done = 0;
-    for segment in segments {
-        if done == out.len() {
-            break;
-        }
-        if offset >= segment.len {
-            offset -= segment.len;
-            continue;
-        }
-        let n = (segment.len - offset).min(out.len() - done);
-        let addr = segment.addr.checked_add(offset as u64).ok_or(())?;
-        mem.read_slice(&mut out[done..done + n], addr)
-            .map_err(|_| ())?;
-        done += n;
-        offset = 0;
+    for piece in segment_pieces(segments, offset, out.len()).ok_or(())? {
+        let (addr, range) = piece.ok_or(())?;
+        mem.read_slice(&mut out[range], addr).map_err(|_| ())?;
     }
-    if done == out.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
+    Ok(())
 }
 
 /// A device-writable buffer posted on the event queue.
@@ -722,16 +725,9 @@ impl DaqBackend {
             return reply(self, control::status::BAD_SIZE, &[]);
         }
         let mut request = vec![0u8; request_len];
-        let mut filled = 0;
-        for segment in &layout.readable {
-            if mem
-                .read_slice(&mut request[filled..filled + segment.len], segment.addr)
-                .is_err()
-            {
-                self.card.count_rejected();
-                return reply(self, control::status::BAD_SIZE, &[]);
-            }
-            filled += segment.len;
+        if read_segments(mem, &layout.readable, 0, &mut request).is_err() {
+            self.card.count_rejected();
+            return reply(self, control::status::BAD_SIZE, &[]);
         }
         let (header_bytes, payload) = request.split_at(size_of::<CommandHeader>());
         let Ok(header) = CommandHeader::read_from_bytes(header_bytes) else {

@@ -195,7 +195,7 @@ pub fn handle(line: &str, slot: &DeviceSlot) -> Value {
                     }
                     reply
                 }
-                Err(reason) => error(reason),
+                Err(reason) => error(reason.to_string()),
             }
         }
         other => error(format!(

@@ -12,6 +12,10 @@
 
 #![no_std]
 
+// clap's derives name `std` paths; the feature is for host tools only.
+#[cfg(feature = "clap")]
+extern crate std;
+
 pub mod buffer;
 pub mod check;
 pub mod config;
@@ -77,6 +81,7 @@ pub mod feature {
 
 /// Sample encodings. Every sample is little-endian; frames interleave channels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[repr(u8)]
 pub enum SampleFormat {
     /// Signed 16-bit integer.
@@ -101,6 +106,15 @@ impl SampleFormat {
         }
     }
 
+    /// Name on command lines and in reports (`s16`, `s32`, `f32`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            SampleFormat::S16 => "s16",
+            SampleFormat::S32 => "s32",
+            SampleFormat::F32 => "f32",
+        }
+    }
+
     /// Bytes per sample.
     pub const fn sample_bytes(self) -> usize {
         match self {
@@ -117,6 +131,7 @@ impl SampleFormat {
 
 /// Signal sources of the device's analog front end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[repr(u8)]
 pub enum SignalKind {
     /// Sample n (frame × channels + channel) carries n itself, encoded per format: see [`pattern`].
@@ -134,6 +149,18 @@ pub enum SignalKind {
 }
 
 impl SignalKind {
+    /// Name on command lines and in reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SignalKind::Counter => "counter",
+            SignalKind::Sine => "sine",
+            SignalKind::Square => "square",
+            SignalKind::Sawtooth => "sawtooth",
+            SignalKind::Noise => "noise",
+            SignalKind::File => "file",
+        }
+    }
+
     /// Decodes a wire code.
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
@@ -150,15 +177,25 @@ impl SignalKind {
 
 /// Sample clock modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[repr(u8)]
 pub enum ClockMode {
     /// Frames are produced at `rate_hz` in real time; a full FIFO overruns.
     Paced = 0,
     /// Frames are produced as fast as the driver posts buffers; the FIFO never overruns.
+    #[cfg_attr(feature = "clap", value(name = "free"))]
     FreeRunning = 1,
 }
 
 impl ClockMode {
+    /// Name on command lines and in reports (`paced`, `free`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ClockMode::Paced => "paced",
+            ClockMode::FreeRunning => "free",
+        }
+    }
+
     /// Decodes a wire code.
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
@@ -232,6 +269,25 @@ mod tests {
         assert_eq!(SignalKind::from_code(6), None);
         assert_eq!(ClockMode::from_code(2), None);
         assert_eq!(DeviceState::from_code(3), None);
+    }
+
+    #[cfg(feature = "clap")]
+    #[test]
+    fn command_line_names_match_the_value_enums() {
+        use clap::ValueEnum;
+        let name = |value: Option<clap::builder::PossibleValue>| {
+            value.map(|v| std::string::String::from(v.get_name())).unwrap_or_default()
+        };
+        for format in SampleFormat::ALL {
+            assert_eq!(name(format.to_possible_value()), format.name());
+        }
+        for code in 0..=5 {
+            let signal = SignalKind::from_code(code).expect("signal code");
+            assert_eq!(name(signal.to_possible_value()), signal.name());
+        }
+        for clock in [ClockMode::Paced, ClockMode::FreeRunning] {
+            assert_eq!(name(clock.to_possible_value()), clock.name());
+        }
     }
 
     #[test]

@@ -3,17 +3,26 @@
 
 use super::*;
 use vdaq_wire::buffer::{flags, status as buffer_status};
+use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
 use vdaq_wire::config::DaqConfig;
+use vdaq_wire::config::CONFIG_SIZE;
+use vdaq_wire::control::{self, CommandHeader, ResponseHeader};
 use vdaq_wire::control::{opcode, Configure, FlushReply, Status};
 use vdaq_wire::event::{kind, Event};
+use vdaq_wire::feature;
 use vdaq_wire::pattern::verify_counter;
+use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
 use vdaq_wire::{ClockMode, DeviceState, SampleFormat, SignalKind};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackendMut;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
 
 const QUEUE_SIZE: u16 = 16;
 const MEM_SIZE: usize = 0x40_0000;

@@ -1,5 +1,10 @@
 use super::*;
+use vdaq_wire::buffer::{flags, status as buffer_status, HEADER_SIZE};
+use vdaq_wire::control::{self, opcode, Configure, Status};
+use vdaq_wire::event::{kind, EVENT_BACKLOG};
 use vdaq_wire::pattern::verify_counter;
+use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
+use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
 /// A read buffer in plain memory; can be told to fail writes.
 #[derive(Debug)]

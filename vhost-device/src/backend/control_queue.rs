@@ -1,0 +1,120 @@
+//! The control queue: one request (header + payload, device-readable) and its reply
+//! (device-writable) per chain, framed and size-checked here, executed by the card.
+
+use std::io;
+
+use vdaq_wire::control::{self, CommandHeader, ResponseHeader};
+use vdaq_wire::queue;
+use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryMmap;
+
+use super::chain::{read_segments, validate_chain, write_segments};
+use super::{DaqBackend, MemorySnapshot};
+
+/// Largest control request (header + payload) the device reads; larger ones are BAD_SIZE.
+pub(super) const MAX_COMMAND_BYTES: usize = 4096;
+
+impl DaqBackend {
+    pub(super) fn process_control_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
+        let Some(control_vring) = vrings.get(usize::from(queue::CONTROL)) else {
+            return Ok(());
+        };
+        self.drain_available(control_vring, "control", |this, chain, mem| {
+            let head = chain.head_index();
+            let used_len = this.execute_command(chain, mem, vrings);
+            if let Err(err) = control_vring.add_used(head, used_len) {
+                this.errors
+                    .report("control", format_args!("add_used failed: {err}"));
+            }
+            this.signal(control_vring);
+        })
+    }
+
+    /// Runs one control request; returns the used length of its reply.
+    pub(super) fn execute_command(
+        &mut self,
+        chain: DescriptorChain<MemorySnapshot>,
+        mem: &GuestMemoryMmap<()>,
+        vrings: &[VringRwLock],
+    ) -> u32 {
+        let layout = match validate_chain(chain, mem) {
+            Ok(layout) => layout,
+            Err(err) => {
+                self.errors.report("control", err);
+                self.card.count_rejected();
+                return 0;
+            }
+        };
+        let reply_space = layout.writable_bytes();
+        if reply_space < size_of::<ResponseHeader>() {
+            self.errors
+                .report("control", "no room for the reply header");
+            self.card.count_rejected();
+            return 0;
+        }
+        let reply = |this: &mut Self, status: u32, payload: &[u8]| -> u32 {
+            let header = ResponseHeader {
+                status: status.into(),
+                reserved: 0.into(),
+            };
+            let mut bytes = header.as_bytes().to_vec();
+            bytes.extend_from_slice(payload);
+            match write_segments(mem, &layout.writable, 0, &bytes) {
+                Ok(()) => bytes.len() as u32,
+                Err(err) => {
+                    this.errors.report("control", err);
+                    0
+                }
+            }
+        };
+        let request_len = layout.readable_bytes();
+        if request_len < size_of::<CommandHeader>() || request_len > MAX_COMMAND_BYTES {
+            self.errors
+                .report("control", format_args!("request of {request_len} bytes"));
+            self.card.count_rejected();
+            return reply(self, control::status::BAD_SIZE, &[]);
+        }
+        let mut request = vec![0u8; request_len];
+        if read_segments(mem, &layout.readable, 0, &mut request).is_err() {
+            self.card.count_rejected();
+            return reply(self, control::status::BAD_SIZE, &[]);
+        }
+        let (header_bytes, payload) = request.split_at(size_of::<CommandHeader>());
+        let Ok(header) = CommandHeader::read_from_bytes(header_bytes) else {
+            return reply(self, control::status::BAD_SIZE, &[]);
+        };
+        let op = header.opcode.get();
+        if control::command_payload_size(op).is_some()
+            && reply_space < size_of::<ResponseHeader>() + control::reply_payload_size(op)
+        {
+            self.errors.report(
+                "control",
+                format_args!("reply area too small for opcode {op}"),
+            );
+            self.card.count_rejected();
+            return reply(self, control::status::BAD_SIZE, &[]);
+        }
+        let now = self.now_ns();
+        let result = self.card.execute(op, payload, now, &mut self.completions);
+        if result.status != control::status::OK {
+            self.errors.report(
+                "control",
+                format_args!("opcode {op} answered with status {}", result.status),
+            );
+            if matches!(
+                result.status,
+                control::status::UNSUPPORTED | control::status::BAD_SIZE
+            ) {
+                self.card.count_rejected();
+            }
+        }
+        // Data buffers completed by this command (STOP, FLUSH) reach the used ring before the
+        // reply does, so a driver that sees the reply finds them already returned.
+        if let Some(data) = vrings.get(usize::from(queue::DATA)) {
+            self.publish_completions(data, true);
+        }
+        reply(self, result.status, &result.payload)
+    }
+}

@@ -1,0 +1,356 @@
+//! vhost-user plumbing: turns vrings, kicks and timer ticks into calls on the [`Card`] model,
+//! and completions back into used-ring entries and interrupts.
+//!
+//! Everything read from guest memory is treated as hostile: descriptor chains are validated
+//! completely before the device writes a single byte, malformed requests get the answer the
+//! specification defines (a status code, or used length 0), and nothing here panics on guest
+//! input.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `chain.rs` | descriptor-chain validation and segment I/O, the guest read buffer |
+//! | `data_queue.rs` | read buffers in, completions out |
+//! | `control_queue.rs` | control-request framing and execution |
+//! | `event_queue.rs` | event buffers and event delivery |
+//! | `notify.rs` | used-buffer notifications and NEEDS_RESET notification |
+//! | `recorder.rs` | recording delivered buffers |
+//! | `guest_errors.rs` | rate-limited reporting of guest errors |
+//! | `vhost_user.rs` | the `VhostUserBackendMut` implementation |
+
+mod chain;
+mod control_queue;
+mod data_queue;
+mod event_queue;
+mod guest_errors;
+mod notify;
+mod recorder;
+mod vhost_user;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use log::warn;
+use thiserror::Error;
+use vdaq_wire::event::fault;
+use vdaq_wire::queue;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::model::{Card, Completion, Limits, Settings, SettingsError};
+
+pub use chain::{ChainError, GuestBuffer};
+use event_queue::EventSlot;
+use guest_errors::GuestErrorLog;
+use recorder::Recorder;
+use vhost_user::to_io;
+
+/// Guest memory as the backend sees it.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type MemorySnapshot = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+
+/// Epoll token of the sample-clock timer. Tokens up to `queue::COUNT` belong to the queues and
+/// the library's exit event.
+pub const TIMER_EVENT: u16 = queue::COUNT + 1;
+
+/// Errors of this module that end the backend's setup (never caused by the guest).
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// The device model refused the power-on settings.
+    #[error("invalid device settings: {0}")]
+    Settings(#[from] crate::model::SettingsError),
+    /// A timer or event fd could not be created.
+    #[error("cannot create {what}: {source}")]
+    Fd {
+        /// Which fd.
+        what: &'static str,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+/// Options of one device instance that are not acquisition settings.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Power-on acquisition settings.
+    pub settings: Settings,
+    /// Card limits (FIFO depth, rate range, channels).
+    pub limits: Limits,
+    /// Largest virtqueue size offered.
+    pub queue_size: u16,
+    /// Period of the device's sample-clock tick.
+    pub tick: Duration,
+    /// Scripted firmware behaviour, if any.
+    pub scenario: Option<std::sync::Arc<crate::model::scenario::Scenario>>,
+    /// Virtual sample time (see `Card::set_deterministic`).
+    pub deterministic: bool,
+    /// Samples for the `file` signal.
+    pub source: Option<std::sync::Arc<crate::model::source::FileSource>>,
+    /// Where to record every delivered buffer.
+    pub record: Option<std::path::PathBuf>,
+}
+
+/// The vhost-user backend of one vdaq device.
+pub struct DaqBackend {
+    card: Card<GuestBuffer>,
+    options: DeviceOptions,
+    mem: Option<GuestMemoryHandle>,
+    event_idx: bool,
+    acked_features: u64,
+    epoch: Instant,
+    timer: TimerFd,
+    timer_armed: bool,
+    exit_consumer: EventConsumer,
+    exit_notifier: EventNotifier,
+    frontend: Option<Backend>,
+    vrings: Vec<VringRwLock>,
+    event_slots: VecDeque<EventSlot>,
+    completions: Vec<Completion<GuestBuffer>>,
+    errors: GuestErrorLog,
+    /// Bit n set: queue n was stopped (GET_VRING_BASE) since the last reset.
+    stopped_queues: u8,
+    /// Appends every delivered buffer to a recording, if asked to.
+    recorder: Option<Recorder>,
+    /// Completed buffers held back by a scripted delay, oldest first.
+    delayed: Vec<Completion<GuestBuffer>>,
+    /// Descriptor heads of read buffers the device holds (a head made available again while
+    /// held means the ring is corrupt, and holding it twice would grow without bound).
+    held_reads: std::collections::HashSet<u16>,
+    /// The driver was told about NEEDS_RESET (config-change notification sent).
+    needs_reset_notified: bool,
+    /// Closes this connection (a scenario's `disconnect`).
+    connection: Option<vhost_user_backend::ShutdownHandle>,
+}
+
+impl std::fmt::Debug for DaqBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaqBackend")
+            .field("card", &self.card)
+            .field("event_idx", &self.event_idx)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DaqBackend {
+    /// A backend for one device with the given options.
+    pub fn new(options: DeviceOptions) -> Result<Self, BackendError> {
+        let mut card = Card::new(options.settings, options.limits)?;
+        if let Some(scenario) = &options.scenario {
+            card.set_scenario(scenario.as_ref().clone());
+        }
+        card.set_deterministic(options.deterministic);
+        if let Some(source) = &options.source {
+            card.set_source(source.clone());
+        }
+        let recorder = match &options.record {
+            None => None,
+            Some(path) => Some(Recorder::open(path).map_err(|source| BackendError::Fd {
+                what: "recording file",
+                source,
+            })?),
+        };
+        let timer = TimerFd::new().map_err(|source| BackendError::Fd {
+            what: "sample-clock timer",
+            source: io::Error::from_raw_os_error(source.errno()),
+        })?;
+        set_nonblocking(&timer).map_err(|source| BackendError::Fd {
+            what: "sample-clock timer",
+            source,
+        })?;
+        let (exit_consumer, exit_notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .map_err(|source| BackendError::Fd {
+            what: "exit event",
+            source,
+        })?;
+        Ok(DaqBackend {
+            card,
+            options,
+            mem: None,
+            event_idx: false,
+            acked_features: 0,
+            epoch: Instant::now(),
+            timer,
+            timer_armed: false,
+            exit_consumer,
+            exit_notifier,
+            frontend: None,
+            vrings: Vec::new(),
+            event_slots: VecDeque::new(),
+            completions: Vec::new(),
+            errors: GuestErrorLog::default(),
+            stopped_queues: 0,
+            held_reads: std::collections::HashSet::new(),
+            recorder,
+            delayed: Vec::new(),
+            needs_reset_notified: false,
+            connection: None,
+        })
+    }
+
+    /// Applies a scripted action now (control socket).
+    pub fn inject(&mut self, action: crate::model::scenario::Action) {
+        let now = self.now_ns();
+        self.card.apply(action, now);
+        // Take effect now (events, NEEDS_RESET, disconnect), not at the guest's next kick.
+        if !self.vrings.is_empty() {
+            let vrings = self.vrings.clone();
+            self.pump(&vrings);
+        }
+    }
+
+    /// Changes delivery parameters that leave the samples alone (control socket).
+    pub fn adjust(
+        &mut self,
+        latency_us: Option<u32>,
+        coalesce_buffers: Option<u16>,
+        watermark_frames: Option<u32>,
+    ) -> Result<(), SettingsError> {
+        self.card
+            .adjust(latency_us, coalesce_buffers, watermark_frames)
+    }
+
+    /// Takes the next pending device event (tests).
+    #[cfg(test)]
+    pub fn pop_event_for_tests(&mut self) -> Option<vdaq_wire::event::Event> {
+        self.card.pop_event()
+    }
+
+    /// Lets the backend close its own connection (scenario `disconnect`).
+    pub fn set_connection(&mut self, handle: vhost_user_backend::ShutdownHandle) {
+        self.connection = Some(handle);
+    }
+
+    /// The sample-clock timer's fd, to register with the daemon's epoll loop as
+    /// [`TIMER_EVENT`].
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The device model (for tests and statistics).
+    pub fn card(&self) -> &Card<GuestBuffer> {
+        &self.card
+    }
+
+    /// Device clock: ns since this backend was created.
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn memory(&self) -> Option<GuestMemoryHandle> {
+        self.mem.clone()
+    }
+
+    /// Pops every available chain of `vring`, handing each to `take`. Follows the EVENT_IDX
+    /// protocol: notifications are off while draining and the ring is re-checked after
+    /// turning them back on, so a buffer made available in between is not missed.
+    fn drain_available(
+        &mut self,
+        vring: &VringRwLock,
+        queue_name: &'static str,
+        mut take: impl FnMut(&mut Self, DescriptorChain<MemorySnapshot>, &GuestMemoryMmap<()>),
+    ) -> io::Result<()> {
+        let Some(mem_handle) = self.memory() else {
+            return Ok(());
+        };
+        loop {
+            if self.event_idx {
+                vring.disable_notification().map_err(to_io)?;
+            }
+            let mem = mem_handle.memory();
+            let chains = {
+                let mut state = vring.get_mut();
+                state
+                    .get_queue_mut()
+                    .iter(mem_handle.memory())
+                    .map(|iter| iter.collect::<Vec<_>>())
+            };
+            let chains = match chains {
+                Ok(chains) => chains,
+                // A kick racing the frontend stopping the ring: nothing to do.
+                Err(virtio_queue::Error::QueueNotReady) => return Ok(()),
+                Err(err) => {
+                    // The avail index is nonsense: the ring cannot be trusted any more.
+                    self.errors
+                        .report(queue_name, format_args!("corrupt ring: {err}"));
+                    self.needs_reset(fault::QUEUE_CORRUPT);
+                    return Ok(());
+                }
+            };
+            for chain in chains {
+                take(self, chain, &mem);
+            }
+            if !self.event_idx || !vring.enable_notification().map_err(to_io)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// After any event: advance the card, publish what completed, deliver events, keep the
+    /// timer running exactly while the card has time-driven work.
+    fn pump(&mut self, vrings: &[VringRwLock]) {
+        let now = self.now_ns();
+        self.card.advance(now, &mut self.completions);
+        if let Some(data) = vrings.get(usize::from(queue::DATA)) {
+            self.publish_completions(data, false);
+        }
+        if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
+            self.deliver_events(events);
+        }
+        if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
+            self.notify_needs_reset();
+        }
+        if self.card.take_disconnect_request() {
+            match &self.connection {
+                Some(handle) => {
+                    warn!("scenario: closing the vhost-user connection");
+                    handle.shutdown();
+                }
+                None => warn!("scenario: disconnect requested but no connection handle"),
+            }
+        }
+        self.update_timer();
+    }
+
+    fn update_timer(&mut self) {
+        let wanted = self.card.wants_ticks() || !self.delayed.is_empty();
+        if wanted == self.timer_armed {
+            return;
+        }
+        let result = if wanted {
+            self.timer.reset(self.options.tick, Some(self.options.tick))
+        } else {
+            self.timer.clear()
+        };
+        match result {
+            Ok(()) => self.timer_armed = wanted,
+            Err(err) => warn!(
+                "cannot {} the sample-clock timer: {err}",
+                if wanted { "arm" } else { "disarm" }
+            ),
+        }
+    }
+}
+
+fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFL on an fd we own reads flags and touches no memory.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on an fd we own only changes its status flags.
+    if unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,75 @@
+//! Telling the driver: used-buffer notifications as the driver's suppression allows, and the
+//! one configuration-change notification for NEEDS_RESET.
+
+use log::{debug, info, warn};
+use vhost::vhost_user::VhostUserFrontendReqHandler;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+use super::DaqBackend;
+
+impl DaqBackend {
+    /// Notifies the driver if its notification suppression allows it.
+    pub(super) fn signal(&mut self, vring: &VringRwLock) {
+        if !self.event_idx && self.driver_suppresses_interrupts(vring) {
+            return;
+        }
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(err) = vring.signal_used_queue() {
+                    debug!("signal_used_queue failed: {err}");
+                }
+            }
+            Ok(false) => {}
+            Err(err) => self
+                .errors
+                .report("used", format_args!("cannot read used_event: {err}")),
+        }
+    }
+
+    /// Without EVENT_IDX the driver suppresses interrupts with VIRTQ_AVAIL_F_NO_INTERRUPT,
+    /// which virtio-queue 0.18 does not honour by itself.
+    pub(super) fn driver_suppresses_interrupts(&self, vring: &VringRwLock) -> bool {
+        const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        let Some(mem) = self.memory() else {
+            return false;
+        };
+        let avail = GuestAddress(vring.get_ref().get_queue().avail_ring());
+        mem.memory()
+            .read_obj::<u16>(avail)
+            .is_ok_and(|flags| u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT != 0)
+    }
+
+    pub(super) fn needs_reset(&mut self, fault_code: u32) {
+        let now = self.now_ns();
+        self.card.enter_needs_reset(fault_code, now);
+        self.notify_needs_reset();
+    }
+
+    /// Tells the driver, once, that the device entered NEEDS_RESET.
+    pub(super) fn notify_needs_reset(&mut self) {
+        if self.needs_reset_notified {
+            return;
+        }
+        self.needs_reset_notified = true;
+        if let Some(frontend) = self.frontend.clone() {
+            // The virtio status byte belongs to the frontend; a config-change notification
+            // makes the driver read `state` and see NEEDS_RESET (see the spec). Sent from its
+            // own thread: with REPLY_ACK the send waits for the frontend, which may itself be
+            // waiting for a GET_CONFIG that needs this backend's lock.
+            let sent = std::thread::Builder::new()
+                .name("vdaq config-change".into())
+                .spawn(move || {
+                    // QEMU's generic vhost-user device (11.1) answers ENOSYS: it does not
+                    // forward the notification; the NEEDS_RESET event still reaches the driver.
+                    if let Err(err) = frontend.handle_config_change() {
+                        info!("config-change notification not delivered: {err}");
+                    }
+                });
+            if let Err(err) = sent {
+                warn!("cannot send config-change notification: {err}");
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Control commands (START, STOP, CONFIGURE, FLUSH, TRIGGER, SET_TRIGGER, GET_STATUS,
+//! RESET_COUNTERS), the STATUS reply and the configuration space.
+
+use log::debug;
+use vdaq_wire::buffer::flags;
+use vdaq_wire::config::{DaqConfig, MODEL_LEN};
+use vdaq_wire::control::{self, opcode, Configure, FlushReply, Status};
+use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
+use vdaq_wire::{ClockMode, DeviceState, SampleFormat};
+
+use super::completer::Posted;
+use super::settings::{Settings, SettingsError};
+use super::{Card, Completion, Counters, ReadBuffer};
+
+/// Outcome of a control command: status code and reply payload.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CommandReply {
+    /// [`control::status`] code.
+    pub status: u32,
+    /// Reply payload (empty unless the opcode has one and status is OK).
+    pub payload: Vec<u8>,
+}
+
+impl CommandReply {
+    pub(super) fn status(status: u32) -> Self {
+        CommandReply {
+            status,
+            payload: Vec::new(),
+        }
+    }
+}
+
+impl<B: ReadBuffer> Card<B> {
+    /// Starts the sample clock.
+    pub fn start(&mut self, now_ns: u64) -> u32 {
+        match self.live.state {
+            DeviceState::NeedsReset => control::status::BUSY,
+            DeviceState::Running => control::status::OK,
+            DeviceState::Stopped => {
+                self.live.state = DeviceState::Running;
+                if self.kept.deterministic {
+                    // Virtual time: frame n is sampled at n × 10⁹ / rate, scenario time zero
+                    // is frame 0.
+                    self.live.clock.stream_started_ns = Some(0);
+                    self.live.clock.origin_ns = self.virtual_time_ns(self.live.clock.next_frame);
+                } else {
+                    self.live.clock.stream_started_ns.get_or_insert(now_ns);
+                    self.live.clock.origin_ns = now_ns;
+                }
+                self.live.clock.origin_frame = self.live.clock.next_frame;
+                control::status::OK
+            }
+        }
+    }
+
+    /// Stops the sample clock: frames due up to now are sampled, moved into buffers, and the
+    /// partly filled buffer completes with STOPPED.
+    pub fn stop(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) -> u32 {
+        match self.live.state {
+            DeviceState::NeedsReset => control::status::BUSY,
+            DeviceState::Stopped => control::status::OK,
+            DeviceState::Running => {
+                if self.live.settings.clock == ClockMode::Paced && !self.kept.deterministic {
+                    let due = self.due_frame(now_ns);
+                    self.produce_until(due, now_ns, out);
+                }
+                self.end_overrun(now_ns);
+                self.live.state = DeviceState::Stopped;
+                self.drain(now_ns, true, out);
+                if self
+                    .live
+                    .buffers
+                    .posted
+                    .front()
+                    .is_some_and(|p| p.filled > 0)
+                {
+                    self.complete_front(flags::STOPPED, now_ns, out);
+                }
+                control::status::OK
+            }
+        }
+    }
+
+    /// Applies new settings (only while stopped). Held buffers are re-sized to the new frame
+    /// size; one too small for a single frame is returned with BAD_BUFFER.
+    pub fn configure(
+        &mut self,
+        settings: Settings,
+        now_ns: u64,
+        out: &mut Vec<Completion<B>>,
+    ) -> u32 {
+        if self.live.state != DeviceState::Stopped {
+            return control::status::BUSY;
+        }
+        if let Err(err) = settings.validate(&self.kept.limits) {
+            debug!("CONFIGURE refused: {err}");
+            return control::status::INVALID;
+        }
+        if !self.source_fits(&settings) {
+            debug!("CONFIGURE refused: the file signal needs a source with as many channels");
+            return control::status::INVALID;
+        }
+        if self.frames_pending() > 0 && settings != self.live.settings {
+            // Frames sampled under the old settings are still on their way; refusing keeps
+            // every buffer's header true to its payload.
+            debug!("CONFIGURE refused: frames sampled under the old settings are pending");
+            return control::status::BUSY;
+        }
+        let old = self.live.settings;
+        let samples_change = (
+            old.rate_hz,
+            old.channels,
+            old.format,
+            old.signal,
+            old.signal_freq_mhz,
+            old.amplitude_permille,
+            old.seed,
+            old.clock,
+        ) != (
+            settings.rate_hz,
+            settings.channels,
+            settings.format,
+            settings.signal,
+            settings.signal_freq_mhz,
+            settings.amplitude_permille,
+            settings.seed,
+            settings.clock,
+        );
+        if samples_change {
+            self.live.buffers.discontinuity = true;
+        }
+        self.live.settings = settings;
+        self.live.signal_segments.clear();
+        if self
+            .live
+            .trigger
+            .armed
+            .is_some_and(|t| t.channel >= settings.channels)
+        {
+            self.live.trigger.armed = None;
+        }
+        // No buffer is partly filled here (frames_pending is 0), so capacities can be redone.
+        let frame_bytes = self.frame_bytes() as u64;
+        for posted in std::mem::take(&mut self.live.buffers.posted) {
+            let capacity_frames = posted.buffer.payload_capacity() as u64 / frame_bytes;
+            if capacity_frames == 0 {
+                self.reject_buffer(posted.buffer, now_ns, out);
+            } else {
+                self.live.buffers.posted.push_back(Posted {
+                    capacity_frames: capacity_frames.min(u64::from(u32::MAX)),
+                    ..posted
+                });
+            }
+        }
+        control::status::OK
+    }
+
+    /// Changes delivery parameters that leave the samples alone, at any time.
+    pub fn adjust(
+        &mut self,
+        latency_us: Option<u32>,
+        coalesce_buffers: Option<u16>,
+        watermark_frames: Option<u32>,
+    ) -> Result<(), SettingsError> {
+        let adjusted = Settings {
+            latency_us: latency_us.unwrap_or(self.live.settings.latency_us),
+            coalesce_buffers: coalesce_buffers.unwrap_or(self.live.settings.coalesce_buffers),
+            watermark_frames: watermark_frames.unwrap_or(self.live.settings.watermark_frames),
+            ..self.live.settings
+        };
+        adjusted.validate(&self.kept.limits)?;
+        self.live.settings = adjusted;
+        Ok(())
+    }
+
+    /// Returns every held buffer now: FIFO contents go into them first, the rest complete
+    /// empty, all flagged FLUSHED. Returns how many buffers were returned.
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) -> u32 {
+        if self.live.state == DeviceState::Running
+            && self.live.settings.clock == ClockMode::Paced
+            && !self.kept.deterministic
+        {
+            let due = self.due_frame(now_ns);
+            self.produce_until(due, now_ns, out);
+        }
+        let before = out.len();
+        self.drain(now_ns, true, out);
+        while !self.live.buffers.posted.is_empty() {
+            self.complete_front(flags::FLUSHED, now_ns, out);
+        }
+        (out.len() - before) as u32
+    }
+
+    /// Zeroes the counters (the stream position is kept).
+    pub fn reset_counters(&mut self) {
+        // Frames already sampled but not yet completed belong to the new window, so that
+        // produced = delivered + dropped + pending keeps holding.
+        self.live.counters = Counters {
+            frames_produced: self.frames_pending(),
+            ..Counters::default()
+        };
+    }
+
+    /// STATUS reply.
+    pub fn status(&self, now_ns: u64) -> Status {
+        Status {
+            device_time_ns: now_ns.into(),
+            frames_produced: self.live.counters.frames_produced.into(),
+            frames_delivered: self.live.counters.frames_delivered.into(),
+            frames_dropped: self.live.counters.frames_dropped.into(),
+            buffers_completed: self.live.counters.buffers_completed.into(),
+            buffers_held: (self.live.buffers.posted.len() as u64).into(),
+            frames_pending: self.frames_pending().into(),
+            requests_rejected: self.live.counters.requests_rejected.into(),
+            state: self.live.state as u8,
+            reserved: [0; 7],
+        }
+    }
+
+    /// The configuration space as the driver sees it now.
+    pub fn config_space(&self) -> DaqConfig {
+        let mut model = [0u8; MODEL_LEN];
+        let name = vdaq_wire::MODEL_NAME;
+        model[..name.len()].copy_from_slice(name);
+        let s = &self.live.settings;
+        DaqConfig {
+            max_channels: self.kept.limits.max_channels.into(),
+            channels: s.channels.into(),
+            supported_formats: SampleFormat::ALL
+                .iter()
+                .fold(0, |mask, f| mask | f.mask())
+                .into(),
+            min_rate_hz: self.kept.limits.min_rate_hz.into(),
+            max_rate_hz: self.kept.limits.max_rate_hz.into(),
+            rate_hz: s.rate_hz.into(),
+            fifo_frames: self.kept.limits.fifo_frames.into(),
+            watermark_frames: s.watermark_frames.into(),
+            latency_us: s.latency_us.into(),
+            signal_freq_mhz: s.signal_freq_mhz.into(),
+            coalesce_buffers: s.coalesce_buffers.into(),
+            amplitude_permille: s.amplitude_permille.into(),
+            format: s.format as u8,
+            signal: s.signal as u8,
+            clock: s.clock as u8,
+            state: self.live.state as u8,
+            fault_code: self.live.fault_code.into(),
+            seed: s.seed.into(),
+            frames_produced: self.live.counters.frames_produced.into(),
+            frames_delivered: self.live.counters.frames_delivered.into(),
+            frames_dropped: self.live.counters.frames_dropped.into(),
+            buffers_completed: self.live.counters.buffers_completed.into(),
+            requests_rejected: self.live.counters.requests_rejected.into(),
+            firmware_version: vdaq_wire::FIRMWARE_VERSION.into(),
+            events_lost: self.live.counters.events_lost.into(),
+            model,
+        }
+    }
+
+    /// Executes one control command whose header and payload were read from the guest.
+    /// `payload` is exactly what followed the header; its size is checked here.
+    pub fn execute(
+        &mut self,
+        op: u32,
+        payload: &[u8],
+        now_ns: u64,
+        out: &mut Vec<Completion<B>>,
+    ) -> CommandReply {
+        let Some(expected) = control::command_payload_size(op) else {
+            return CommandReply::status(control::status::UNSUPPORTED);
+        };
+        if payload.len() != expected {
+            return CommandReply::status(control::status::BAD_SIZE);
+        }
+        if self.live.state == DeviceState::NeedsReset && op != opcode::GET_STATUS {
+            return CommandReply::status(control::status::BUSY);
+        }
+        match op {
+            opcode::START => CommandReply::status(self.start(now_ns)),
+            opcode::STOP => CommandReply::status(self.stop(now_ns, out)),
+            opcode::CONFIGURE => {
+                let Ok(cfg) = Configure::read_from_bytes(payload) else {
+                    return CommandReply::status(control::status::BAD_SIZE);
+                };
+                match Settings::from_wire(&cfg) {
+                    Ok(settings) => CommandReply::status(self.configure(settings, now_ns, out)),
+                    Err(err) => {
+                        debug!("CONFIGURE refused: {err}");
+                        CommandReply::status(control::status::INVALID)
+                    }
+                }
+            }
+            opcode::TRIGGER if !self.kept.trigger_enabled => {
+                CommandReply::status(control::status::UNSUPPORTED)
+            }
+            opcode::TRIGGER => CommandReply::status(self.trigger()),
+            opcode::SET_TRIGGER if !self.kept.trigger_enabled => {
+                CommandReply::status(control::status::UNSUPPORTED)
+            }
+            opcode::SET_TRIGGER => {
+                match vdaq_wire::control::TriggerConfig::read_from_bytes(payload) {
+                    Ok(config) => CommandReply::status(self.set_trigger(&config)),
+                    Err(_) => CommandReply::status(control::status::BAD_SIZE),
+                }
+            }
+            opcode::FLUSH => {
+                let returned = self.flush(now_ns, out);
+                CommandReply {
+                    status: control::status::OK,
+                    payload: FlushReply {
+                        buffers_returned: returned.into(),
+                        reserved: 0.into(),
+                    }
+                    .as_bytes()
+                    .to_vec(),
+                }
+            }
+            opcode::GET_STATUS => CommandReply {
+                status: control::status::OK,
+                payload: self.status(now_ns).as_bytes().to_vec(),
+            },
+            opcode::RESET_COUNTERS => {
+                self.reset_counters();
+                CommandReply::status(control::status::OK)
+            }
+            _ => CommandReply::status(control::status::UNSUPPORTED),
+        }
+    }
+}

@@ -276,7 +276,9 @@ mod tests {
     fn command_line_names_match_the_value_enums() {
         use clap::ValueEnum;
         let name = |value: Option<clap::builder::PossibleValue>| {
-            value.map(|v| std::string::String::from(v.get_name())).unwrap_or_default()
+            value
+                .map(|v| std::string::String::from(v.get_name()))
+                .unwrap_or_default()
         };
         for format in SampleFormat::ALL {
             assert_eq!(name(format.to_possible_value()), format.name());

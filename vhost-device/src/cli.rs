@@ -6,13 +6,58 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{error::ErrorKind, Parser, ValueEnum};
+use clap::{error::ErrorKind, Parser};
+use thiserror::Error;
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
 use crate::backend::DeviceOptions;
-use crate::model::scenario::Scenario;
-use crate::model::source::FileSource;
+use crate::control::RequestError;
+use crate::model::scenario::{Scenario, ScenarioError};
+use crate::model::source::{FileSource, SourceError};
 use crate::model::{Limits, Settings};
+
+/// Why the command line cannot be served. Each message is one line that names the fix; `main`
+/// prints it and exits 2.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// The options are misused.
+    #[error("{0}")]
+    Usage(String),
+    /// `ctl` words that make no request.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The scenario file cannot be read.
+    #[error("cannot read --scenario {}: {source}", path.display())]
+    ScenarioRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The scenario file is invalid.
+    #[error("--scenario {}: {source}; fix the file", path.display())]
+    Scenario {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        source: ScenarioError,
+    },
+    /// The source file cannot be replayed.
+    #[error("--source: {0}")]
+    Source(#[from] SourceError),
+    /// The source file has another channel count than the device.
+    #[error("--source {} has {found} channels; pass --channels {found}", path.display())]
+    SourceChannels {
+        /// The file.
+        path: PathBuf,
+        /// Its channel count.
+        found: u16,
+    },
+}
+
+fn usage(message: impl Into<String>) -> CliError {
+    CliError::Usage(message.into())
+}
 
 /// Where the daemon takes vhost-user connections from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,11 +81,57 @@ pub struct DaemonConfig {
     pub device: DeviceOptions,
 }
 
+/// A daemon configuration from the command line whose files (scenario, source) are named but
+/// not read yet: parsing stays free of I/O, [`ServeOptions::load_files`] does the reading.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The configuration, without scenario and source.
+    pub config: DaemonConfig,
+    /// `--scenario`.
+    pub scenario: Option<PathBuf>,
+    /// `--source`.
+    pub source: Option<PathBuf>,
+}
+
+impl ServeOptions {
+    /// Reads and checks the scenario and source files; returns the complete configuration.
+    pub fn load_files(self) -> Result<DaemonConfig, CliError> {
+        let mut config = self.config;
+        if let Some(path) = self.scenario {
+            let text = std::fs::read_to_string(&path).map_err(|source| CliError::ScenarioRead {
+                path: path.clone(),
+                source,
+            })?;
+            let scenario =
+                Scenario::parse(&text).map_err(|source| CliError::Scenario { path, source })?;
+            config.device.scenario = Some(std::sync::Arc::new(scenario));
+        }
+        let settings = config.device.settings;
+        match self.source {
+            None if settings.signal == SignalKind::File => {
+                return Err(usage("--signal file needs --source FILE"));
+            }
+            None => {}
+            Some(path) => {
+                let source = FileSource::load(&path, settings.format, settings.channels)?;
+                if source.channels != settings.channels {
+                    return Err(CliError::SourceChannels {
+                        path,
+                        found: source.channels,
+                    });
+                }
+                config.device.source = Some(std::sync::Arc::new(source));
+            }
+        }
+        Ok(config)
+    }
+}
+
 /// What `main` should do.
 #[derive(Debug)]
 pub enum Action {
-    /// Run the daemon.
-    Serve(DaemonConfig),
+    /// Read the named files, then run the daemon.
+    Serve(ServeOptions),
     /// Exit now with this code (help, version, capabilities were printed).
     Exit(ExitCode),
     /// Send one request to a running backend's control socket.
@@ -66,31 +157,9 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum FormatArg {
-    S16,
-    S32,
-    F32,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum SignalArg {
-    Counter,
-    Sine,
-    Square,
-    Sawtooth,
-    Noise,
-    /// Replay --source.
-    File,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ClockArg {
-    /// Sample in real time at --rate; a full FIFO overruns.
-    Paced,
-    /// Fill buffers as fast as the driver posts them (throughput mode).
-    Free,
-}
+/// The card's power-on settings and limits: the defaults of the options below.
+const POWER_ON: Settings = Settings::POWER_ON;
+const CARD_LIMITS: Limits = Limits::STANDARD;
 
 /// vhost-user backend for vdaq, a virtual data-acquisition card.
 #[derive(Parser, Debug)]
@@ -128,55 +197,55 @@ struct Args {
     print_capabilities: bool,
 
     /// Paced sample rate in Hz.
-    #[arg(short = 'r', long, default_value_t = 100_000)]
+    #[arg(short = 'r', long, default_value_t = POWER_ON.rate_hz)]
     rate: u32,
 
     /// Channels per frame.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = POWER_ON.channels)]
     channels: u16,
 
     /// Sample format.
-    #[arg(long, value_enum, default_value_t = FormatArg::S16)]
-    format: FormatArg,
+    #[arg(long, value_enum, default_value_t = POWER_ON.format)]
+    format: SampleFormat,
 
     /// Signal source.
-    #[arg(long, value_enum, default_value_t = SignalArg::Counter)]
-    signal: SignalArg,
+    #[arg(long, value_enum, default_value_t = POWER_ON.signal)]
+    signal: SignalKind,
 
     /// Frequency of periodic signals, in Hz.
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, default_value_t = f64::from(POWER_ON.signal_freq_mhz) / 1000.0)]
     signal_freq: f64,
 
     /// Signal amplitude in per mille of full scale (0..=1000).
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = POWER_ON.amplitude_permille)]
     amplitude: u16,
 
     /// Seed of the noise source.
-    #[arg(long, default_value_t = 0x5eed)]
+    #[arg(long, default_value_t = POWER_ON.seed)]
     seed: u64,
 
     /// Sample clock mode.
-    #[arg(long, value_enum, default_value_t = ClockArg::Paced)]
-    clock: ClockArg,
+    #[arg(long, value_enum, default_value_t = POWER_ON.clock)]
+    clock: ClockMode,
 
     /// Latency bound in µs: longest a sampled frame waits before its buffer completes.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = POWER_ON.latency_us)]
     latency_us: u32,
 
     /// FIFO depth in frames.
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = CARD_LIMITS.fifo_frames)]
     fifo_frames: u32,
 
     /// FIFO watermark in frames (data moves into buffers at this level).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = POWER_ON.watermark_frames)]
     watermark: u32,
 
     /// Completed buffers per interrupt (1 = no coalescing).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = POWER_ON.coalesce_buffers)]
     coalesce: u16,
 
     /// Most channels a frame may carry (at most 1024).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, default_value_t = CARD_LIMITS.max_channels, value_parser = clap::value_parser!(u16).range(1..=1024))]
     max_channels: u16,
 
     /// Largest virtqueue size offered to the driver (power of two).
@@ -207,8 +276,9 @@ struct Args {
     tick_us: u32,
 }
 
-/// Parses the command line. `Err` is a one-line message for exit code 2.
-pub fn parse<I, T>(args: I) -> Result<Action, String>
+/// Parses the command line (no file is read here). `Err` is a one-line message for exit
+/// code 2.
+pub fn parse<I, T>(args: I) -> Result<Action, CliError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -222,7 +292,7 @@ where
                     let _ = err.print();
                     Ok(Action::Exit(ExitCode::SUCCESS))
                 }
-                _ => Err(one_line(&err)),
+                _ => Err(usage(one_line(&err))),
             };
         }
     };
@@ -237,58 +307,48 @@ where
     let endpoint = match (&args.socket_path, args.fd) {
         (None, None) if args.connect.is_some() => {
             if args.socket_count != 1 {
-                return Err("--connect serves one device; drop --socket-count".into());
+                return Err(usage("--connect serves one device; drop --socket-count"));
             }
             Endpoint::Connect(args.connect.clone().unwrap_or_default())
         }
         (Some(path), None) => Endpoint::Paths(socket_paths(path, args.socket_count)),
         (None, Some(fd)) if fd >= 0 => {
             if args.socket_count != 1 {
-                return Err("--fd serves one device; drop --socket-count".into());
+                return Err(usage("--fd serves one device; drop --socket-count"));
             }
             Endpoint::Fd(fd)
         }
         (None, Some(fd)) => {
-            return Err(format!(
+            return Err(usage(format!(
                 "--fd {fd} is not a file descriptor; pass the inherited socket's number"
+            )))
+        }
+        _ => {
+            return Err(usage(
+                "missing --socket-path; pass --socket-path PATH (or --fd FDNUM)",
             ))
         }
-        _ => return Err("missing --socket-path; pass --socket-path PATH (or --fd FDNUM)".into()),
     };
     if !args.queue_size.is_power_of_two() {
-        return Err(format!(
+        return Err(usage(format!(
             "--queue-size {} is not a power of two; use e.g. 256 or 1024",
             args.queue_size
-        ));
+        )));
     }
     let settings = Settings {
         rate_hz: args.rate,
         channels: args.channels,
-        format: match args.format {
-            FormatArg::S16 => SampleFormat::S16,
-            FormatArg::S32 => SampleFormat::S32,
-            FormatArg::F32 => SampleFormat::F32,
-        },
-        signal: match args.signal {
-            SignalArg::Counter => SignalKind::Counter,
-            SignalArg::Sine => SignalKind::Sine,
-            SignalArg::Square => SignalKind::Square,
-            SignalArg::Sawtooth => SignalKind::Sawtooth,
-            SignalArg::Noise => SignalKind::Noise,
-            SignalArg::File => SignalKind::File,
-        },
+        format: args.format,
+        signal: args.signal,
         signal_freq_mhz: hz_to_mhz(args.signal_freq).ok_or_else(|| {
-            format!(
+            usage(format!(
                 "--signal-freq {} is out of range; use 0 to 4294967 Hz",
                 args.signal_freq
-            )
+            ))
         })?,
         amplitude_permille: args.amplitude,
         seed: args.seed,
-        clock: match args.clock {
-            ClockArg::Paced => ClockMode::Paced,
-            ClockArg::Free => ClockMode::FreeRunning,
-        },
+        clock: args.clock,
         latency_us: args.latency_us,
         watermark_frames: args.watermark,
         coalesce_buffers: args.coalesce,
@@ -299,67 +359,43 @@ where
         ..Limits::default()
     };
     if args.fifo_frames == 0 {
-        return Err("--fifo-frames must be at least 1".into());
+        return Err(usage("--fifo-frames must be at least 1"));
     }
     settings
         .validate(&limits)
-        .map_err(|err| format!("{err}; fix the matching option (see --help)"))?;
+        .map_err(|err| usage(format!("{err}; fix the matching option (see --help)")))?;
     if args.deterministic && settings.clock != ClockMode::Paced {
-        return Err("--deterministic needs the paced clock; drop --clock free".into());
+        return Err(usage(
+            "--deterministic needs the paced clock; drop --clock free",
+        ));
     }
     if args.record.is_some() && args.socket_count != 1 {
-        return Err(
-            "--record records one device; drop --socket-count (or run one backend per device)"
-                .into(),
-        );
+        return Err(usage(
+            "--record records one device; drop --socket-count (or run one backend per device)",
+        ));
     }
-    let scenario = match &args.scenario {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|err| format!("cannot read --scenario {}: {err}", path.display()))?;
-            let scenario = Scenario::parse(&text)
-                .map_err(|err| format!("--scenario {}: {err}; fix the file", path.display()))?;
-            Some(std::sync::Arc::new(scenario))
-        }
-    };
-    let source = match (&args.source, settings.signal) {
-        (None, SignalKind::File) => {
-            return Err("--signal file needs --source FILE".into());
-        }
-        (None, _) => None,
-        (Some(path), _) => {
-            let source = FileSource::load(path, settings.format, settings.channels)
-                .map_err(|err| format!("--source: {err}"))?;
-            if source.channels != settings.channels {
-                return Err(format!(
-                    "--source {} has {} channels; pass --channels {}",
-                    path.display(),
-                    source.channels,
-                    source.channels
-                ));
-            }
-            Some(std::sync::Arc::new(source))
-        }
-    };
     let control_sockets = match (&args.control_socket, &endpoint) {
         (None, _) => Vec::new(),
         (Some(path), Endpoint::Paths(paths)) => socket_paths(path, paths.len() as u16),
         (Some(path), Endpoint::Fd(_) | Endpoint::Connect(_)) => vec![path.clone()],
     };
-    Ok(Action::Serve(DaemonConfig {
-        endpoint,
-        control_sockets,
-        device: DeviceOptions {
-            settings,
-            limits,
-            queue_size: args.queue_size,
-            tick: Duration::from_micros(u64::from(args.tick_us)),
-            scenario,
-            deterministic: args.deterministic,
-            source,
-            record: args.record,
+    Ok(Action::Serve(ServeOptions {
+        config: DaemonConfig {
+            endpoint,
+            control_sockets,
+            device: DeviceOptions {
+                settings,
+                limits,
+                queue_size: args.queue_size,
+                tick: Duration::from_micros(u64::from(args.tick_us)),
+                scenario: None,
+                deterministic: args.deterministic,
+                source: None,
+                record: args.record,
+            },
         },
+        scenario: args.scenario,
+        source: args.source,
     }))
 }
 
@@ -407,13 +443,20 @@ pub fn capabilities_json() -> String {
 mod tests {
     use super::*;
 
+    /// Parses and, for the daemon, reads the named files: `main`'s two steps.
     fn parse_args(args: &[&str]) -> Result<Action, String> {
-        parse(std::iter::once("vhost-device-daq").chain(args.iter().copied()))
+        match parse(std::iter::once("vhost-device-daq").chain(args.iter().copied())) {
+            Ok(Action::Serve(options)) => match options.clone().load_files() {
+                Ok(_) => Ok(Action::Serve(options)),
+                Err(err) => Err(err.to_string()),
+            },
+            other => other.map_err(|err| err.to_string()),
+        }
     }
 
     fn config(args: &[&str]) -> DaemonConfig {
         match parse_args(args) {
-            Ok(Action::Serve(config)) => config,
+            Ok(Action::Serve(options)) => options.load_files().expect("files load"),
             other => panic!("expected a config, got {other:?}"),
         }
     }

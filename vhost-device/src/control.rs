@@ -176,7 +176,7 @@ pub fn handle(line: &str, slot: &DeviceSlot) -> Value {
                     backend.inject(action);
                     json!({"ok": true})
                 }
-                Err(reason) => error(reason),
+                Err(reason) => error(reason.to_string()),
             }
         }
         "set" => {
@@ -236,8 +236,17 @@ fn stats(backend: &DaqBackend) -> Value {
     })
 }
 
-/// Sends one request to a control socket and returns the reply line.
-pub fn request(socket: &Path, line: &str) -> Result<String, ControlError> {
+/// A control socket's answer to one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply line (JSON), as the backend sent it.
+    pub line: String,
+    /// Whether the backend carried the request out (`"ok": true` in the reply).
+    pub ok: bool,
+}
+
+/// Sends one request to a control socket and returns its reply.
+pub fn request(socket: &Path, line: &str) -> Result<Reply, ControlError> {
     let socket_error = |source| ControlError::Socket {
         path: socket.to_path_buf(),
         source,
@@ -248,14 +257,31 @@ pub fn request(socket: &Path, line: &str) -> Result<String, ControlError> {
     BufReader::new(stream)
         .read_line(&mut reply)
         .map_err(socket_error)?;
-    Ok(reply.trim_end().to_string())
+    let line = reply.trim_end().to_string();
+    let ok = serde_json::from_str::<Value>(&line)
+        .is_ok_and(|value| value.get("ok").and_then(Value::as_bool) == Some(true));
+    Ok(Reply { line, ok })
+}
+
+/// Why `ctl` words make no request.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// No words at all.
+    #[error("missing request; use e.g. `stats`, `inject stall duration_ms=100`")]
+    Missing,
+    /// `inject` without an action.
+    #[error("inject needs an action, e.g. `inject drop_interrupts count=5`")]
+    InjectNeedsAction,
+    /// A parameter that is not `key=value`.
+    #[error("\"{0}\" is not key=value")]
+    NotKeyValue(String),
 }
 
 /// Turns `ctl` words into a request: raw JSON as is, or `stats`, `inject ACTION [k=v…]`,
 /// `set k=v…`.
-pub fn request_from_words(words: &[String]) -> Result<String, String> {
+pub fn request_from_words(words: &[String]) -> Result<String, RequestError> {
     let Some(first) = words.first() else {
-        return Err("missing request; use e.g. `stats`, `inject stall duration_ms=100`".into());
+        return Err(RequestError::Missing);
     };
     if first.starts_with('{') {
         return Ok(words.join(" "));
@@ -265,14 +291,14 @@ pub fn request_from_words(words: &[String]) -> Result<String, String> {
     let mut rest = &words[1..];
     if first == "inject" {
         let Some(action) = rest.first() else {
-            return Err("inject needs an action, e.g. `inject drop_interrupts count=5`".into());
+            return Err(RequestError::InjectNeedsAction);
         };
         object.insert("action".into(), json!(action));
         rest = &rest[1..];
     }
     for word in rest {
         let Some((key, value)) = word.split_once('=') else {
-            return Err(format!("\"{word}\" is not key=value"));
+            return Err(RequestError::NotKeyValue(word.clone()));
         };
         let value = value
             .parse::<u64>()
@@ -289,22 +315,18 @@ mod tests {
     use crate::backend::DeviceOptions;
     use crate::model::{Limits, Settings};
     use std::time::Duration;
-    use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
     fn slot() -> DeviceSlot {
         let backend = DaqBackend::new(DeviceOptions {
             settings: Settings {
                 rate_hz: 1000,
                 channels: 2,
-                format: SampleFormat::S16,
-                signal: SignalKind::Counter,
                 signal_freq_mhz: 1000,
                 amplitude_permille: 1000,
                 seed: 1,
-                clock: ClockMode::Paced,
                 latency_us: 1000,
                 watermark_frames: 1,
-                coalesce_buffers: 1,
+                ..Settings::default()
             },
             limits: Limits::default(),
             queue_size: 16,
@@ -373,9 +395,11 @@ mod tests {
         let path = dir.path().join("ctl.sock");
         serve(&path, slot()).expect("serve");
         let reply = request(&path, r#"{"cmd":"stats"}"#).expect("reply");
-        let value: Value = serde_json::from_str(&reply).expect("JSON reply");
+        let value: Value = serde_json::from_str(&reply.line).expect("JSON reply");
         assert_eq!(value["ok"], true);
+        assert!(reply.ok);
         let reply = request(&path, "garbage").expect("reply");
-        assert!(reply.contains("\"ok\":false"));
+        assert!(reply.line.contains("\"ok\":false"));
+        assert!(!reply.ok);
     }
 }

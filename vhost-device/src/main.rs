@@ -6,14 +6,14 @@ use vhost_device_daq::{cli, control, daemon};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = match cli::parse(std::env::args_os()) {
-        Ok(cli::Action::Serve(config)) => config,
+    let options = match cli::parse(std::env::args_os()) {
+        Ok(cli::Action::Serve(options)) => options,
         Ok(cli::Action::Exit(code)) => return code,
         Ok(cli::Action::Control { socket, request }) => {
             return match control::request(&socket, &request) {
                 Ok(reply) => {
-                    println!("{reply}");
-                    if reply.contains("\"ok\":true") {
+                    println!("{}", reply.line);
+                    if reply.ok {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE
@@ -29,6 +29,13 @@ fn main() -> ExitCode {
         }
         Err(message) => {
             eprintln!("vhost-device-daq: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match options.load_files() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("vhost-device-daq: {err}");
             return ExitCode::from(2);
         }
     };

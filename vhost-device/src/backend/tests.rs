@@ -12,7 +12,7 @@ use vdaq_wire::event::{kind, Event};
 use vdaq_wire::feature;
 use vdaq_wire::pattern::verify_counter;
 use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
-use vdaq_wire::{ClockMode, DeviceState, SampleFormat, SignalKind};
+use vdaq_wire::{ClockMode, DeviceState, SampleFormat};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackendMut;
 use virtio_bindings::bindings::virtio_ring::{
@@ -37,14 +37,13 @@ fn settings(clock: ClockMode) -> Settings {
         rate_hz: 1_000_000,
         channels: 2,
         format: SampleFormat::S32,
-        signal: SignalKind::Counter,
         signal_freq_mhz: 1000,
         amplitude_permille: 1000,
         seed: 1,
         clock,
         latency_us: 1_000_000,
         watermark_frames: 1,
-        coalesce_buffers: 1,
+        ..Settings::default()
     }
 }
 

@@ -90,10 +90,39 @@ pub struct ActionFields {
     pub amplitude: Option<u16>,
 }
 
+/// Why a scenario step or a control-socket `inject` names no valid action.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ActionError {
+    /// An action that counts something got no count (or 0).
+    #[error("action \"{0}\" needs count >= 1")]
+    NeedsCount(String),
+    /// An action that lasts got no duration (or 0).
+    #[error("action \"{0}\" needs duration_ms >= 1")]
+    NeedsDuration(&'static str),
+    /// `fault` without a code.
+    #[error("action \"fault\" needs a code")]
+    NeedsCode,
+    /// `set_signal` without a known signal.
+    #[error("action \"set_signal\" needs signal = counter, sine, square, sawtooth, noise or file")]
+    NeedsSignal,
+    /// A frequency outside what the config space can hold.
+    #[error("freq_hz must be within 0 ..= 4294967")]
+    Frequency,
+    /// An amplitude above full scale.
+    #[error("amplitude is in per mille: 0 ..= 1000")]
+    Amplitude,
+    /// No such action.
+    #[error(
+        "unknown action \"{0}\" (known: drop_interrupts, delay_completions, stall, \
+         corrupt_crc, fault, needs_reset, trigger, disconnect, set_signal)"
+    )]
+    Unknown(String),
+}
+
 impl Action {
     /// Builds an action from its name and parameters (a scenario step, or a control-socket
     /// request). The error names what is missing or unknown.
-    pub fn from_fields(name: &str, fields: &ActionFields) -> Result<Self, String> {
+    pub fn from_fields(name: &str, fields: &ActionFields) -> Result<Self, ActionError> {
         let ActionFields {
             count,
             duration_ms,
@@ -103,50 +132,42 @@ impl Action {
         let need_count = || {
             count
                 .filter(|&c| c > 0)
-                .ok_or_else(|| format!("action \"{name}\" needs count >= 1"))
+                .ok_or_else(|| ActionError::NeedsCount(name.to_owned()))
+        };
+        let need_duration = |action: &'static str| {
+            duration_ms
+                .filter(|&d| d > 0)
+                .map(|ms| ms.saturating_mul(1_000_000))
+                .ok_or(ActionError::NeedsDuration(action))
         };
         Ok(match name {
             "drop_interrupts" => Action::DropInterrupts(need_count()?),
-            "delay_completions" => Action::DelayCompletions(
-                duration_ms
-                    .filter(|&d| d > 0)
-                    .ok_or("action \"delay_completions\" needs duration_ms >= 1")?
-                    .saturating_mul(1_000_000),
-            ),
+            "delay_completions" => Action::DelayCompletions(need_duration("delay_completions")?),
             "corrupt_crc" => Action::CorruptCrc(need_count()?),
-            "stall" => Action::Stall(
-                duration_ms
-                    .filter(|&d| d > 0)
-                    .ok_or("action \"stall\" needs duration_ms >= 1")?
-                    .saturating_mul(1_000_000),
-            ),
-            "fault" => Action::Fault(code.ok_or("action \"fault\" needs a code")?),
+            "stall" => Action::Stall(need_duration("stall")?),
+            "fault" => Action::Fault(code.ok_or(ActionError::NeedsCode)?),
             "needs_reset" => Action::NeedsReset,
             "trigger" => Action::Trigger,
             "disconnect" => Action::Disconnect,
             "set_signal" => {
-                let signal = match fields.signal.as_deref() {
-                    Some("counter") => SignalKind::Counter,
-                    Some("sine") => SignalKind::Sine,
-                    Some("square") => SignalKind::Square,
-                    Some("sawtooth") => SignalKind::Sawtooth,
-                    Some("noise") => SignalKind::Noise,
-                    Some("file") => SignalKind::File,
-                    _ => {
-                        return Err("action \"set_signal\" needs signal = counter, sine, \
-                                    square, sawtooth, noise or file"
-                            .into())
-                    }
-                };
+                let signal = fields
+                    .signal
+                    .as_deref()
+                    .and_then(|name| {
+                        (0..=u8::MAX)
+                            .map_while(SignalKind::from_code)
+                            .find(|kind| kind.name() == name)
+                    })
+                    .ok_or(ActionError::NeedsSignal)?;
                 let freq_mhz = match fields.freq_hz {
                     None => None,
                     Some(hz) if hz.is_finite() && (0.0..=4_294_967.0).contains(&hz) => {
                         Some((hz * 1000.0).round() as u32)
                     }
-                    Some(_) => return Err("freq_hz must be within 0 ..= 4294967".into()),
+                    Some(_) => return Err(ActionError::Frequency),
                 };
                 if fields.amplitude.is_some_and(|a| a > 1000) {
-                    return Err("amplitude is in per mille: 0 ..= 1000".into());
+                    return Err(ActionError::Amplitude);
                 }
                 Action::SetSignal {
                     signal,
@@ -154,12 +175,7 @@ impl Action {
                     amplitude_permille: fields.amplitude,
                 }
             }
-            other => {
-                return Err(format!(
-                    "unknown action \"{other}\" (known: drop_interrupts, delay_completions, \
-                     stall, corrupt_crc, fault, needs_reset, trigger, disconnect, set_signal)"
-                ))
-            }
+            other => return Err(ActionError::Unknown(other.to_owned())),
         })
     }
 }
@@ -236,7 +252,8 @@ impl Scenario {
                 freq_hz: spec.freq_hz,
                 amplitude: spec.amplitude,
             };
-            let action = Action::from_fields(&spec.action, &fields).map_err(bad)?;
+            let action =
+                Action::from_fields(&spec.action, &fields).map_err(|err| bad(err.to_string()))?;
             steps.push(Step { at, action, line });
         }
         Ok(Scenario {

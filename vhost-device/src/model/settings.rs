@@ -48,14 +48,43 @@ pub struct Limits {
     pub fifo_frames: u32,
 }
 
+impl Settings {
+    /// The power-on settings: the one definition the CLI's defaults and the tests start
+    /// from ([`Settings::default`]).
+    pub const POWER_ON: Settings = Settings {
+        rate_hz: 100_000,
+        channels: 4,
+        format: SampleFormat::S16,
+        signal: SignalKind::Counter,
+        signal_freq_mhz: 1_000_000,
+        amplitude_permille: 900,
+        seed: 0x5eed,
+        clock: ClockMode::Paced,
+        latency_us: 10_000,
+        watermark_frames: 256,
+        coalesce_buffers: 1,
+    };
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::POWER_ON
+    }
+}
+
+impl Limits {
+    /// The standard card ([`Limits::default`]; the CLI can change channels and FIFO depth).
+    pub const STANDARD: Limits = Limits {
+        max_channels: 64,
+        min_rate_hz: 1,
+        max_rate_hz: 100_000_000,
+        fifo_frames: 65_536,
+    };
+}
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_channels: 64,
-            min_rate_hz: 1,
-            max_rate_hz: 100_000_000,
-            fifo_frames: 65_536,
-        }
+        Limits::STANDARD
     }
 }
 

@@ -66,14 +66,12 @@ fn settings() -> Settings {
         rate_hz: 1000,
         channels: 2,
         format: SampleFormat::S32,
-        signal: SignalKind::Counter,
         signal_freq_mhz: 1000,
         amplitude_permille: 1000,
         seed: 1,
-        clock: ClockMode::Paced,
         latency_us: 1_000_000,
         watermark_frames: 1,
-        coalesce_buffers: 1,
+        ..Settings::default()
     }
 }
 

@@ -7,7 +7,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use vdaq_wire::buffer::{status as buffer_status, BufferHeader, HEADER_SIZE};
 use vdaq_wire::config::DaqConfig;
-use vdaq_wire::control::{self, opcode, CommandHeader, FlushReply, ResponseHeader, Status};
+use vdaq_wire::control::{self, opcode, CommandStatus, FlushReply, Opcode, Status};
 use vdaq_wire::event::{Event, EVENT_SIZE};
 use vdaq_wire::{feature, queue, DeviceState, SampleFormat};
 use virtio_drivers::queue::VirtQueue;
@@ -36,9 +36,9 @@ pub enum DriverError {
     MissingFeature(u32),
     /// The device answered a command with a non-OK status.
     Command {
-        /// Opcode.
-        opcode: u32,
-        /// Status code.
+        /// The command.
+        opcode: Opcode,
+        /// Status code as the device sent it ([`CommandStatus::from_code`] types it).
         status: u32,
     },
     /// A reply was malformed.
@@ -198,7 +198,8 @@ pub struct DaqDriver<H: Hal, T: Transport> {
     event_slots: Vec<Option<DmaBuffer<H>>>,
     received_events: VecDeque<Event>,
     command: Option<PendingCommand<H>>,
-    command_reply: Option<(u32, Vec<u8>)>,
+    /// The finished command's raw status and reply payload, or why its reply was unusable.
+    command_reply: Option<Result<(u32, Vec<u8>), DriverError>>,
     features: u64,
     frame_bytes: usize,
     next_id: u64,
@@ -550,17 +551,17 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             )
         };
         let reply = match used {
-            Ok(used)
-                if used as usize >= size_of::<ResponseHeader>()
-                    && used as usize <= pending.reply.len() =>
-            {
-                let bytes = &pending.reply.as_slice()[..used as usize];
-                let status = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-                (status, bytes[size_of::<ResponseHeader>()..].to_vec())
+            Ok(used) if used as usize <= pending.reply.len() => {
+                control::decode_reply(&pending.reply.as_slice()[..used as usize])
+                    .map(|(status, payload)| (status, payload.to_vec()))
+                    .map_err(|_| DriverError::BadReply(pending.opcode))
             }
-            _ => (u32::MAX, Vec::new()),
+            _ => Err(DriverError::BadReply(pending.opcode)),
         };
-        log::trace!("opcode {} answered {}", pending.opcode, reply.0);
+        match &reply {
+            Ok((status, _)) => log::trace!("opcode {} answered {status}", pending.opcode),
+            Err(_) => log::warn!("opcode {}: malformed reply", pending.opcode),
+        }
         self.command_reply = Some(reply);
         1
     }
@@ -636,14 +637,13 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         if self.command.is_some() {
             return Err(DriverError::QueueFull);
         }
-        let mut request = DmaBuffer::<H>::new(size_of::<CommandHeader>() + payload.len());
-        let header = CommandHeader {
-            opcode: op.into(),
-            reserved: 0.into(),
-        };
-        request.as_mut_slice()[..size_of::<CommandHeader>()].copy_from_slice(header.as_bytes());
-        request.as_mut_slice()[size_of::<CommandHeader>()..].copy_from_slice(payload);
-        let mut reply = DmaBuffer::<H>::new(size_of::<ResponseHeader>() + MAX_REPLY);
+        let mut request = DmaBuffer::<H>::new(control::HEADER_BYTES + payload.len());
+        if let Err(control::FrameError::NoRoom { needed, len }) =
+            control::encode_command(op, payload, request.as_mut_slice())
+        {
+            return Err(DriverError::BufferTooSmall { len, needed });
+        }
+        let mut reply = DmaBuffer::<H>::new(control::HEADER_BYTES + MAX_REPLY);
         // SAFETY: both buffers move into `self.command` and stay untouched until popped.
         let token = unsafe {
             self.control
@@ -663,10 +663,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         loop {
             self.service();
             if let Some(reply) = self.command_reply.take() {
-                if reply.0 == u32::MAX {
-                    return Err(DriverError::BadReply(op));
-                }
-                return Ok(reply);
+                return reply;
             }
             if !wait.wait() {
                 // The command stays queued; its buffers are reclaimed when it completes.
@@ -678,24 +675,24 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     /// Sends a command that must succeed; returns its reply payload.
     pub fn command(
         &mut self,
-        op: u32,
+        op: Opcode,
         payload: &[u8],
         wait: &mut impl Wait,
     ) -> Result<Vec<u8>, DriverError> {
-        match self.command_raw(op, payload, wait)? {
-            (control::status::OK, reply) => Ok(reply),
+        match self.command_raw(op.code(), payload, wait)? {
+            (status, reply) if status == CommandStatus::Ok.code() => Ok(reply),
             (status, _) => Err(DriverError::Command { opcode: op, status }),
         }
     }
 
     /// START.
     pub fn start(&mut self, wait: &mut impl Wait) -> Result<(), DriverError> {
-        self.command(opcode::START, &[], wait).map(drop)
+        self.command(Opcode::Start, &[], wait).map(drop)
     }
 
     /// STOP.
     pub fn stop(&mut self, wait: &mut impl Wait) -> Result<(), DriverError> {
-        self.command(opcode::STOP, &[], wait).map(drop)
+        self.command(Opcode::Stop, &[], wait).map(drop)
     }
 
     /// CONFIGURE (device must be stopped); refreshes the frame size.
@@ -704,20 +701,20 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         settings: &control::Configure,
         wait: &mut impl Wait,
     ) -> Result<(), DriverError> {
-        self.command(opcode::CONFIGURE, settings.as_bytes(), wait)?;
+        self.command(Opcode::Configure, settings.as_bytes(), wait)?;
         self.refresh_frame_size()
     }
 
     /// GET_STATUS.
     pub fn status(&mut self, wait: &mut impl Wait) -> Result<Status, DriverError> {
-        let reply = self.command(opcode::GET_STATUS, &[], wait)?;
+        let reply = self.command(Opcode::GetStatus, &[], wait)?;
         Status::read_from_bytes(&reply[..size_of::<Status>().min(reply.len())])
             .map_err(|_| DriverError::BadReply(opcode::GET_STATUS))
     }
 
     /// FLUSH: the device returns every held read now. Returns how many it returned.
     pub fn flush(&mut self, wait: &mut impl Wait) -> Result<u32, DriverError> {
-        let reply = self.command(opcode::FLUSH, &[], wait)?;
+        let reply = self.command(Opcode::Flush, &[], wait)?;
         let reply = FlushReply::read_from_bytes(&reply[..size_of::<FlushReply>().min(reply.len())])
             .map_err(|_| DriverError::BadReply(opcode::FLUSH))?;
         // The device put the buffers on the used ring before the reply.

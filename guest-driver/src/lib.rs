@@ -22,6 +22,10 @@ extern crate alloc;
 
 pub mod dma;
 mod driver;
+#[cfg(test)]
+mod driver_tests;
+#[cfg(test)]
+mod fake;
 pub mod irq;
 pub mod mmio;
 pub mod pci;

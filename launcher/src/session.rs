@@ -27,6 +27,16 @@ pub enum Machine {
     Microvm,
 }
 
+impl Machine {
+    /// Name on the command line (`q35`, `microvm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Q35 => "q35",
+            Machine::Microvm => "microvm",
+        }
+    }
+}
+
 /// Accelerator actually used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {

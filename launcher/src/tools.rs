@@ -125,6 +125,33 @@ pub fn qemu(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     existing(Path::new(&path))
 }
 
+/// Everything a run needs, located.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Backend binary.
+    pub backend: PathBuf,
+    /// Guest image.
+    pub guest: PathBuf,
+}
+
+impl Tools {
+    /// Each of QEMU, backend and guest image (in this order): the explicit path if given,
+    /// else found, built or provisioned as [`qemu`], [`backend`] and [`guest_image`] do.
+    pub fn find(
+        qemu: Option<&Path>,
+        backend: Option<&Path>,
+        guest: Option<&Path>,
+    ) -> Result<Self, ToolError> {
+        Ok(Tools {
+            qemu: self::qemu(qemu)?,
+            backend: self::backend(backend)?,
+            guest: guest_image(guest)?,
+        })
+    }
+}
+
 fn existing(path: &Path) -> Result<PathBuf, ToolError> {
     if path.exists() {
         Ok(path.to_path_buf())

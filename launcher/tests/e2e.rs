@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vdaq_launcher::tools::{self, Kvm};
 
 fn vdaq(args: &[&str]) -> (bool, Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
@@ -155,12 +156,7 @@ fn e2e_shutdown_drains_reads_still_in_the_device() {
 
 #[test]
 fn e2e_kvm_smoke_when_kvm_is_usable() {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !usable {
+    if tools::kvm() == Kvm::Absent {
         eprintln!("skipped: /dev/kvm is not usable on this machine");
         return;
     }

@@ -1,6 +1,8 @@
 //! Loopback throughput benchmark (prints figures; asserts nothing about speed).
 //!
-//! Streams through the real backend process in free-running mode and verifies every sample,
+//! Streams through the real backend process in free-running mode with the reference driver
+//! (`vdaq-driver` over the loopback transport, the same loop the tests use) and verifies every
+//! sample,
 //! for 4 KiB and 64 KiB buffers; measures, in the same run, single-thread memcpy bandwidth
 //! over the same memory footprint as the buffers in flight, and prints the ratio. A long run
 //! prints the backend's RSS at start and end.
@@ -11,9 +13,9 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vdaq_loopback::{BackendProcess, DmaBuffer, LoopbackDaq};
+use vdaq_driver::DriverOptions;
+use vdaq_loopback::{BackendProcess, DriverRig, Resubmit};
 use vdaq_wire::check::StreamVerifier;
-use vdaq_wire::control::opcode;
 use vdaq_wire::SampleFormat;
 
 struct Figures {
@@ -49,46 +51,42 @@ fn run(
     duration: Duration,
     mut on_tick: impl FnMut(Duration),
 ) -> Figures {
-    let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("connect");
+    let mut rig = DriverRig::connect(
+        backend.socket(),
+        DriverOptions::default(),
+        duration + Duration::from_secs(30),
+    )
+    .expect("connect");
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
-    for _ in 0..in_flight {
-        daq.post_read(DmaBuffer::new(buffer_bytes)).expect("post");
-    }
-    daq.notify_reads();
-    daq.command(opcode::START, &[]).expect("START");
+    rig.driver.start(&mut rig.wait).expect("START");
     let start = Instant::now();
-    let interrupts_before = daq.data_interrupts;
+    let interrupts_before = rig.interrupts();
     let mut next_tick = Duration::from_secs(1);
-    let mut reposted = 0u64;
-    while start.elapsed() < duration {
-        daq.wait_interrupt(Duration::from_millis(100));
-        while let Some((buffer, used)) = daq.pop_read().expect("pop") {
-            verifier
-                .check(buffer.as_slice(), used)
-                .expect("every sample verifies");
-            daq.post_read(buffer).expect("repost");
-            reposted += 1;
-            if reposted % 8 == 0 {
-                // Hand buffers back in small batches, so the device refills while the
-                // application keeps verifying.
-                daq.notify_reads();
+    rig.stream_until(
+        &mut verifier,
+        in_flight,
+        buffer_bytes,
+        Resubmit::Batched,
+        |_| {
+            let elapsed = start.elapsed();
+            if elapsed >= next_tick {
+                on_tick(elapsed);
+                next_tick += Duration::from_secs(1);
             }
-        }
-        daq.notify_reads();
-        if start.elapsed() >= next_tick {
-            on_tick(start.elapsed());
-            next_tick += Duration::from_secs(1);
-        }
-    }
+            elapsed >= duration
+        },
+    )
+    .expect("every sample verifies");
     let elapsed = start.elapsed();
     let stats = verifier.stats();
-    daq.command(opcode::STOP, &[]).expect("STOP");
+    let interrupts = rig.interrupts() - interrupts_before;
+    rig.driver.stop(&mut rig.wait).expect("STOP");
     assert_eq!(stats.errors, 0);
     assert_eq!(stats.dropped_frames, 0);
     Figures {
         payload_bytes: stats.payload_bytes,
         completions: stats.buffers,
-        interrupts: daq.data_interrupts - interrupts_before,
+        interrupts,
         elapsed,
     }
 }

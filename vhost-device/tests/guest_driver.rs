@@ -4,142 +4,36 @@
 //! driver's top half, exactly where a guest's interrupt handler would.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vdaq_driver::irq::IrqState;
-use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
-use vdaq_loopback::{ArenaHal, BackendProcess, InterruptThread, VhostUserTransport};
+use vdaq_driver::{DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
+use vdaq_loopback::{DriverRig, Resubmit};
 use vdaq_wire::buffer::HEADER_SIZE;
 use vdaq_wire::check::StreamVerifier;
-use vdaq_wire::{queue, SampleFormat, VIRTIO_ID_DAQ};
-use virtio_drivers::transport::DeviceType;
+use vdaq_wire::SampleFormat;
 
-type Driver = DaqDriver<ArenaHal, VhostUserTransport>;
-
-/// Sleeps until the interrupt thread ran the top half, or the deadline passes.
-struct HostWait {
-    signal: Arc<(Mutex<u64>, Condvar)>,
-    seen: u64,
-    deadline: Instant,
-}
-
-impl Wait for HostWait {
-    fn wait(&mut self) -> bool {
-        let (count, changed) = &*self.signal;
-        let mut count = count.lock().expect("lock");
-        while *count == self.seen {
-            let now = Instant::now();
-            if now >= self.deadline {
-                return false;
-            }
-            count = changed
-                .wait_timeout(count, self.deadline - now)
-                .expect("wait")
-                .0;
-        }
-        self.seen = *count;
-        true
-    }
-}
-
-struct Rig {
-    driver: Driver,
-    irq: &'static IrqState,
-    wait: HostWait,
-    _interrupts: InterruptThread,
-    _backend: BackendProcess,
-}
-
-fn rig(args: &[&str], options: DriverOptions, timeout: Duration) -> Rig {
-    let backend = BackendProcess::spawn(Path::new(env!("CARGO_BIN_EXE_vhost-device-daq")), args)
-        .expect("backend starts");
-    let device_type = DeviceType::try_from(VIRTIO_ID_DAQ).expect("known ID");
-    let transport = VhostUserTransport::connect(
-        backend.socket(),
-        device_type,
-        queue::COUNT,
-        vdaq_driver::DATA_QUEUE_SIZE as u32,
+/// The driver against its own backend process.
+fn rig(args: &[&str], options: DriverOptions, timeout: Duration) -> DriverRig {
+    DriverRig::spawn(
+        Path::new(env!("CARGO_BIN_EXE_vhost-device-daq")),
+        args,
+        options,
+        timeout,
     )
-    .expect("connect");
-    let source = transport.interrupt_source().expect("interrupt source");
-    let irq: &'static IrqState = Box::leak(Box::new(IrqState::host()));
-    let signal = Arc::new((Mutex::new(0u64), Condvar::new()));
-    let delivered = signal.clone();
-    let interrupts = InterruptThread::spawn(source, move || {
-        irq.top_half();
-        let (count, changed) = &*delivered;
-        *count.lock().expect("lock") += 1;
-        changed.notify_all();
-    });
-    let driver = DaqDriver::new(transport, irq, options).expect("driver init");
-    Rig {
-        driver,
-        irq,
-        wait: HostWait {
-            signal,
-            seen: 0,
-            deadline: Instant::now() + timeout,
-        },
-        _interrupts: interrupts,
-        _backend: backend,
-    }
+    .expect("backend starts and the driver initialises")
 }
 
 /// The application loop: keep `in_flight` reads submitted, consume completions in order,
-/// verify every sample, resubmit (one by one, or in batches with one kick per pass, as the
-/// guest does); sleep only when there is nothing to consume.
+/// verify every sample, resubmit one by one; sleep only when there is nothing to consume.
 fn stream(
-    rig: &mut Rig,
+    rig: &mut DriverRig,
     verifier: &mut StreamVerifier,
     in_flight: usize,
     bytes: usize,
     frames: u64,
 ) {
-    stream_with(rig, verifier, in_flight, bytes, frames, false);
-}
-
-fn stream_with(
-    rig: &mut Rig,
-    verifier: &mut StreamVerifier,
-    in_flight: usize,
-    bytes: usize,
-    frames: u64,
-    batched: bool,
-) {
-    while rig.driver.in_flight() < in_flight {
-        rig.driver
-            .submit_read(DmaBuffer::new(bytes))
-            .map_err(|(err, _)| err)
-            .expect("submit");
-    }
-    while verifier.stats().frames < frames {
-        rig.driver.service();
-        let mut consumed = false;
-        while let Some(done) = rig.driver.next_completion() {
-            consumed = true;
-            match done.outcome {
-                ReadOutcome::Data(_) => {
-                    verifier
-                        .check(done.buffer.as_slice(), done.used_len)
-                        .expect("every sample verifies");
-                }
-                other => panic!("unexpected outcome {other:?}"),
-            }
-            let submitted = if batched {
-                rig.driver.submit_read_batched(done.buffer)
-            } else {
-                rig.driver.submit_read(done.buffer)
-            };
-            submitted.map_err(|(err, _)| err).expect("resubmit");
-        }
-        if batched {
-            rig.driver.kick();
-        }
-        if !consumed && !rig.irq.is_pending() {
-            assert!(rig.wait.wait(), "stream stalled at {:?}", verifier.stats());
-        }
-    }
+    rig.stream(verifier, in_flight, bytes, frames, Resubmit::Each)
+        .expect("every sample verifies");
 }
 
 #[test]
@@ -195,14 +89,14 @@ fn driver_keeps_notifying_across_the_16_bit_ring_index_wrap() {
     // 70 000 completions of 512 samples: the avail and used indices wrap past 65 535.
     // Resubmitted in batches with one kick per pass, the guest's way, where a batch can step
     // over the 16-bit wrap of the avail index.
-    stream_with(
-        &mut rig,
+    rig.stream(
         &mut verifier,
         8,
         HEADER_SIZE + 1024,
         70_000 * 512,
-        true,
-    );
+        Resubmit::Batched,
+    )
+    .expect("every sample verifies");
     assert!(verifier.stats().buffers >= 70_000);
     rig.driver.shutdown(&mut rig.wait).expect("shutdown");
 }
@@ -296,7 +190,7 @@ fn driver_shutdown_returns_reads_the_device_was_still_filling() {
 #[test]
 fn driver_arms_a_rising_edge_trigger_and_receives_flagged_buffers_and_events() {
     use vdaq_wire::buffer::flags;
-    use vdaq_wire::control::{opcode, trigger_mode, TriggerConfig};
+    use vdaq_wire::control::{trigger_mode, Opcode, TriggerConfig};
     use vdaq_wire::event::kind;
     use vdaq_wire::zerocopy::IntoBytes;
     // A 1 kHz square wave, free-running (nominal 1 MHz): rising edges every 1000 frames.
@@ -328,7 +222,7 @@ fn driver_arms_a_rising_edge_trigger_and_receives_flagged_buffers_and_events() {
         post_frames: 500.into(),
     };
     rig.driver
-        .command(opcode::SET_TRIGGER, config.as_bytes(), &mut rig.wait)
+        .command(Opcode::SetTrigger, config.as_bytes(), &mut rig.wait)
         .expect("SET_TRIGGER");
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 2, false);
     rig.driver.start(&mut rig.wait).expect("START");

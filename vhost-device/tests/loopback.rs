@@ -7,13 +7,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vdaq_loopback::{BackendProcess, DmaBuffer, LoopbackDaq};
+use vdaq_driver::{DmaBuffer, DriverOptions, Wait};
+use vdaq_loopback::{BackendProcess, DriverRig, Resubmit};
 use vdaq_wire::buffer::HEADER_SIZE;
 use vdaq_wire::check::StreamVerifier;
-use vdaq_wire::control::{opcode, FlushReply};
 use vdaq_wire::event::kind;
 use vdaq_wire::feature;
-use vdaq_wire::zerocopy::FromBytes;
 use vdaq_wire::{DeviceState, SampleFormat};
 
 fn backend(args: &[&str]) -> BackendProcess {
@@ -21,80 +20,31 @@ fn backend(args: &[&str]) -> BackendProcess {
         .expect("backend starts")
 }
 
-/// Runs an application loop: keep `in_flight` reads of `buffer_bytes` posted, verify every
-/// completion, until `frames` frames were verified or `timeout` passed.
-fn stream(
-    daq: &mut LoopbackDaq,
-    verifier: &mut StreamVerifier,
-    in_flight: usize,
-    buffer_bytes: usize,
-    frames: u64,
-    timeout: Duration,
-) {
-    while daq.reads_in_flight() < in_flight {
-        daq.post_read(DmaBuffer::new(buffer_bytes)).expect("post");
-    }
-    daq.notify_reads();
-    let deadline = Instant::now() + timeout;
-    let mut reposted = 0u64;
-    while verifier.stats().frames < frames {
-        assert!(
-            Instant::now() < deadline,
-            "stream stalled: {:?}",
-            verifier.stats()
-        );
-        daq.wait_interrupt(Duration::from_millis(100));
-        while let Some((buffer, used)) = daq.pop_read().expect("pop") {
-            if let Err(err) = verifier.check(buffer.as_slice(), used) {
-                panic!("buffer failed verification: {err:?}");
-            }
-            daq.post_read(buffer).expect("repost");
-            reposted += 1;
-            if reposted % 8 == 0 {
-                // Hand buffers back in small batches, so the device refills while the
-                // application keeps verifying.
-                daq.notify_reads();
-            }
-        }
-        daq.notify_reads();
-    }
-}
-
-/// Stops, flushes, and verifies every returned buffer; returns how many FLUSH returned.
-fn stop_and_drain(daq: &mut LoopbackDaq, verifier: &mut StreamVerifier) -> u32 {
-    daq.command(opcode::STOP, &[]).expect("STOP");
-    let reply = daq.command(opcode::FLUSH, &[]).expect("FLUSH");
-    let returned = FlushReply::read_from_bytes(&reply)
-        .expect("flush reply")
-        .buffers_returned
-        .get();
-    while let Some((buffer, used)) = daq.pop_read().expect("pop") {
-        verifier
-            .check(buffer.as_slice(), used)
-            .expect("drained buffer verifies");
-    }
-    returned
+/// The reference driver connected to `backend`, every wait bounded by `timeout`.
+fn rig(backend: &BackendProcess, options: DriverOptions, timeout: Duration) -> DriverRig {
+    DriverRig::connect(backend.socket(), options, timeout).expect("connect")
 }
 
 #[test]
 fn loopback_free_running_stream_verifies_every_sample_with_crc() {
     let backend = backend(&["--clock", "free", "--channels", "4", "--format", "s16"]);
-    let mut daq = LoopbackDaq::connect(backend.socket(), true).expect("connect");
-    assert_ne!(daq.negotiated_features() & (1 << feature::DAQ_F_CRC32), 0);
-    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true).require_crc(true);
-    daq.command(opcode::START, &[]).expect("START");
-    stream(
-        &mut daq,
-        &mut verifier,
-        32,
-        16 * 1024,
-        2_000_000,
+    let mut rig = rig(
+        &backend,
+        DriverOptions {
+            crc: true,
+            trigger: false,
+        },
         Duration::from_secs(60),
     );
-    stop_and_drain(&mut daq, &mut verifier);
-    assert_eq!(daq.reads_in_flight(), 0, "FLUSH returned every buffer");
+    assert_ne!(rig.driver.features() & (1 << feature::DAQ_F_CRC32), 0);
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true).require_crc(true);
+    rig.driver.start(&mut rig.wait).expect("START");
+    rig.stream(&mut verifier, 32, 16 * 1024, 2_000_000, Resubmit::Batched)
+        .expect("stream");
+    rig.stop_and_drain(&mut verifier).expect("drain");
+    assert_eq!(rig.driver.in_flight(), 0, "FLUSH returned every buffer");
     let stats = verifier.stats();
-    let status = daq.status().expect("status");
+    let status = rig.driver.status(&mut rig.wait).expect("status");
     assert_eq!(stats.errors, 0);
     assert_eq!(stats.crc_checked, stats.buffers);
     assert_eq!(stats.frames, status.frames_delivered.get());
@@ -104,7 +54,7 @@ fn loopback_free_running_stream_verifies_every_sample_with_crc() {
         "free-running never overruns"
     );
     assert_eq!(status.buffers_held.get(), 0);
-    assert!(daq.data_interrupts > 0, "completions arrived by interrupt");
+    assert!(rig.interrupts() > 0, "completions arrived by interrupt");
 }
 
 #[test]
@@ -124,29 +74,28 @@ fn loopback_paced_overrun_accounts_for_every_sample() {
         "--latency-us",
         "2000",
     ]);
-    let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("connect");
-    for _ in 0..8 {
-        daq.post_event_buffer().expect("event buffer");
-    }
+    // The driver keeps its event buffers posted itself.
+    let mut rig = rig(&backend, DriverOptions::default(), Duration::from_secs(60));
     let mut verifier = StreamVerifier::new(SampleFormat::S32, 2, true);
     for _ in 0..4 {
-        daq.post_read(DmaBuffer::new(HEADER_SIZE + 256 * 8))
-            .expect("post");
+        rig.driver
+            .submit_read(DmaBuffer::new(HEADER_SIZE + 256 * 8))
+            .map_err(|(err, _)| err)
+            .expect("submit");
     }
-    daq.notify_reads();
-    daq.command(opcode::START, &[]).expect("START");
+    rig.driver.start(&mut rig.wait).expect("START");
     std::thread::sleep(Duration::from_millis(50));
-    stream(
-        &mut daq,
+    rig.stream(
         &mut verifier,
         16,
         HEADER_SIZE + 4096 * 8,
         200_000,
-        Duration::from_secs(60),
-    );
-    stop_and_drain(&mut daq, &mut verifier);
+        Resubmit::Batched,
+    )
+    .expect("stream");
+    rig.stop_and_drain(&mut verifier).expect("drain");
     let stats = verifier.stats();
-    let status = daq.status().expect("status");
+    let status = rig.driver.status(&mut rig.wait).expect("status");
     assert_eq!(stats.errors, 0);
     assert!(
         stats.overrun_buffers > 0,
@@ -161,14 +110,17 @@ fn loopback_paced_overrun_accounts_for_every_sample() {
     );
     let mut reported = 0;
     let deadline = Instant::now() + Duration::from_secs(5);
+    rig.wait.deadline = deadline;
     while reported < status.frames_dropped.get() && Instant::now() < deadline {
-        while let Some(event) = daq.pop_event().expect("event") {
+        rig.driver.service();
+        while let Some(event) = rig.driver.next_event() {
             if event.kind.get() == kind::OVERRUN {
                 reported += event.arg0.get();
             }
-            daq.post_event_buffer().expect("repost event buffer");
         }
-        daq.wait_interrupt(Duration::from_millis(50));
+        if reported < status.frames_dropped.get() && !rig.irq.is_pending() {
+            rig.wait.wait();
+        }
     }
     assert_eq!(
         reported,
@@ -181,17 +133,11 @@ fn loopback_paced_overrun_accounts_for_every_sample() {
 fn loopback_backend_serves_the_next_connection_after_a_disconnect() {
     let backend = backend(&["--clock", "free", "--channels", "1", "--format", "f32"]);
     for _ in 0..2 {
-        let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("connect");
+        let mut rig = rig(&backend, DriverOptions::default(), Duration::from_secs(30));
         let mut verifier = StreamVerifier::new(SampleFormat::F32, 1, true);
-        daq.command(opcode::START, &[]).expect("START");
-        stream(
-            &mut daq,
-            &mut verifier,
-            8,
-            4096,
-            10_000,
-            Duration::from_secs(30),
-        );
+        rig.driver.start(&mut rig.wait).expect("START");
+        rig.stream(&mut verifier, 8, 4096, 10_000, Resubmit::Batched)
+            .expect("stream");
         // Each connection starts from a reset device: sequence 0 (the verifier starts there)
         // and stream index 0.
         assert_eq!(verifier.stats().errors, 0);
@@ -219,17 +165,11 @@ fn loopback_garbage_on_the_socket_ends_only_that_connection() {
     }
     std::thread::sleep(Duration::from_millis(100));
     assert!(backend.is_running(), "the daemon survived");
-    let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("reconnect");
+    let mut rig = rig(&backend, DriverOptions::default(), Duration::from_secs(30));
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
-    daq.command(opcode::START, &[]).expect("START");
-    stream(
-        &mut daq,
-        &mut verifier,
-        8,
-        4096,
-        10_000,
-        Duration::from_secs(30),
-    );
+    rig.driver.start(&mut rig.wait).expect("START");
+    rig.stream(&mut verifier, 8, 4096, 10_000, Resubmit::Batched)
+        .expect("stream");
 }
 
 #[test]
@@ -242,23 +182,36 @@ fn loopback_config_space_and_status_through_vhost_user() {
         "--fifo-frames",
         "4096",
     ]);
-    let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("connect");
-    let config = daq.config().expect("config");
+    let mut rig = rig(&backend, DriverOptions::default(), Duration::from_secs(30));
+    let config = rig.driver.config().expect("config");
     assert_eq!(&config.model[..8], b"vdaq-sim");
     assert_eq!(config.rate_hz.get(), 48_000);
     assert_eq!(config.channels.get(), 8);
     assert_eq!(config.fifo_frames.get(), 4096);
     assert_eq!(config.state, DeviceState::Stopped as u8);
-    daq.command(opcode::START, &[]).expect("START");
+    rig.driver.start(&mut rig.wait).expect("START");
     assert_eq!(
-        daq.config().expect("config").state,
+        rig.driver.config().expect("config").state,
         DeviceState::Running as u8
     );
-    let (status, _) = daq.command_raw(0x7777, &[]).expect("reply");
+    let (status, _) = rig
+        .driver
+        .command_raw(0x7777, &[], &mut rig.wait)
+        .expect("reply");
     assert_eq!(status, vdaq_wire::control::status::UNSUPPORTED);
-    let first = daq.status().expect("status").device_time_ns.get();
+    let first = rig
+        .driver
+        .status(&mut rig.wait)
+        .expect("status")
+        .device_time_ns
+        .get();
     std::thread::sleep(Duration::from_millis(20));
-    let second = daq.status().expect("status").device_time_ns.get();
+    let second = rig
+        .driver
+        .status(&mut rig.wait)
+        .expect("status")
+        .device_time_ns
+        .get();
     assert!(
         second >= first + 20_000_000,
         "device clock advances in real time"
@@ -281,19 +234,13 @@ fn loopback_record_then_replay_gives_back_the_recorded_samples() {
             "--record",
             recording_arg,
         ]);
-        let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("connect");
+        let mut rig = rig(&backend, DriverOptions::default(), Duration::from_secs(30));
         let mut verifier = StreamVerifier::new(SampleFormat::S16, 2, true);
-        daq.command(opcode::START, &[]).expect("START");
-        stream(
-            &mut daq,
-            &mut verifier,
-            8,
-            4096,
-            50_000,
-            Duration::from_secs(30),
-        );
-        daq.command(opcode::STOP, &[]).expect("STOP");
-        drop(daq); // the connection ends: the backend resets and flushes the recording
+        rig.driver.start(&mut rig.wait).expect("START");
+        rig.stream(&mut verifier, 8, 4096, 50_000, Resubmit::Batched)
+            .expect("stream");
+        rig.driver.stop(&mut rig.wait).expect("STOP");
+        drop(rig); // the connection ends: the backend resets and flushes the recording
         std::thread::sleep(Duration::from_millis(200));
     }
     let size = std::fs::metadata(&recording)
@@ -316,21 +263,15 @@ fn loopback_record_then_replay_gives_back_the_recorded_samples() {
         "--source",
         recording_arg,
     ]);
-    let mut daq = LoopbackDaq::connect(backend.socket(), false).expect("connect");
+    let mut rig = rig(&backend, DriverOptions::default(), Duration::from_secs(30));
     assert_eq!(
-        daq.config().expect("config").signal,
+        rig.driver.config().expect("config").signal,
         vdaq_wire::SignalKind::File as u8
     );
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 2, true);
-    daq.command(opcode::START, &[]).expect("START");
-    stream(
-        &mut daq,
-        &mut verifier,
-        8,
-        4096,
-        40_000,
-        Duration::from_secs(30),
-    );
+    rig.driver.start(&mut rig.wait).expect("START");
+    rig.stream(&mut verifier, 8, 4096, 40_000, Resubmit::Batched)
+        .expect("stream");
     assert_eq!(
         verifier.stats().errors,
         0,

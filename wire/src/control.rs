@@ -177,28 +177,189 @@ pub struct Status {
     pub reserved: [u8; 7],
 }
 
-/// Size of the reply payload for `opcode` (0 for commands that reply with a bare header).
-pub const fn reply_payload_size(opcode: u32) -> usize {
-    match opcode {
-        opcode::FLUSH => core::mem::size_of::<FlushReply>(),
-        opcode::GET_STATUS => core::mem::size_of::<Status>(),
-        _ => 0,
+/// A command the device knows, typed ([`opcode`] holds the wire codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Opcode {
+    /// [`opcode::START`].
+    Start = opcode::START,
+    /// [`opcode::STOP`].
+    Stop = opcode::STOP,
+    /// [`opcode::CONFIGURE`].
+    Configure = opcode::CONFIGURE,
+    /// [`opcode::TRIGGER`].
+    Trigger = opcode::TRIGGER,
+    /// [`opcode::FLUSH`].
+    Flush = opcode::FLUSH,
+    /// [`opcode::GET_STATUS`].
+    GetStatus = opcode::GET_STATUS,
+    /// [`opcode::RESET_COUNTERS`].
+    ResetCounters = opcode::RESET_COUNTERS,
+    /// [`opcode::SET_TRIGGER`].
+    SetTrigger = opcode::SET_TRIGGER,
+}
+
+impl Opcode {
+    /// Every opcode, in code order.
+    pub const ALL: [Opcode; 8] = [
+        Opcode::Start,
+        Opcode::Stop,
+        Opcode::Configure,
+        Opcode::Trigger,
+        Opcode::Flush,
+        Opcode::GetStatus,
+        Opcode::ResetCounters,
+        Opcode::SetTrigger,
+    ];
+
+    /// The wire code.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// Decodes a wire code; `None` for opcodes the device does not know (UNSUPPORTED).
+    pub fn from_code(code: u32) -> Option<Self> {
+        Opcode::ALL.into_iter().find(|op| op.code() == code)
+    }
+
+    /// Size of the command payload.
+    pub const fn payload_size(self) -> usize {
+        match self {
+            Opcode::Configure => core::mem::size_of::<Configure>(),
+            Opcode::SetTrigger => core::mem::size_of::<TriggerConfig>(),
+            _ => 0,
+        }
+    }
+
+    /// Size of the reply payload (0 for commands that reply with a bare header).
+    pub const fn reply_payload_size(self) -> usize {
+        match self {
+            Opcode::Flush => core::mem::size_of::<FlushReply>(),
+            Opcode::GetStatus => core::mem::size_of::<Status>(),
+            _ => 0,
+        }
     }
 }
 
-/// Size of the command payload for `opcode`, or `None` for unknown opcodes.
-pub const fn command_payload_size(op: u32) -> Option<usize> {
-    match op {
-        opcode::CONFIGURE => Some(core::mem::size_of::<Configure>()),
-        opcode::SET_TRIGGER => Some(core::mem::size_of::<TriggerConfig>()),
-        opcode::START
-        | opcode::STOP
-        | opcode::TRIGGER
-        | opcode::FLUSH
-        | opcode::GET_STATUS
-        | opcode::RESET_COUNTERS => Some(0),
-        _ => None,
+/// A reply status, typed ([`status`] holds the wire codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum CommandStatus {
+    /// [`status::OK`].
+    Ok = status::OK,
+    /// [`status::UNSUPPORTED`].
+    Unsupported = status::UNSUPPORTED,
+    /// [`status::INVALID`].
+    Invalid = status::INVALID,
+    /// [`status::BAD_SIZE`].
+    BadSize = status::BAD_SIZE,
+    /// [`status::BUSY`].
+    Busy = status::BUSY,
+}
+
+impl CommandStatus {
+    /// The wire code.
+    pub const fn code(self) -> u32 {
+        self as u32
     }
+
+    /// Decodes a wire code; `None` for codes this version does not define.
+    pub fn from_code(code: u32) -> Option<Self> {
+        [
+            CommandStatus::Ok,
+            CommandStatus::Unsupported,
+            CommandStatus::Invalid,
+            CommandStatus::BadSize,
+            CommandStatus::Busy,
+        ]
+        .into_iter()
+        .find(|status| status.code() == code)
+    }
+}
+
+/// Size of the reply payload for `opcode` (0 for commands that reply with a bare header, and
+/// for unknown opcodes).
+pub fn reply_payload_size(opcode: u32) -> usize {
+    Opcode::from_code(opcode).map_or(0, Opcode::reply_payload_size)
+}
+
+/// Size of the command payload for `opcode`, or `None` for unknown opcodes.
+pub fn command_payload_size(opcode: u32) -> Option<usize> {
+    Opcode::from_code(opcode).map(Opcode::payload_size)
+}
+
+/// Bytes of a command or reply header.
+pub const HEADER_BYTES: usize = core::mem::size_of::<CommandHeader>();
+
+/// Why bytes do not frame a command or a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// Shorter than a header.
+    Short {
+        /// Bytes there are.
+        len: usize,
+    },
+    /// The output area cannot hold header and payload.
+    NoRoom {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes there are.
+        len: usize,
+    },
+}
+
+fn write_framed(header: &[u8], payload: &[u8], out: &mut [u8]) -> Result<usize, FrameError> {
+    let needed = header.len() + payload.len();
+    let Some(area) = out.get_mut(..needed) else {
+        return Err(FrameError::NoRoom {
+            needed,
+            len: out.len(),
+        });
+    };
+    let (head, rest) = area.split_at_mut(header.len());
+    head.copy_from_slice(header);
+    rest.copy_from_slice(payload);
+    Ok(needed)
+}
+
+fn split_framed<H: FromBytes>(bytes: &[u8]) -> Result<(H, &[u8]), FrameError> {
+    H::read_from_prefix(bytes).map_err(|_| FrameError::Short { len: bytes.len() })
+}
+
+/// Writes a command (header with `opcode`, then `payload`) into `out`; returns its length.
+/// `opcode` is a raw code so that drivers and tests can also send codes the device does not
+/// know.
+pub fn encode_command(opcode: u32, payload: &[u8], out: &mut [u8]) -> Result<usize, FrameError> {
+    let header = CommandHeader {
+        opcode: opcode.into(),
+        reserved: 0.into(),
+    };
+    write_framed(header.as_bytes(), payload, out)
+}
+
+/// Splits a command the driver wrote into its opcode code and payload.
+pub fn decode_command(request: &[u8]) -> Result<(u32, &[u8]), FrameError> {
+    split_framed::<CommandHeader>(request).map(|(header, payload)| (header.opcode.get(), payload))
+}
+
+/// Writes a reply (header with `status`, then `payload`) into `out`; returns its length.
+pub fn encode_reply(
+    status: CommandStatus,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<usize, FrameError> {
+    let header = ResponseHeader {
+        status: status.code().into(),
+        reserved: 0.into(),
+    };
+    write_framed(header.as_bytes(), payload, out)
+}
+
+/// Splits the used part of a reply (the device's bytes, `used` long) into the raw status code
+/// and the payload. The status stays raw: a device may answer with codes this version does not
+/// define, which [`CommandStatus::from_code`] reports as `None`.
+pub fn decode_reply(reply: &[u8]) -> Result<(u32, &[u8]), FrameError> {
+    split_framed::<ResponseHeader>(reply).map(|(header, payload)| (header.status.get(), payload))
 }
 
 #[cfg(test)]
@@ -234,6 +395,53 @@ mod tests {
         assert_eq!(offset_of!(Status, frames_pending), 48);
         assert_eq!(offset_of!(Status, requests_rejected), 56);
         assert_eq!(offset_of!(Status, state), 64);
+    }
+
+    #[test]
+    fn typed_codes_round_trip_and_match_the_wire_constants() {
+        for op in Opcode::ALL {
+            assert_eq!(Opcode::from_code(op.code()), Some(op));
+        }
+        assert_eq!(Opcode::Start.code(), opcode::START);
+        assert_eq!(Opcode::SetTrigger.code(), opcode::SET_TRIGGER);
+        assert_eq!(Opcode::from_code(0), None);
+        assert_eq!(Opcode::from_code(9), None);
+        assert_eq!(
+            CommandStatus::from_code(status::BUSY),
+            Some(CommandStatus::Busy)
+        );
+        assert_eq!(CommandStatus::from_code(5), None);
+    }
+
+    #[test]
+    fn commands_and_replies_frame_and_unframe() {
+        let mut out = [0u8; 64];
+        let configure = Configure::default();
+        let len =
+            encode_command(opcode::CONFIGURE, configure.as_bytes(), &mut out).expect("room for it");
+        assert_eq!(len, HEADER_BYTES + 40);
+        assert_eq!(&out[..4], &opcode::CONFIGURE.to_le_bytes());
+        let (code, payload) = decode_command(&out[..len]).expect("framed");
+        assert_eq!(code, opcode::CONFIGURE);
+        assert_eq!(payload, configure.as_bytes());
+        assert_eq!(
+            encode_command(opcode::START, &[0; 60], &mut out),
+            Err(FrameError::NoRoom {
+                needed: 68,
+                len: 64
+            })
+        );
+
+        let flushed = FlushReply {
+            buffers_returned: 3.into(),
+            reserved: 0.into(),
+        };
+        let len = encode_reply(CommandStatus::Busy, flushed.as_bytes(), &mut out).expect("room");
+        let (status_code, payload) = decode_reply(&out[..len]).expect("framed");
+        assert_eq!(status_code, status::BUSY);
+        assert_eq!(payload, flushed.as_bytes());
+        assert_eq!(decode_reply(&out[..7]), Err(FrameError::Short { len: 7 }));
+        assert_eq!(decode_command(&[]), Err(FrameError::Short { len: 0 }));
     }
 
     #[test]

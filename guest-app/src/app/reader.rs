@@ -4,7 +4,7 @@
 use alloc::vec::Vec;
 
 use vdaq_driver::irq::IrqState;
-use vdaq_driver::{DaqDriver, DmaBuffer, DriverOptions, ReadOutcome, Wait};
+use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
 use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
@@ -105,9 +105,15 @@ impl Consumer {
                 time::delay_us(self.consume_delay_us);
             }
             if resubmit {
-                if let Err((err, _)) = driver.submit_read_batched(done.buffer) {
-                    crate::println!("vdaq: resubmit failed: {err:?}");
-                    self.resubmit_failed = true;
+                match driver.submit_read_batched(done.buffer) {
+                    Ok(_) => {}
+                    // The device entered NEEDS_RESET while this buffer was being consumed: it
+                    // takes no reads now, and the recovery below posts a fresh set.
+                    Err((DriverError::NeedsReset, _)) => {}
+                    Err((err, _)) => {
+                        crate::println!("vdaq: resubmit failed: {err:?}");
+                        self.resubmit_failed = true;
+                    }
                 }
             }
         }

@@ -4,15 +4,16 @@
 //!
 //! - [`arena`]: the shared guest memory and a virtio-drivers `Hal` over it;
 //! - [`transport`]: a virtio-drivers `Transport` implemented with vhost-user messages;
-//! - [`daq`]: a small vdaq driver on top, for tests and benchmarks;
+//! - [`rig`]: the reference driver (`vdaq-driver`) over that transport, with its interrupt
+//!   thread, and the streaming loop tests and benchmarks share;
 //! - [`process`]: the backend binary as a child process.
 
 pub mod arena;
-pub mod daq;
 pub mod process;
+pub mod rig;
 pub mod transport;
 
 pub use arena::{ArenaHal, DmaBuffer};
-pub use daq::LoopbackDaq;
 pub use process::BackendProcess;
+pub use rig::{DriverRig, HostWait, LoopbackDriver, Resubmit, RigError};
 pub use transport::{InterruptSource, InterruptThread, VhostUserTransport};

@@ -3,9 +3,8 @@
 
 use std::io;
 
-use vdaq_wire::control::{self, CommandHeader, ResponseHeader};
+use vdaq_wire::control::{self, CommandStatus, Opcode};
 use vdaq_wire::queue;
-use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
@@ -48,21 +47,23 @@ impl DaqBackend {
             }
         };
         let reply_space = layout.writable_bytes();
-        if reply_space < size_of::<ResponseHeader>() {
+        if reply_space < control::HEADER_BYTES {
             self.errors
                 .report("control", "no room for the reply header");
             self.card.count_rejected();
             return 0;
         }
-        let reply = |this: &mut Self, status: u32, payload: &[u8]| -> u32 {
-            let header = ResponseHeader {
-                status: status.into(),
-                reserved: 0.into(),
-            };
-            let mut bytes = header.as_bytes().to_vec();
-            bytes.extend_from_slice(payload);
-            match write_segments(mem, &layout.writable, 0, &bytes) {
-                Ok(()) => bytes.len() as u32,
+        let reply = |this: &mut Self, status: CommandStatus, payload: &[u8]| -> u32 {
+            let mut bytes = vec![0u8; control::HEADER_BYTES + payload.len()];
+            let written = control::encode_reply(status, payload, &mut bytes)
+                .map_err(|err| format!("{err:?}"))
+                .and_then(|len| {
+                    write_segments(mem, &layout.writable, 0, &bytes[..len])
+                        .map(|()| len)
+                        .map_err(|err| err.to_string())
+                });
+            match written {
+                Ok(len) => len as u32,
                 Err(err) => {
                     this.errors.report("control", err);
                     0
@@ -70,42 +71,40 @@ impl DaqBackend {
             }
         };
         let request_len = layout.readable_bytes();
-        if request_len < size_of::<CommandHeader>() || request_len > MAX_COMMAND_BYTES {
+        if !(control::HEADER_BYTES..=MAX_COMMAND_BYTES).contains(&request_len) {
             self.errors
                 .report("control", format_args!("request of {request_len} bytes"));
             self.card.count_rejected();
-            return reply(self, control::status::BAD_SIZE, &[]);
+            return reply(self, CommandStatus::BadSize, &[]);
         }
         let mut request = vec![0u8; request_len];
         if read_segments(mem, &layout.readable, 0, &mut request).is_err() {
             self.card.count_rejected();
-            return reply(self, control::status::BAD_SIZE, &[]);
+            return reply(self, CommandStatus::BadSize, &[]);
         }
-        let (header_bytes, payload) = request.split_at(size_of::<CommandHeader>());
-        let Ok(header) = CommandHeader::read_from_bytes(header_bytes) else {
-            return reply(self, control::status::BAD_SIZE, &[]);
+        let Ok((op, payload)) = control::decode_command(&request) else {
+            return reply(self, CommandStatus::BadSize, &[]);
         };
-        let op = header.opcode.get();
-        if control::command_payload_size(op).is_some()
-            && reply_space < size_of::<ResponseHeader>() + control::reply_payload_size(op)
+        if Opcode::from_code(op)
+            .is_some_and(|op| reply_space < control::HEADER_BYTES + op.reply_payload_size())
         {
             self.errors.report(
                 "control",
                 format_args!("reply area too small for opcode {op}"),
             );
             self.card.count_rejected();
-            return reply(self, control::status::BAD_SIZE, &[]);
+            return reply(self, CommandStatus::BadSize, &[]);
         }
         let now = self.now_ns();
         let result = self.card.execute(op, payload, now, &mut self.completions);
-        if result.status != control::status::OK {
+        if result.status != CommandStatus::Ok {
             self.errors.report(
                 "control",
-                format_args!("opcode {op} answered with status {}", result.status),
+                format_args!("opcode {op} answered with status {:?}", result.status),
             );
             if matches!(
                 result.status,
-                control::status::UNSUPPORTED | control::status::BAD_SIZE
+                CommandStatus::Unsupported | CommandStatus::BadSize
             ) {
                 self.card.count_rejected();
             }

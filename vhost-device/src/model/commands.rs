@@ -4,7 +4,7 @@
 use log::debug;
 use vdaq_wire::buffer::flags;
 use vdaq_wire::config::{DaqConfig, MODEL_LEN};
-use vdaq_wire::control::{self, opcode, Configure, FlushReply, Status};
+use vdaq_wire::control::{CommandStatus, Configure, FlushReply, Opcode, Status};
 use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
 use vdaq_wire::{ClockMode, DeviceState, SampleFormat};
 
@@ -15,14 +15,14 @@ use super::{Card, Completion, Counters, ReadBuffer};
 /// Outcome of a control command: status code and reply payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CommandReply {
-    /// [`control::status`] code.
-    pub status: u32,
+    /// How the command ended.
+    pub status: CommandStatus,
     /// Reply payload (empty unless the opcode has one and status is OK).
     pub payload: Vec<u8>,
 }
 
 impl CommandReply {
-    pub(super) fn status(status: u32) -> Self {
+    pub(super) fn status(status: CommandStatus) -> Self {
         CommandReply {
             status,
             payload: Vec::new(),
@@ -32,10 +32,10 @@ impl CommandReply {
 
 impl<B: ReadBuffer> Card<B> {
     /// Starts the sample clock.
-    pub fn start(&mut self, now_ns: u64) -> u32 {
+    pub fn start(&mut self, now_ns: u64) -> CommandStatus {
         match self.live.state {
-            DeviceState::NeedsReset => control::status::BUSY,
-            DeviceState::Running => control::status::OK,
+            DeviceState::NeedsReset => CommandStatus::Busy,
+            DeviceState::Running => CommandStatus::Ok,
             DeviceState::Stopped => {
                 self.live.state = DeviceState::Running;
                 if self.kept.deterministic {
@@ -48,17 +48,17 @@ impl<B: ReadBuffer> Card<B> {
                     self.live.clock.origin_ns = now_ns;
                 }
                 self.live.clock.origin_frame = self.live.clock.next_frame;
-                control::status::OK
+                CommandStatus::Ok
             }
         }
     }
 
     /// Stops the sample clock: frames due up to now are sampled, moved into buffers, and the
     /// partly filled buffer completes with STOPPED.
-    pub fn stop(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) -> u32 {
+    pub fn stop(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) -> CommandStatus {
         match self.live.state {
-            DeviceState::NeedsReset => control::status::BUSY,
-            DeviceState::Stopped => control::status::OK,
+            DeviceState::NeedsReset => CommandStatus::Busy,
+            DeviceState::Stopped => CommandStatus::Ok,
             DeviceState::Running => {
                 if self.live.settings.clock == ClockMode::Paced && !self.kept.deterministic {
                     let due = self.due_frame(now_ns);
@@ -76,7 +76,7 @@ impl<B: ReadBuffer> Card<B> {
                 {
                     self.complete_front(flags::STOPPED, now_ns, out);
                 }
-                control::status::OK
+                CommandStatus::Ok
             }
         }
     }
@@ -88,23 +88,23 @@ impl<B: ReadBuffer> Card<B> {
         settings: Settings,
         now_ns: u64,
         out: &mut Vec<Completion<B>>,
-    ) -> u32 {
+    ) -> CommandStatus {
         if self.live.state != DeviceState::Stopped {
-            return control::status::BUSY;
+            return CommandStatus::Busy;
         }
         if let Err(err) = settings.validate(&self.kept.limits) {
             debug!("CONFIGURE refused: {err}");
-            return control::status::INVALID;
+            return CommandStatus::Invalid;
         }
         if !self.source_fits(&settings) {
             debug!("CONFIGURE refused: the file signal needs a source with as many channels");
-            return control::status::INVALID;
+            return CommandStatus::Invalid;
         }
         if self.frames_pending() > 0 && settings != self.live.settings {
             // Frames sampled under the old settings are still on their way; refusing keeps
             // every buffer's header true to its payload.
             debug!("CONFIGURE refused: frames sampled under the old settings are pending");
-            return control::status::BUSY;
+            return CommandStatus::Busy;
         }
         let old = self.live.settings;
         let samples_change = (
@@ -152,7 +152,7 @@ impl<B: ReadBuffer> Card<B> {
                 });
             }
         }
-        control::status::OK
+        CommandStatus::Ok
     }
 
     /// Changes delivery parameters that leave the samples alone, at any time.
@@ -265,47 +265,47 @@ impl<B: ReadBuffer> Card<B> {
         now_ns: u64,
         out: &mut Vec<Completion<B>>,
     ) -> CommandReply {
-        let Some(expected) = control::command_payload_size(op) else {
-            return CommandReply::status(control::status::UNSUPPORTED);
+        let Some(op) = Opcode::from_code(op) else {
+            return CommandReply::status(CommandStatus::Unsupported);
         };
-        if payload.len() != expected {
-            return CommandReply::status(control::status::BAD_SIZE);
+        if payload.len() != op.payload_size() {
+            return CommandReply::status(CommandStatus::BadSize);
         }
-        if self.live.state == DeviceState::NeedsReset && op != opcode::GET_STATUS {
-            return CommandReply::status(control::status::BUSY);
+        if self.live.state == DeviceState::NeedsReset && op != Opcode::GetStatus {
+            return CommandReply::status(CommandStatus::Busy);
         }
         match op {
-            opcode::START => CommandReply::status(self.start(now_ns)),
-            opcode::STOP => CommandReply::status(self.stop(now_ns, out)),
-            opcode::CONFIGURE => {
+            Opcode::Start => CommandReply::status(self.start(now_ns)),
+            Opcode::Stop => CommandReply::status(self.stop(now_ns, out)),
+            Opcode::Configure => {
                 let Ok(cfg) = Configure::read_from_bytes(payload) else {
-                    return CommandReply::status(control::status::BAD_SIZE);
+                    return CommandReply::status(CommandStatus::BadSize);
                 };
                 match Settings::from_wire(&cfg) {
                     Ok(settings) => CommandReply::status(self.configure(settings, now_ns, out)),
                     Err(err) => {
                         debug!("CONFIGURE refused: {err}");
-                        CommandReply::status(control::status::INVALID)
+                        CommandReply::status(CommandStatus::Invalid)
                     }
                 }
             }
-            opcode::TRIGGER if !self.kept.trigger_enabled => {
-                CommandReply::status(control::status::UNSUPPORTED)
+            Opcode::Trigger if !self.kept.trigger_enabled => {
+                CommandReply::status(CommandStatus::Unsupported)
             }
-            opcode::TRIGGER => CommandReply::status(self.trigger()),
-            opcode::SET_TRIGGER if !self.kept.trigger_enabled => {
-                CommandReply::status(control::status::UNSUPPORTED)
+            Opcode::Trigger => CommandReply::status(self.trigger()),
+            Opcode::SetTrigger if !self.kept.trigger_enabled => {
+                CommandReply::status(CommandStatus::Unsupported)
             }
-            opcode::SET_TRIGGER => {
+            Opcode::SetTrigger => {
                 match vdaq_wire::control::TriggerConfig::read_from_bytes(payload) {
                     Ok(config) => CommandReply::status(self.set_trigger(&config)),
-                    Err(_) => CommandReply::status(control::status::BAD_SIZE),
+                    Err(_) => CommandReply::status(CommandStatus::BadSize),
                 }
             }
-            opcode::FLUSH => {
+            Opcode::Flush => {
                 let returned = self.flush(now_ns, out);
                 CommandReply {
-                    status: control::status::OK,
+                    status: CommandStatus::Ok,
                     payload: FlushReply {
                         buffers_returned: returned.into(),
                         reserved: 0.into(),
@@ -314,15 +314,14 @@ impl<B: ReadBuffer> Card<B> {
                     .to_vec(),
                 }
             }
-            opcode::GET_STATUS => CommandReply {
-                status: control::status::OK,
+            Opcode::GetStatus => CommandReply {
+                status: CommandStatus::Ok,
                 payload: self.status(now_ns).as_bytes().to_vec(),
             },
-            opcode::RESET_COUNTERS => {
+            Opcode::ResetCounters => {
                 self.reset_counters();
-                CommandReply::status(control::status::OK)
+                CommandReply::status(CommandStatus::Ok)
             }
-            _ => CommandReply::status(control::status::UNSUPPORTED),
         }
     }
 }

@@ -1,6 +1,6 @@
 use super::*;
 use vdaq_wire::buffer::{flags, status as buffer_status, HEADER_SIZE};
-use vdaq_wire::control::{self, opcode, Configure, Status};
+use vdaq_wire::control::{opcode, CommandStatus, Configure, Status};
 use vdaq_wire::event::{kind, EVENT_BACKLOG};
 use vdaq_wire::pattern::verify_counter;
 use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
@@ -116,7 +116,7 @@ fn free_running_fills_every_posted_buffer_with_a_continuous_stream() {
         1024,
     );
     let mut out = Vec::new();
-    assert_eq!(card.start(0), control::status::OK);
+    assert_eq!(card.start(0), CommandStatus::Ok);
     for _ in 0..3 {
         card.post(buffer(100), 5, &mut out);
     }
@@ -260,7 +260,7 @@ fn stop_completes_the_partial_buffer_and_keeps_the_rest_posted() {
     card.post(buffer(100), 0, &mut out);
     card.post(buffer(100), 0, &mut out);
     card.start(0);
-    assert_eq!(card.stop(42 * MS, &mut out), control::status::OK);
+    assert_eq!(card.stop(42 * MS, &mut out), CommandStatus::Ok);
     assert_eq!(out.len(), 1);
     let header = verified(&out[0]);
     assert_eq!(header.frame_count.get(), 42);
@@ -299,16 +299,16 @@ fn commands_answer_with_the_specified_status_codes() {
     .to_wire();
     assert_eq!(
         card.execute(99, &[], 0, &mut out).status,
-        control::status::UNSUPPORTED
+        CommandStatus::Unsupported
     );
     assert_eq!(
         card.execute(opcode::START, &[0], 0, &mut out).status,
-        control::status::BAD_SIZE
+        CommandStatus::BadSize
     );
     assert_eq!(
         card.execute(opcode::CONFIGURE, &configure.as_bytes()[..39], 0, &mut out)
             .status,
-        control::status::BAD_SIZE
+        CommandStatus::BadSize
     );
     let bad = Configure {
         channels: 0.into(),
@@ -317,7 +317,7 @@ fn commands_answer_with_the_specified_status_codes() {
     assert_eq!(
         card.execute(opcode::CONFIGURE, bad.as_bytes(), 0, &mut out)
             .status,
-        control::status::INVALID
+        CommandStatus::Invalid
     );
     let bad_format = Configure {
         format: 7,
@@ -326,25 +326,25 @@ fn commands_answer_with_the_specified_status_codes() {
     assert_eq!(
         card.execute(opcode::CONFIGURE, bad_format.as_bytes(), 0, &mut out)
             .status,
-        control::status::INVALID
+        CommandStatus::Invalid
     );
     assert_eq!(
         card.execute(opcode::CONFIGURE, configure.as_bytes(), 0, &mut out)
             .status,
-        control::status::OK
+        CommandStatus::Ok
     );
     assert_eq!(card.settings().channels, 4);
     assert_eq!(
         card.execute(opcode::START, &[], 0, &mut out).status,
-        control::status::OK
+        CommandStatus::Ok
     );
     assert_eq!(
         card.execute(opcode::CONFIGURE, configure.as_bytes(), 0, &mut out)
             .status,
-        control::status::BUSY
+        CommandStatus::Busy
     );
     let reply = card.execute(opcode::GET_STATUS, &[], 5 * MS, &mut out);
-    assert_eq!(reply.status, control::status::OK);
+    assert_eq!(reply.status, CommandStatus::Ok);
     let status = Status::read_from_bytes(&reply.payload).expect("status payload");
     assert_eq!(status.device_time_ns.get(), 5 * MS);
     assert_eq!(status.state, DeviceState::Running as u8);
@@ -357,7 +357,7 @@ fn software_trigger_flags_the_buffer_and_raises_an_event() {
     card.post(buffer(100), 0, &mut out);
     card.start(0);
     card.advance(7 * MS, &mut out);
-    assert_eq!(card.trigger(), control::status::OK);
+    assert_eq!(card.trigger(), CommandStatus::Ok);
     card.advance(100 * MS, &mut out);
     let header = verified(&out[0]);
     assert_ne!(header.flags.get() & flags::TRIGGERED, 0);
@@ -465,11 +465,11 @@ fn needs_reset_refuses_commands_until_reset() {
     assert_eq!(card.config_space().state, DeviceState::NeedsReset as u8);
     assert_eq!(
         card.execute(opcode::START, &[], 0, &mut out).status,
-        control::status::BUSY
+        CommandStatus::Busy
     );
     assert_eq!(
         card.execute(opcode::GET_STATUS, &[], 0, &mut out).status,
-        control::status::OK
+        CommandStatus::Ok
     );
     assert_eq!(
         card.pop_event().map(|e| e.kind.get()),
@@ -478,7 +478,7 @@ fn needs_reset_refuses_commands_until_reset() {
     let held = card.reset();
     assert_eq!(held.len(), 1);
     assert_eq!(card.state(), DeviceState::Stopped);
-    assert_eq!(card.start(0), control::status::OK);
+    assert_eq!(card.start(0), CommandStatus::Ok);
 }
 
 #[test]
@@ -579,7 +579,7 @@ fn configure_resizes_held_buffers_to_the_new_frame_size() {
         channels: 4,
         ..*card.settings()
     };
-    assert_eq!(card.configure(wider, 0, &mut out), control::status::OK);
+    assert_eq!(card.configure(wider, 0, &mut out), CommandStatus::Ok);
     assert_eq!(
         out.len(),
         1,
@@ -600,7 +600,7 @@ fn trigger_needs_the_feature_and_every_trigger_raises_an_event() {
     let mut out = Vec::new();
     assert_eq!(
         card.execute(opcode::TRIGGER, &[], 0, &mut out).status,
-        control::status::UNSUPPORTED
+        CommandStatus::Unsupported
     );
     card.set_trigger_enabled(true);
     card.post(buffer(100), 0, &mut out);
@@ -608,7 +608,7 @@ fn trigger_needs_the_feature_and_every_trigger_raises_an_event() {
     card.advance(5 * MS, &mut out);
     assert_eq!(
         card.execute(opcode::TRIGGER, &[], 5 * MS, &mut out).status,
-        control::status::OK
+        CommandStatus::Ok
     );
     card.advance(20 * MS, &mut out);
     card.trigger();
@@ -935,7 +935,7 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
     assert_eq!(
         card.execute(opcode::SET_TRIGGER, rising.as_bytes(), 0, &mut out)
             .status,
-        control::status::UNSUPPORTED,
+        CommandStatus::Unsupported,
         "needs the trigger feature"
     );
     card.set_trigger_enabled(true);
@@ -946,12 +946,12 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
     assert_eq!(
         card.execute(opcode::SET_TRIGGER, bad.as_bytes(), 0, &mut out)
             .status,
-        control::status::INVALID
+        CommandStatus::Invalid
     );
     assert_eq!(
         card.execute(opcode::SET_TRIGGER, rising.as_bytes(), 0, &mut out)
             .status,
-        control::status::OK
+        CommandStatus::Ok
     );
     card.start(0);
     for _ in 0..3 {
@@ -977,7 +977,7 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
         post_frames: 30.into(),
         ..rising
     };
-    assert_eq!(card.set_trigger(&below), control::status::OK);
+    assert_eq!(card.set_trigger(&below), CommandStatus::Ok);
     card.post(buffer(80), 0, &mut out);
     card.advance(0, &mut out);
     let fired: Vec<u64> = std::iter::from_fn(|| card.pop_event())

@@ -1,6 +1,6 @@
 //! Triggers: the software TRIGGER command and the level/edge trigger SET_TRIGGER arms.
 
-use vdaq_wire::control;
+use vdaq_wire::control::CommandStatus;
 use vdaq_wire::{DeviceState, SampleFormat};
 
 use super::source;
@@ -74,11 +74,11 @@ pub(super) fn scan_trigger(
 
 impl<B: ReadBuffer> Card<B> {
     /// SET_TRIGGER: arms (or, with mode OFF, disarms) the level/edge trigger.
-    pub fn set_trigger(&mut self, config: &vdaq_wire::control::TriggerConfig) -> u32 {
+    pub fn set_trigger(&mut self, config: &vdaq_wire::control::TriggerConfig) -> CommandStatus {
         use vdaq_wire::control::trigger_mode;
         if config.mode == trigger_mode::OFF {
             self.live.trigger.armed = None;
-            return control::status::OK;
+            return CommandStatus::Ok;
         }
         let threshold = config.threshold_ppm.get() as i32;
         if config.mode > trigger_mode::FALLING
@@ -86,7 +86,7 @@ impl<B: ReadBuffer> Card<B> {
             || !(-1_000_000..=1_000_000).contains(&threshold)
             || config.post_frames.get() == 0
         {
-            return control::status::INVALID;
+            return CommandStatus::Invalid;
         }
         self.live.trigger.armed = Some(HwTrigger {
             mode: config.mode,
@@ -95,16 +95,16 @@ impl<B: ReadBuffer> Card<B> {
             post_frames: u64::from(config.post_frames.get()),
         });
         self.live.trigger.scan = TriggerState::default();
-        control::status::OK
+        CommandStatus::Ok
     }
 
     /// Software trigger: the next frame sampled is the trigger frame.
-    pub fn trigger(&mut self) -> u32 {
+    pub fn trigger(&mut self) -> CommandStatus {
         match self.live.state {
-            DeviceState::NeedsReset => control::status::BUSY,
+            DeviceState::NeedsReset => CommandStatus::Busy,
             _ => {
                 self.live.trigger.software_at = Some(self.live.clock.next_frame);
-                control::status::OK
+                CommandStatus::Ok
             }
         }
     }

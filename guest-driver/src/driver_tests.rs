@@ -1,0 +1,1347 @@
+//! Unit tests of [`DaqDriver`] against the scripted fake device ([`crate::fake`]): feature
+//! negotiation, commands, reads, events, recovery and shutdown, and above all the answers a
+//! correct device never gives — unknown ids, impossible used lengths, lying headers, short or
+//! malformed replies — each checked for the driver's exact outcome.
+
+extern crate std;
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use vdaq_wire::buffer::{flags, status as buffer_status, BufferHeader, HEADER_SIZE};
+use vdaq_wire::control::{
+    self, command_payload_size, opcode, reply_payload_size, status, Configure, FlushReply,
+    ResponseHeader, Status,
+};
+use vdaq_wire::event::{kind, Event, EVENT_SIZE};
+use vdaq_wire::{feature, queue, DeviceState as DaqState, SampleFormat};
+use virtio_drivers::transport::DeviceStatus;
+use zerocopy::IntoBytes;
+
+use crate::fake::device::DESC_F_WRITE;
+use crate::fake::{self, hal, FakeDaqTransport, FakeDevice, FakeHal, FakeWait, CAUSE_USED_BUFFER};
+use crate::{
+    DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, RequestId, DATA_QUEUE_SIZE,
+};
+
+type Driver = DaqDriver<FakeHal, FakeDaqTransport>;
+type Buffer = DmaBuffer<FakeHal>;
+
+/// The rig's stream: 2 channels of s32, 8 bytes a frame.
+const FORMAT: SampleFormat = SampleFormat::S32;
+const CHANNELS: u16 = 2;
+const FRAME: usize = 8;
+/// A read buffer of 16 frames.
+const FRAMES: usize = 16;
+const READ_LEN: usize = HEADER_SIZE + FRAMES * FRAME;
+
+const CONTROL_QUEUE_SIZE: u32 = 8;
+const EVENT_QUEUE_SIZE: u32 = 16;
+const EVENT_BUFFERS: u16 = 8;
+/// What `command_raw` offers for a reply: header + its largest reply payload.
+const REPLY_AREA: usize = size_of::<ResponseHeader>() + 128;
+
+fn bit(n: u32) -> u64 {
+    1 << n
+}
+
+fn init_status() -> DeviceStatus {
+    DeviceStatus::ACKNOWLEDGE
+        | DeviceStatus::DRIVER
+        | DeviceStatus::FEATURES_OK
+        | DeviceStatus::DRIVER_OK
+}
+
+struct Rig {
+    device: FakeDevice,
+    driver: Driver,
+}
+
+fn try_rig(
+    features: u64,
+    options: DriverOptions,
+    setup: impl FnOnce(&FakeDevice),
+) -> (FakeDevice, Result<Driver, DriverError>) {
+    let (device, transport) = FakeDevice::new(features, &fake::config(FORMAT, CHANNELS));
+    setup(&device);
+    let driver = DaqDriver::new(transport, device.irq(), options);
+    (device, driver)
+}
+
+fn rig() -> Rig {
+    let (device, driver) = try_rig(feature::DEVICE_FEATURES, DriverOptions::default(), |_| {});
+    Rig {
+        device,
+        driver: driver.expect("driver init"),
+    }
+}
+
+/// An OK header for `frames` frames of the rig's stream.
+fn header(sequence: u64, frames: usize) -> BufferHeader {
+    BufferHeader {
+        sequence: sequence.into(),
+        first_frame: (sequence * FRAMES as u64).into(),
+        frame_count: (frames as u32).into(),
+        status: buffer_status::OK,
+        format: FORMAT as u8,
+        channels: CHANNELS.into(),
+        rate_hz: 48_000.into(),
+        ..Default::default()
+    }
+}
+
+fn used_len(header: &BufferHeader) -> u32 {
+    (HEADER_SIZE + header.payload_bytes().expect("known format")) as u32
+}
+
+/// A payload whose bytes name their position, to see which buffer got which data.
+fn payload(tag: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| tag ^ (i as u8)).collect()
+}
+
+impl Rig {
+    fn submit(&mut self, len: usize) -> RequestId {
+        self.driver
+            .submit_read(Buffer::new(len))
+            .map_err(|(err, _)| err)
+            .expect("submit")
+    }
+
+    /// Submits a read, the device fills it with `header` + payload and returns it with
+    /// `used`, raises the interrupt; the bottom half runs. Returns the completion.
+    fn read_answered(
+        &mut self,
+        header: &BufferHeader,
+        used: u32,
+    ) -> (RequestId, crate::Completion<FakeHal>) {
+        let id = self.submit(READ_LEN);
+        let chain = self.device.take_read();
+        self.device
+            .fill_read(&chain, header, &payload(0x5a, READ_LEN - HEADER_SIZE));
+        self.device.complete(&chain, used);
+        self.device.interrupt(CAUSE_USED_BUFFER);
+        self.driver.service();
+        let done = self.driver.next_completion().expect("a completion");
+        assert!(self.driver.next_completion().is_none());
+        assert_eq!(done.id, id);
+        assert_eq!(done.used_len, used as usize);
+        assert_eq!(done.buffer.len(), READ_LEN, "the buffer comes back whole");
+        (id, done)
+    }
+
+    fn outcome(&mut self, header: &BufferHeader, used: u32) -> ReadOutcome {
+        self.read_answered(header, used).1.outcome
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialisation and feature negotiation
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn init_negotiates_version_1_and_event_idx_and_sets_up_three_queues() {
+    let rig = rig();
+    let expected = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::VIRTIO_F_EVENT_IDX);
+    assert_eq!(rig.driver.features(), expected);
+    rig.device.with_state(|s| {
+        assert_eq!(s.driver_features, vec![expected], "features written once");
+        assert_eq!(
+            s.status_writes,
+            vec![
+                DeviceStatus::empty(),
+                DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER,
+                DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK,
+                init_status(),
+            ],
+            "virtio 3.1.1 order"
+        );
+        assert_eq!(s.status, init_status());
+        assert!(s.bad_queue_indices.is_empty());
+        assert_eq!(s.config_writes, 0, "the config space is read-only");
+    });
+    assert_eq!(rig.device.queue(queue::DATA).size, DATA_QUEUE_SIZE as u32);
+    assert_eq!(rig.device.queue(queue::CONTROL).size, CONTROL_QUEUE_SIZE);
+    assert_eq!(rig.device.queue(queue::EVENT).size, EVENT_QUEUE_SIZE);
+    for index in [queue::DATA, queue::CONTROL, queue::EVENT] {
+        let q = rig.device.queue(index);
+        assert!(hal::is_live_dma(q.descriptors, 16 * q.size as usize));
+        assert!(hal::is_live_dma(q.driver_area, 6 + 2 * q.size as usize));
+        assert!(hal::is_live_dma(q.device_area, 6 + 8 * q.size as usize));
+    }
+    assert_eq!(rig.driver.frame_bytes(), FRAME);
+    assert_eq!(rig.driver.in_flight(), 0);
+    assert!(!rig.driver.needs_reset());
+    assert!(!rig.device.line().is_masked(), "init unmasks the line");
+}
+
+#[test]
+fn init_posts_device_writable_event_buffers_of_one_event() {
+    let rig = rig();
+    assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
+    assert_eq!(rig.device.avail_pending(queue::DATA), 0);
+    assert_eq!(rig.device.avail_pending(queue::CONTROL), 0);
+    for _ in 0..EVENT_BUFFERS {
+        let chain = rig.device.take_event_buffer();
+        assert_eq!(chain.descriptors.len(), 1);
+        assert_eq!(chain.readable_len(), 0);
+        assert_eq!(chain.writable_len(), EVENT_SIZE);
+    }
+}
+
+#[test]
+fn init_asks_for_crc_and_trigger_only_when_told_and_only_if_offered() {
+    let options = DriverOptions {
+        crc: true,
+        trigger: true,
+    };
+    let (_, driver) = try_rig(feature::DEVICE_FEATURES, options, |_| {});
+    let features = driver.expect("init").features();
+    assert_eq!(
+        features,
+        bit(feature::VIRTIO_F_VERSION_1)
+            | bit(feature::VIRTIO_F_EVENT_IDX)
+            | bit(feature::DAQ_F_CRC32)
+            | bit(feature::DAQ_F_TRIGGER)
+    );
+    assert_eq!(
+        features & bit(feature::VIRTIO_F_INDIRECT_DESC),
+        0,
+        "indirect descriptors are never asked for"
+    );
+
+    let offered = bit(feature::VIRTIO_F_VERSION_1) | bit(feature::DAQ_F_TRIGGER);
+    let (device, driver) = try_rig(offered, options, |_| {});
+    let driver = driver.expect("init");
+    assert_eq!(driver.features(), offered, "CRC and EVENT_IDX not offered");
+    device.with_state(|s| assert_eq!(s.driver_features, vec![offered]));
+}
+
+#[test]
+fn init_fails_with_missing_feature_when_version_1_is_not_offered() {
+    let offered = feature::DEVICE_FEATURES & !bit(feature::VIRTIO_F_VERSION_1);
+    let (device, driver) = try_rig(offered, DriverOptions::default(), |_| {});
+    assert!(matches!(
+        driver,
+        Err(DriverError::MissingFeature(feature::VIRTIO_F_VERSION_1))
+    ));
+    device.with_state(|s| {
+        assert!(s.status.contains(DeviceStatus::FAILED), "{:?}", s.status);
+        assert!(s
+            .status_writes
+            .iter()
+            .all(|w| !w.contains(DeviceStatus::DRIVER_OK)));
+        assert!(s.queues.iter().all(|q| q.size == 0), "no queue set up");
+    });
+}
+
+#[test]
+#[ignore = "bug: DaqDriver::new does not re-read the status after FEATURES_OK (virtio 3.1.1 \
+            step 6); a device that refuses the feature set is driven to DRIVER_OK"]
+fn init_fails_when_the_device_refuses_the_feature_set() {
+    let (device, driver) = try_rig(
+        feature::DEVICE_FEATURES,
+        DriverOptions::default(),
+        |device| device.with_state(|s| s.refuse_features = true),
+    );
+    let driven_to_driver_ok = device.with_state(|s| {
+        s.status_writes
+            .iter()
+            .any(|w| w.contains(DeviceStatus::DRIVER_OK))
+    });
+    assert!(
+        driver.is_err(),
+        "init must fail when FEATURES_OK does not stick"
+    );
+    assert!(!driven_to_driver_ok, "DRIVER_OK must not be set");
+    assert!(device.status().contains(DeviceStatus::FAILED));
+}
+
+#[test]
+fn init_fails_on_an_unknown_sample_format_and_resets_the_device() {
+    let (device, transport) = FakeDevice::new(feature::DEVICE_FEATURES, &{
+        let mut config = fake::config(FORMAT, CHANNELS);
+        config.format = 0;
+        config
+    });
+    let driver = Driver::new(transport, device.irq(), DriverOptions::default());
+    assert!(matches!(driver, Err(DriverError::BadReply(0))));
+    // The half-built driver was dropped, which resets the device: no ring outlives it.
+    assert_eq!(device.status(), DeviceStatus::empty());
+    device.with_state(|s| assert!(s.queues.iter().all(|q| q.size == 0)));
+}
+
+#[test]
+fn init_fails_on_a_config_space_shorter_than_the_vdaq_layout() {
+    let mut bytes = fake::config(FORMAT, CHANNELS).as_bytes().to_vec();
+    bytes.truncate(64);
+    let (device, transport) = FakeDevice::with_config_bytes(feature::DEVICE_FEATURES, bytes);
+    let driver = Driver::new(transport, device.irq(), DriverOptions::default());
+    assert!(matches!(
+        driver,
+        Err(DriverError::Virtio(
+            virtio_drivers::Error::ConfigSpaceTooSmall
+        ))
+    ));
+    assert_eq!(device.status(), DeviceStatus::empty(), "reset by drop");
+}
+
+#[test]
+fn init_fails_when_the_data_queue_cannot_be_256_deep() {
+    let (device, driver) = try_rig(feature::DEVICE_FEATURES, DriverOptions::default(), |d| {
+        d.with_state(|s| s.max_queue_size[usize::from(queue::DATA)] = 128)
+    });
+    assert!(matches!(
+        driver,
+        Err(DriverError::Virtio(virtio_drivers::Error::InvalidParam))
+    ));
+    device.with_state(|s| assert!(s.queues.iter().all(|q| q.size == 0)));
+}
+
+#[test]
+#[ignore = "bug: when a later queue cannot be set up, DaqDriver::new returns without FAILED or \
+            a reset, leaving the data queue registered with the device on freed memory"]
+fn init_failure_after_a_queue_is_set_up_leaves_no_ring_registered() {
+    let (device, driver) = try_rig(feature::DEVICE_FEATURES, DriverOptions::default(), |d| {
+        d.with_state(|s| s.max_queue_size[usize::from(queue::CONTROL)] = 4)
+    });
+    assert!(matches!(
+        driver,
+        Err(DriverError::Virtio(virtio_drivers::Error::InvalidParam))
+    ));
+    let (status, data) = device.with_state(|s| (s.status, s.queues[usize::from(queue::DATA)]));
+    let freed = data.size != 0 && !hal::is_live_dma(data.descriptors, 16);
+    assert!(
+        !freed,
+        "queue 0 is still registered at {:#x}, which was freed (status {status:?})",
+        data.descriptors
+    );
+    assert!(
+        status.contains(DeviceStatus::FAILED) || status.is_empty(),
+        "the device must be failed or reset, is {status:?}"
+    );
+}
+
+#[test]
+fn dropping_the_driver_resets_the_device() {
+    let rig = rig();
+    let device = rig.device.clone();
+    drop(rig);
+    assert_eq!(device.status(), DeviceStatus::empty());
+    device.with_state(|s| {
+        assert_eq!(s.resets, 2, "one reset in begin_init, one at drop");
+        assert!(s.queues.iter().all(|q| q.size == 0));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn command_round_trip_follows_the_wire_format() {
+    let mut rig = rig();
+    let answer = Status {
+        device_time_ns: 123.into(),
+        frames_produced: 7.into(),
+        buffers_held: 2.into(),
+        state: DaqState::Stopped as u8,
+        ..Default::default()
+    };
+    let mut wait = FakeWait::new(&rig.device).then(move |device| {
+        let command = device.take_command();
+        let chain = &command.chain;
+        assert!(chain.is_well_ordered(), "readable before writable");
+        assert_eq!(command.opcode(), opcode::GET_STATUS);
+        assert_eq!(command.header.reserved.get(), 0);
+        assert_eq!(
+            chain.readable_len(),
+            size_of::<control::CommandHeader>()
+                + command_payload_size(opcode::GET_STATUS).expect("known")
+        );
+        assert!(
+            chain.writable_len()
+                >= size_of::<ResponseHeader>() + reply_payload_size(opcode::GET_STATUS)
+        );
+        assert_eq!(chain.writable_len(), REPLY_AREA);
+        device.reply(&command, status::OK, answer.as_bytes());
+    });
+    let got = rig.driver.status(&mut wait).expect("GET_STATUS");
+    assert_eq!(got, answer);
+    assert_eq!(wait.waits, 1);
+    rig.device.with_state(|s| {
+        assert_eq!(s.notifications[usize::from(queue::CONTROL)], 1);
+    });
+    assert!(!rig.device.line().is_masked());
+}
+
+#[test]
+fn configure_sends_its_payload_and_refreshes_the_frame_size() {
+    let mut rig = rig();
+    let settings = Configure {
+        rate_hz: 1000.into(),
+        latency_us: 100.into(),
+        watermark_frames: 8.into(),
+        channels: 4.into(),
+        coalesce_buffers: 1.into(),
+        format: SampleFormat::S16 as u8,
+        ..Default::default()
+    };
+    let mut wait = FakeWait::new(&rig.device).then(move |device| {
+        let command = device.take_command();
+        assert_eq!(command.opcode(), opcode::CONFIGURE);
+        assert_eq!(command.payload, settings.as_bytes());
+        device.set_config(|c| {
+            c.channels = 4.into();
+            c.format = SampleFormat::S16 as u8;
+        });
+        device.reply(&command, status::OK, &[]);
+    });
+    rig.driver
+        .configure(&settings, &mut wait)
+        .expect("CONFIGURE");
+    assert_eq!(rig.driver.frame_bytes(), 4 * 2);
+}
+
+#[test]
+fn start_stop_and_raw_commands_return_the_device_status() {
+    let mut rig = rig();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::START, status::OK, &[])
+        .answer(opcode::STOP, status::OK, &[])
+        .answer(99, status::UNSUPPORTED, &[])
+        .answer(opcode::RESET_COUNTERS, status::BUSY, &[]);
+    rig.driver.start(&mut wait).expect("START");
+    rig.driver.stop(&mut wait).expect("STOP");
+    let (code, payload) = rig.driver.command_raw(99, &[], &mut wait).expect("raw");
+    assert_eq!((code, payload.len()), (status::UNSUPPORTED, 0));
+    let (code, _) = rig
+        .driver
+        .command_raw(opcode::RESET_COUNTERS, &[], &mut wait)
+        .expect("raw");
+    assert_eq!(code, status::BUSY);
+    assert_eq!(wait.steps_left(), 0);
+}
+
+#[test]
+fn command_answered_with_a_bad_status_is_a_command_error() {
+    for (op, code) in [
+        (opcode::START, status::BUSY),
+        (opcode::STOP, status::BAD_SIZE),
+        (opcode::GET_STATUS, status::INVALID),
+        (opcode::FLUSH, status::UNSUPPORTED),
+    ] {
+        let mut rig = rig();
+        let mut wait = FakeWait::new(&rig.device).answer(op, code, &[]);
+        let result = match op {
+            opcode::START => rig.driver.start(&mut wait),
+            opcode::STOP => rig.driver.stop(&mut wait),
+            opcode::GET_STATUS => rig.driver.status(&mut wait).map(drop),
+            _ => rig.driver.flush(&mut wait).map(drop),
+        };
+        match result {
+            Err(DriverError::Command { opcode, status }) => {
+                assert_eq!((opcode.code(), status), (op, code));
+            }
+            other => panic!("opcode {op}: expected a Command error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn reply_shorter_than_its_header_is_a_bad_reply() {
+    for used in [0, 1, 4, 7] {
+        let mut rig = rig();
+        let mut wait = FakeWait::new(&rig.device).then(move |device| {
+            let command = device.take_command();
+            // A good header in memory, but the used length says it was not all written.
+            let ok = ResponseHeader::default();
+            device.reply_raw(&command, ok.as_bytes(), used);
+        });
+        let result = rig.driver.start(&mut wait);
+        assert!(
+            matches!(result, Err(DriverError::BadReply(opcode::START))),
+            "used {used}: {result:?}"
+        );
+        assert!(
+            !rig.driver.needs_reset(),
+            "a bad reply is not a corrupt ring"
+        );
+    }
+}
+
+#[test]
+fn reply_longer_than_the_reply_area_is_a_bad_reply() {
+    for used in [REPLY_AREA as u32 + 1, 4096, u32::MAX] {
+        let mut rig = rig();
+        let mut wait = FakeWait::new(&rig.device).then(move |device| {
+            let command = device.take_command();
+            let flush = FlushReply {
+                buffers_returned: 0.into(),
+                reserved: 0.into(),
+            };
+            let mut bytes = ResponseHeader::default().as_bytes().to_vec();
+            bytes.extend_from_slice(flush.as_bytes());
+            device.reply_raw(&command, &bytes, used);
+        });
+        let result = rig.driver.flush(&mut wait);
+        assert!(
+            matches!(result, Err(DriverError::BadReply(opcode::FLUSH))),
+            "used {used}: {result:?}"
+        );
+    }
+}
+
+#[test]
+fn ok_reply_without_its_payload_is_a_bad_reply() {
+    // GET_STATUS needs 72 bytes of payload, FLUSH 8.
+    for (op, payload_len) in [
+        (opcode::GET_STATUS, 0),
+        (opcode::GET_STATUS, 40),
+        (opcode::GET_STATUS, size_of::<Status>() - 1),
+        (opcode::FLUSH, 0),
+        (opcode::FLUSH, 4),
+    ] {
+        let mut rig = rig();
+        let payload = vec![0xee; payload_len];
+        let mut wait = FakeWait::new(&rig.device).answer(op, status::OK, &payload);
+        let result = if op == opcode::FLUSH {
+            rig.driver.flush(&mut wait).map(drop)
+        } else {
+            rig.driver.status(&mut wait).map(drop)
+        };
+        assert!(
+            matches!(result, Err(DriverError::BadReply(got)) if got == op),
+            "opcode {op} with {payload_len} payload bytes: {result:?}"
+        );
+    }
+}
+
+#[test]
+fn ok_reply_with_a_longer_payload_is_read_up_to_its_structure() {
+    let mut rig = rig();
+    let answer = Status {
+        frames_delivered: 99.into(),
+        ..Default::default()
+    };
+    let mut long = answer.as_bytes().to_vec();
+    long.extend_from_slice(&[0xab; 16]);
+    let mut wait = FakeWait::new(&rig.device).answer(opcode::GET_STATUS, status::OK, &long);
+    assert_eq!(rig.driver.status(&mut wait).expect("status"), answer);
+}
+
+#[test]
+fn timeout_leaves_the_command_pending_until_the_device_answers() {
+    let mut rig = rig();
+    let mut silent = FakeWait::new(&rig.device);
+    assert!(matches!(
+        rig.driver.start(&mut silent),
+        Err(DriverError::Timeout)
+    ));
+    assert_eq!(silent.waits, 1);
+    // The device has the command; the driver will not send another meanwhile.
+    let late = rig.device.take_command();
+    assert_eq!(late.opcode(), opcode::START);
+    assert!(matches!(
+        rig.driver.stop(&mut FakeWait::new(&rig.device)),
+        Err(DriverError::QueueFull)
+    ));
+    assert_eq!(
+        rig.device.avail_pending(queue::CONTROL),
+        0,
+        "nothing new sent"
+    );
+    // The late reply is taken by the bottom half and dropped; the next command works.
+    rig.device.reply(&late, status::OK, &[]);
+    rig.driver.service();
+    assert!(!rig.driver.needs_reset());
+    let mut wait = FakeWait::new(&rig.device).answer(opcode::STOP, status::OK, &[]);
+    rig.driver
+        .stop(&mut wait)
+        .expect("STOP after the late reply");
+}
+
+#[test]
+fn reply_on_a_descriptor_that_is_not_the_commands_head_marks_the_ring_corrupt() {
+    let mut rig = rig();
+    let mut wait = FakeWait::new(&rig.device).then(|device| {
+        let command = device.take_command();
+        assert_eq!(command.chain.descriptors.len(), 2);
+        // The reply descriptor's index, not the chain's head.
+        let second = command.chain.descriptors[0].next.get();
+        command.chain.write(0, ResponseHeader::default().as_bytes());
+        device.put_used(queue::CONTROL, u32::from(second), 8);
+        device.interrupt(CAUSE_USED_BUFFER);
+    });
+    let result = rig.driver.start(&mut wait);
+    assert!(result.is_err(), "an answer on the wrong id is not a reply");
+    assert!(rig.driver.needs_reset(), "the control ring is corrupt");
+    assert!(matches!(
+        rig.driver.submit_read(Buffer::new(READ_LEN)),
+        Err((DriverError::NeedsReset, _))
+    ));
+}
+
+#[test]
+#[ignore = "bug: command_raw keeps waiting after service() found the control ring corrupt \
+            (needs_reset set), and reports Timeout only when the Wait gives up"]
+fn command_gives_up_at_once_when_its_ring_is_corrupt() {
+    let mut rig = rig();
+    let mut wait = FakeWait::new(&rig.device)
+        .then(|device| {
+            let command = device.take_command();
+            device.put_used(queue::CONTROL, u32::from(command.chain.head) + 1, 8);
+            device.interrupt(CAUSE_USED_BUFFER);
+        })
+        // A real Wait would sleep until its deadline here.
+        .then(|_| {})
+        .then(|_| {});
+    let result = rig.driver.start(&mut wait);
+    assert!(
+        matches!(result, Err(DriverError::NeedsReset)),
+        "got {result:?}"
+    );
+    assert_eq!(wait.waits, 1, "no waiting once the ring is known corrupt");
+}
+
+#[test]
+fn unsolicited_control_completion_marks_the_ring_corrupt() {
+    let mut rig = rig();
+    rig.device.put_used(queue::CONTROL, 0, 8);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    assert_eq!(rig.driver.service(), 0);
+    assert!(rig.driver.needs_reset());
+    assert!(!rig.device.line().is_masked(), "unmasked even so");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn read_buffer_is_one_device_writable_descriptor_of_its_length() {
+    let mut rig = rig();
+    rig.submit(READ_LEN);
+    let chain = rig.device.take_read();
+    assert_eq!(chain.descriptors.len(), 1);
+    assert_ne!(chain.descriptors[0].flags.get() & DESC_F_WRITE, 0);
+    assert_eq!(chain.writable_len(), READ_LEN);
+    assert_eq!(chain.readable_len(), 0);
+    assert_eq!(chain.read_writable(), vec![0; READ_LEN], "a zeroed buffer");
+    rig.device
+        .with_state(|s| assert_eq!(s.notifications[usize::from(queue::DATA)], 1));
+    assert_eq!(rig.driver.stats().data_notifications, 1);
+}
+
+#[test]
+fn read_completes_with_a_valid_header() {
+    let mut rig = rig();
+    let unmasks = rig.device.line().unmasks();
+    let written = header(0, FRAMES);
+    let (_, done) = rig.read_answered(&written, READ_LEN as u32);
+    assert_eq!(done.outcome, ReadOutcome::Data(written));
+    assert_eq!(&done.buffer.as_slice()[..HEADER_SIZE], written.as_bytes());
+    assert_eq!(
+        &done.buffer.as_slice()[HEADER_SIZE..],
+        payload(0x5a, READ_LEN - HEADER_SIZE).as_slice()
+    );
+    assert_eq!(rig.driver.in_flight(), 0);
+    let stats = rig.driver.stats();
+    assert_eq!((stats.completed, stats.bottom_halves), (1, 1));
+    assert_eq!((stats.rejected, stats.invalid, stats.cancelled), (0, 0, 0));
+    assert!(!rig.device.line().is_masked());
+    assert!(
+        rig.device.line().unmasks() > unmasks,
+        "the bottom half unmasks"
+    );
+    assert!(!rig.driver.completions_waiting());
+}
+
+#[test]
+fn partly_filled_read_is_data_with_its_own_length() {
+    let mut rig = rig();
+    let mut short = header(0, 3);
+    short.flags = flags::LATENCY.into();
+    let (_, done) = rig.read_answered(&short, used_len(&short));
+    assert_eq!(done.used_len, HEADER_SIZE + 3 * FRAME);
+    assert_eq!(done.outcome, ReadOutcome::Data(short));
+    // An empty FLUSHED buffer: a header and nothing else.
+    let mut empty = header(1, 0);
+    empty.flags = flags::FLUSHED.into();
+    assert_eq!(
+        rig.outcome(&empty, HEADER_SIZE as u32),
+        ReadOutcome::Data(empty)
+    );
+}
+
+#[test]
+fn used_length_zero_is_rejected_whatever_the_buffer_holds() {
+    let mut rig = rig();
+    assert_eq!(rig.outcome(&header(0, FRAMES), 0), ReadOutcome::Rejected);
+    assert_eq!(rig.driver.stats().rejected, 1);
+    assert_eq!(rig.driver.stats().completed, 0);
+}
+
+#[test]
+fn bad_buffer_header_is_rejected() {
+    let mut rig = rig();
+    let bad = BufferHeader {
+        status: buffer_status::BAD_BUFFER,
+        format: FORMAT as u8,
+        channels: CHANNELS.into(),
+        ..Default::default()
+    };
+    assert_eq!(rig.outcome(&bad, HEADER_SIZE as u32), ReadOutcome::Rejected);
+    assert_eq!(rig.driver.stats().rejected, 1);
+}
+
+#[test]
+fn used_length_shorter_than_a_header_is_invalid() {
+    for used in [1, 8, HEADER_SIZE as u32 - 1] {
+        let mut rig = rig();
+        assert_eq!(
+            rig.outcome(&header(0, 0), used),
+            ReadOutcome::Invalid {
+                used: used as usize
+            }
+        );
+        assert_eq!(rig.driver.stats().invalid, 1);
+    }
+}
+
+#[test]
+fn used_length_beyond_the_buffer_is_invalid_even_with_a_matching_header() {
+    let mut rig = rig();
+    // The header claims one frame more than fits, and the used length agrees with it.
+    let over = header(0, FRAMES + 1);
+    assert_eq!(used_len(&over), READ_LEN as u32 + FRAME as u32);
+    assert_eq!(
+        rig.outcome(&over, used_len(&over)),
+        ReadOutcome::Invalid {
+            used: READ_LEN + FRAME
+        }
+    );
+    for used in [READ_LEN as u32 + 1, u32::MAX] {
+        assert_eq!(
+            rig.outcome(&header(0, FRAMES), used),
+            ReadOutcome::Invalid {
+                used: used as usize
+            }
+        );
+    }
+    assert_eq!(rig.driver.stats().invalid, 3);
+}
+
+#[test]
+fn header_frame_count_that_disagrees_with_the_used_length_is_invalid() {
+    let mut rig = rig();
+    for frames in [0, 1, FRAMES - 1, FRAMES + 1, u32::MAX as usize] {
+        let lying = header(0, frames);
+        assert_eq!(
+            rig.outcome(&lying, READ_LEN as u32),
+            ReadOutcome::Invalid { used: READ_LEN },
+            "frame_count {frames}"
+        );
+    }
+}
+
+#[test]
+fn header_with_an_unknown_format_or_status_is_invalid() {
+    let mut rig = rig();
+    for format in [0, 4, 0xff] {
+        let lying = BufferHeader {
+            format,
+            ..header(0, FRAMES)
+        };
+        assert_eq!(
+            rig.outcome(&lying, READ_LEN as u32),
+            ReadOutcome::Invalid { used: READ_LEN },
+            "format {format}"
+        );
+    }
+    for code in [2, 0x80, 0xff] {
+        let lying = BufferHeader {
+            status: code,
+            ..header(0, FRAMES)
+        };
+        assert_eq!(
+            rig.outcome(&lying, READ_LEN as u32),
+            ReadOutcome::Invalid { used: READ_LEN },
+            "status {code}"
+        );
+    }
+}
+
+#[test]
+fn header_whose_channels_disagree_with_its_frame_count_is_invalid() {
+    let mut rig = rig();
+    for channels in [1, 3, 4, u16::MAX] {
+        let lying = BufferHeader {
+            channels: channels.into(),
+            ..header(0, FRAMES)
+        };
+        assert_eq!(
+            rig.outcome(&lying, READ_LEN as u32),
+            ReadOutcome::Invalid { used: READ_LEN },
+            "channels {channels}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "hardening, not a spec violation: a header announcing frame_count > 0 frames of 0 \
+            channels (payload 0, used 64) is accepted as Data"]
+fn header_with_zero_channels_and_frames_is_invalid() {
+    let mut rig = rig();
+    let lying = BufferHeader {
+        channels: 0.into(),
+        ..header(0, FRAMES)
+    };
+    assert_eq!(
+        rig.outcome(&lying, HEADER_SIZE as u32),
+        ReadOutcome::Invalid { used: HEADER_SIZE }
+    );
+}
+
+#[test]
+#[ignore = "hardening, not a spec violation: a self-consistent header in another format or \
+            channel count than the negotiated stream is accepted as Data"]
+fn header_in_another_format_than_the_stream_is_invalid() {
+    let mut rig = rig();
+    // s16 × 4 channels is 8 bytes a frame too: the used length matches.
+    let other = BufferHeader {
+        format: SampleFormat::S16 as u8,
+        channels: 4.into(),
+        ..header(0, FRAMES)
+    };
+    assert_eq!(used_len(&other), READ_LEN as u32);
+    assert_eq!(
+        rig.outcome(&other, READ_LEN as u32),
+        ReadOutcome::Invalid { used: READ_LEN }
+    );
+}
+
+#[test]
+fn reads_completed_out_of_order_keep_their_ids_and_buffers() {
+    let mut rig = rig();
+    let ids: Vec<RequestId> = (0..3).map(|_| rig.submit(READ_LEN)).collect();
+    let chains: Vec<_> = (0..3).map(|_| rig.device.take_read()).collect();
+    for (tag, i) in [(2u8, 2usize), (0, 0), (1, 1)] {
+        let h = header(u64::from(tag), FRAMES);
+        rig.device
+            .fill_read(&chains[i], &h, &payload(tag, READ_LEN - HEADER_SIZE));
+        rig.device.complete(&chains[i], READ_LEN as u32);
+    }
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    assert_eq!(rig.driver.service(), 3);
+    for expected in [2usize, 0, 1] {
+        let done = rig.driver.next_completion().expect("completion");
+        assert_eq!(done.id, ids[expected]);
+        assert_eq!(
+            &done.buffer.as_slice()[HEADER_SIZE..],
+            payload(expected as u8, READ_LEN - HEADER_SIZE).as_slice(),
+            "each completion carries its own buffer"
+        );
+    }
+}
+
+#[test]
+fn unknown_used_id_marks_the_ring_corrupt_and_refuses_new_reads() {
+    for bogus in [5u32, 255, 256, 300, 0xffff] {
+        let mut rig = rig();
+        rig.submit(READ_LEN);
+        let chain = rig.device.take_read();
+        assert_eq!(chain.head, 0);
+        rig.device.put_used(queue::DATA, bogus, READ_LEN as u32);
+        rig.device.interrupt(CAUSE_USED_BUFFER);
+        assert_eq!(rig.driver.service(), 0, "id {bogus}");
+        assert!(rig.driver.next_completion().is_none());
+        assert!(rig.driver.needs_reset());
+        assert_eq!(
+            rig.driver.in_flight(),
+            1,
+            "the real read is still the device's"
+        );
+        assert!(
+            rig.driver.completions_waiting(),
+            "the entry stays on the ring"
+        );
+        let (err, buffer) = rig
+            .driver
+            .submit_read(Buffer::new(READ_LEN))
+            .expect_err("refused");
+        assert!(matches!(err, DriverError::NeedsReset));
+        assert_eq!(buffer.len(), READ_LEN, "the buffer comes back");
+        // Servicing again does not spin or panic.
+        rig.device.interrupt(CAUSE_USED_BUFFER);
+        assert_eq!(rig.driver.service(), 0);
+    }
+}
+
+#[test]
+#[ignore = "bug (virtio-drivers 0.13): peek_used/pop_used truncate the used ring's 32-bit id to \
+            u16, so an id of 65536 + token completes that token's read"]
+fn used_id_aliasing_a_token_modulo_2_16_is_not_taken() {
+    let mut rig = rig();
+    rig.submit(READ_LEN);
+    let chain = rig.device.take_read();
+    rig.device.fill_read(&chain, &header(0, FRAMES), &[]);
+    rig.device.put_used(
+        queue::DATA,
+        0x1_0000 + u32::from(chain.head),
+        READ_LEN as u32,
+    );
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    assert!(rig.driver.next_completion().is_none(), "id 65536 is not 0");
+    assert!(rig.driver.needs_reset());
+}
+
+#[test]
+fn used_id_returned_twice_marks_the_ring_corrupt() {
+    let mut rig = rig();
+    let (_, done) = rig.read_answered(&header(0, FRAMES), READ_LEN as u32);
+    assert!(matches!(done.outcome, ReadOutcome::Data(_)));
+    drop(done);
+    rig.device.put_used(queue::DATA, 0, READ_LEN as u32);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    assert_eq!(rig.driver.service(), 0);
+    assert!(rig.driver.next_completion().is_none());
+    assert!(rig.driver.needs_reset());
+}
+
+#[test]
+fn cancelled_read_comes_back_cancelled_whatever_the_device_wrote() {
+    let mut rig = rig();
+    let id = rig.submit(READ_LEN);
+    assert!(rig.driver.cancel(id));
+    assert!(!rig.driver.cancel(RequestId(999)));
+    let chain = rig.device.take_read();
+    rig.device.fill_read(&chain, &header(0, FRAMES), &[]);
+    rig.device.complete(&chain, READ_LEN as u32);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    let done = rig.driver.next_completion().expect("completion");
+    assert_eq!((done.id, done.outcome), (id, ReadOutcome::Cancelled));
+    assert_eq!(rig.driver.stats().cancelled, 1);
+    assert_eq!(rig.driver.stats().completed, 0);
+    assert!(!rig.driver.cancel(id), "no longer in flight");
+}
+
+#[test]
+fn read_buffer_too_small_for_a_frame_is_refused_and_given_back() {
+    let mut rig = rig();
+    for len in [0, 1, HEADER_SIZE, HEADER_SIZE + FRAME - 1] {
+        let (err, buffer) = rig
+            .driver
+            .submit_read(Buffer::new(len))
+            .expect_err("too small");
+        assert!(
+            matches!(err, DriverError::BufferTooSmall { len: l, needed } if l == len && needed == HEADER_SIZE + FRAME),
+            "{err:?}"
+        );
+        assert_eq!(buffer.len(), len);
+    }
+    assert_eq!(rig.device.avail_pending(queue::DATA), 0);
+    assert_eq!(rig.driver.in_flight(), 0);
+    rig.submit(HEADER_SIZE + FRAME);
+}
+
+#[test]
+fn full_data_queue_gives_the_buffer_back() {
+    let mut rig = rig();
+    for _ in 0..DATA_QUEUE_SIZE {
+        rig.driver
+            .submit_read_batched(Buffer::new(HEADER_SIZE + FRAME))
+            .map_err(|(err, _)| err)
+            .expect("submit");
+    }
+    rig.driver.kick();
+    let (err, buffer) = rig
+        .driver
+        .submit_read(Buffer::new(READ_LEN))
+        .expect_err("full");
+    assert!(matches!(err, DriverError::QueueFull));
+    assert_eq!(buffer.len(), READ_LEN);
+    assert_eq!(rig.driver.in_flight(), DATA_QUEUE_SIZE);
+    assert_eq!(
+        rig.device.avail_pending(queue::DATA),
+        DATA_QUEUE_SIZE as u16
+    );
+    assert_eq!(rig.driver.stats().data_notifications, 1, "one kick");
+}
+
+#[test]
+fn completion_without_an_interrupt_waits_for_the_watchdog() {
+    let mut rig = rig();
+    rig.submit(READ_LEN);
+    let chain = rig.device.take_read();
+    rig.device.fill_read(&chain, &header(0, FRAMES), &[]);
+    rig.device.complete(&chain, READ_LEN as u32);
+    // The interrupt is lost.
+    assert_eq!(rig.driver.service(), 0);
+    assert!(rig.driver.next_completion().is_none());
+    assert!(rig.driver.completions_waiting());
+    rig.device.irq().raise();
+    assert_eq!(rig.driver.service(), 1);
+    assert!(!rig.driver.completions_waiting());
+}
+
+#[test]
+fn completion_arriving_at_unmask_is_found_by_the_recheck() {
+    let mut rig = rig();
+    rig.submit(READ_LEN);
+    rig.submit(READ_LEN);
+    let first = rig.device.take_read();
+    let second = rig.device.take_read();
+    rig.device.fill_read(&first, &header(0, FRAMES), &[]);
+    rig.device.fill_read(&second, &header(1, FRAMES), &[]);
+    rig.device.complete(&first, READ_LEN as u32);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    let device = rig.device.clone();
+    // The second completes in the window between the drain and the unmask.
+    rig.device
+        .on_next_unmask(move || device.complete(&second, READ_LEN as u32));
+    assert_eq!(rig.driver.service(), 2);
+    assert_eq!(rig.driver.stats().found_on_recheck, 1);
+    assert_eq!(rig.driver.stats().bottom_halves, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events and device state
+// ---------------------------------------------------------------------------------------------
+
+fn event(kind: u32, arg0: u64) -> Event {
+    Event {
+        kind: kind.into(),
+        timestamp_ns: 5.into(),
+        arg0: arg0.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn events_are_received_and_their_buffers_reposted() {
+    let mut rig = rig();
+    let overrun = event(kind::OVERRUN, 42);
+    rig.device.send_event(&overrun, EVENT_SIZE as u32);
+    rig.driver.service();
+    assert_eq!(rig.driver.next_event(), Some(overrun));
+    assert_eq!(rig.driver.stats().events, 1);
+    assert!(!rig.driver.needs_reset(), "an overrun is not a fault");
+    assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
+}
+
+#[test]
+fn needs_reset_event_refuses_new_reads() {
+    let mut rig = rig();
+    rig.device
+        .send_event(&event(kind::NEEDS_RESET, 1), EVENT_SIZE as u32);
+    rig.driver.service();
+    assert_eq!(
+        rig.driver.next_event().map(|e| e.kind.get()),
+        Some(kind::NEEDS_RESET)
+    );
+    assert!(rig.driver.needs_reset());
+    assert!(matches!(
+        rig.driver.submit_read(Buffer::new(READ_LEN)),
+        Err((DriverError::NeedsReset, _))
+    ));
+}
+
+#[test]
+fn short_or_empty_event_is_dropped_and_its_buffer_reposted() {
+    let mut rig = rig();
+    for used in [0, 1, EVENT_SIZE as u32 - 1] {
+        rig.device.send_event(&event(kind::NEEDS_RESET, 1), used);
+        rig.driver.service();
+        assert_eq!(rig.driver.next_event(), None, "used {used}");
+    }
+    assert_eq!(rig.driver.stats().events, 0);
+    assert!(!rig.driver.needs_reset(), "an unwritten event is not read");
+    assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
+}
+
+#[test]
+fn unknown_event_id_marks_the_ring_corrupt() {
+    let mut rig = rig();
+    // Descriptors 8..16 of the event queue hold no buffer.
+    rig.device.put_used(queue::EVENT, 12, EVENT_SIZE as u32);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    assert_eq!(rig.driver.next_event(), None);
+    assert!(rig.driver.needs_reset());
+}
+
+#[test]
+fn configuration_change_to_needs_reset_is_noticed() {
+    let mut rig = rig();
+    rig.device
+        .set_config(|c| c.state = DaqState::NeedsReset as u8);
+    // A used-buffer interrupt alone does not make the driver read the state.
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    assert!(!rig.driver.needs_reset());
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    assert!(rig.driver.needs_reset());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery and shutdown
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn recover_returns_what_the_device_gave_back_and_reclaims_the_rest() {
+    let mut rig = rig();
+    let ids: Vec<RequestId> = (0..3).map(|_| rig.submit(READ_LEN)).collect();
+    let chains: Vec<_> = (0..3).map(|_| rig.device.take_read()).collect();
+    rig.device
+        .send_event(&event(kind::NEEDS_RESET, 1), EVENT_SIZE as u32);
+    rig.driver.service();
+    assert!(rig.driver.needs_reset());
+    let old_data_ring = rig.device.queue(queue::DATA).descriptors;
+    // At the reset the device hands back the first read, flushed and empty.
+    let device = rig.device.clone();
+    let first = chains[0].clone();
+    rig.device.on_reset(move || {
+        let mut empty = header(0, 0);
+        empty.flags = flags::FLUSHED.into();
+        device.fill_read(&first, &empty, &[]);
+        device.complete(&first, HEADER_SIZE as u32);
+    });
+    let counters = Status {
+        buffers_held: 3.into(),
+        state: DaqState::NeedsReset as u8,
+        ..Default::default()
+    };
+    let mut wait =
+        FakeWait::new(&rig.device).answer(opcode::GET_STATUS, status::OK, counters.as_bytes());
+    let report = rig.driver.recover(&mut wait).expect("recover");
+    assert_eq!(report.status, Some(counters));
+    assert_eq!((report.returned, report.reclaimed), (1, 2));
+    let done: Vec<_> = core::iter::from_fn(|| rig.driver.next_completion()).collect();
+    assert_eq!(done.len(), 3);
+    assert_eq!(done[0].id, ids[0]);
+    assert!(matches!(done[0].outcome, ReadOutcome::Data(h) if h.flags.get() == flags::FLUSHED));
+    for (done, id) in done[1..].iter().zip(&ids[1..]) {
+        assert_eq!(
+            (done.id, done.outcome, done.used_len),
+            (*id, ReadOutcome::Reclaimed, 0)
+        );
+    }
+    // Initialised again: fresh queues, event buffers, and reads work.
+    assert!(!rig.driver.needs_reset());
+    assert_eq!(rig.driver.in_flight(), 0);
+    assert_eq!(rig.device.status(), init_status());
+    assert_ne!(rig.device.queue(queue::DATA).descriptors, old_data_ring);
+    assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
+    let (_, done) = rig.read_answered(&header(0, FRAMES), READ_LEN as u32);
+    assert!(matches!(done.outcome, ReadOutcome::Data(_)));
+}
+
+#[test]
+fn recover_after_a_corrupt_ring_skips_the_status_and_reclaims_everything() {
+    let mut rig = rig();
+    let id = rig.submit(READ_LEN);
+    rig.device.take_read();
+    rig.device.put_used(queue::DATA, 77, READ_LEN as u32);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    assert!(rig.driver.needs_reset());
+    let mut silent = FakeWait::new(&rig.device);
+    let report = rig.driver.recover(&mut silent).expect("recover");
+    assert_eq!(silent.waits, 0, "no command on a corrupt device");
+    assert_eq!(report.status, None);
+    assert_eq!((report.returned, report.reclaimed), (0, 1));
+    let done = rig.driver.next_completion().expect("reclaimed");
+    assert_eq!((done.id, done.outcome), (id, ReadOutcome::Reclaimed));
+    assert!(!rig.driver.needs_reset());
+    rig.submit(READ_LEN);
+}
+
+fn flushed(sequence: u64) -> BufferHeader {
+    let mut h = header(sequence, 0);
+    h.flags = flags::FLUSHED.into();
+    h
+}
+
+/// A FLUSH step: return `chains` as empty FLUSHED buffers, then reply `returned`.
+fn flush_step(chains: Vec<fake::Chain>, returned: u32) -> impl FnMut(&FakeDevice) {
+    move |device| {
+        let command = device.take_command();
+        assert_eq!(command.opcode(), opcode::FLUSH);
+        for (i, chain) in chains.iter().enumerate() {
+            device.fill_read(chain, &flushed(i as u64), &[]);
+            device.complete(chain, HEADER_SIZE as u32);
+        }
+        let reply = FlushReply {
+            buffers_returned: returned.into(),
+            reserved: 0.into(),
+        };
+        device.reply(&command, status::OK, reply.as_bytes());
+    }
+}
+
+#[test]
+fn flush_collects_the_reads_the_device_returned_before_its_reply() {
+    let mut rig = rig();
+    let ids: Vec<RequestId> = (0..2).map(|_| rig.submit(READ_LEN)).collect();
+    let chains = vec![rig.device.take_read(), rig.device.take_read()];
+    let mut wait = FakeWait::new(&rig.device).then(flush_step(chains, 2));
+    assert_eq!(rig.driver.flush(&mut wait).expect("FLUSH"), 2);
+    for (i, id) in ids.iter().enumerate() {
+        let done = rig.driver.next_completion().expect("completion");
+        assert_eq!(done.id, *id);
+        assert_eq!(done.outcome, ReadOutcome::Data(flushed(i as u64)));
+    }
+    assert_eq!(rig.driver.in_flight(), 0);
+}
+
+#[test]
+fn shutdown_drains_every_read_and_resets_the_device() {
+    let mut rig = rig();
+    for _ in 0..2 {
+        rig.submit(READ_LEN);
+    }
+    let chains = vec![rig.device.take_read(), rig.device.take_read()];
+    let held = Status::default();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::STOP, status::OK, &[])
+        .then(flush_step(chains, 2))
+        .answer(opcode::GET_STATUS, status::OK, held.as_bytes());
+    let report = rig.driver.shutdown(&mut wait).expect("shutdown");
+    assert_eq!(report.in_flight_at_start, 2);
+    assert_eq!((report.returned, report.flush_returned), (2, 2));
+    assert_eq!(report.device_held_after, 0);
+    assert_eq!(rig.driver.in_flight(), 0);
+    assert_eq!(rig.device.status(), DeviceStatus::empty(), "reset");
+    assert!(matches!(
+        rig.driver.submit_read(Buffer::new(READ_LEN)),
+        Err((DriverError::ShuttingDown, _))
+    ));
+}
+
+#[test]
+fn shutdown_waits_for_reads_returned_after_the_flush_reply() {
+    let mut rig = rig();
+    for _ in 0..2 {
+        rig.submit(READ_LEN);
+    }
+    let first = rig.device.take_read();
+    let second = rig.device.take_read();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::STOP, status::OK, &[])
+        .then(flush_step(vec![first], 1))
+        .then(move |device| {
+            device.fill_read(&second, &flushed(1), &[]);
+            device.complete(&second, HEADER_SIZE as u32);
+            device.interrupt(CAUSE_USED_BUFFER);
+        })
+        .answer(opcode::GET_STATUS, status::OK, Status::default().as_bytes());
+    let report = rig.driver.shutdown(&mut wait).expect("shutdown");
+    assert_eq!((report.returned, report.flush_returned), (2, 1));
+    assert_eq!(rig.driver.in_flight(), 0);
+}
+
+#[test]
+fn shutdown_times_out_when_the_device_keeps_a_read() {
+    let mut rig = rig();
+    for _ in 0..2 {
+        rig.submit(READ_LEN);
+    }
+    let first = rig.device.take_read();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::STOP, status::OK, &[])
+        .then(flush_step(vec![first], 1));
+    assert!(matches!(
+        rig.driver.shutdown(&mut wait),
+        Err(DriverError::Timeout)
+    ));
+    assert_eq!(rig.driver.in_flight(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whatever the device answers
+// ---------------------------------------------------------------------------------------------
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The outcome 5.x.6.2 and 5.x.7 prescribe for a buffer of `len` bytes returned with `used`.
+fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutcome {
+    if used == 0 {
+        return ReadOutcome::Rejected;
+    }
+    if !(HEADER_SIZE..=len).contains(&used) {
+        return ReadOutcome::Invalid { used };
+    }
+    match written.status {
+        buffer_status::BAD_BUFFER => ReadOutcome::Rejected,
+        buffer_status::OK if written.payload_bytes() == Some(used - HEADER_SIZE) => {
+            ReadOutcome::Data(*written)
+        }
+        _ => ReadOutcome::Invalid { used },
+    }
+}
+
+#[test]
+fn any_used_length_and_header_is_judged_per_spec_without_panicking() {
+    let mut rig = rig();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..2000 {
+        let len = HEADER_SIZE + FRAME + rng.below(600) as usize;
+        let formats = [0, 1, 2, 3, 9];
+        let written = BufferHeader {
+            sequence: round.into(),
+            frame_count: (rng.below(80) as u32).into(),
+            status: [
+                buffer_status::OK,
+                buffer_status::OK,
+                buffer_status::BAD_BUFFER,
+                5,
+            ][rng.below(4) as usize],
+            format: formats[rng.below(formats.len() as u64) as usize],
+            channels: (rng.below(5) as u16).into(),
+            ..Default::default()
+        };
+        let used = match rng.below(4) {
+            0 => 0,
+            1 => rng.below(len as u64 + 200) as u32,
+            2 => written
+                .payload_bytes()
+                .map_or(HEADER_SIZE as u32, |p| (HEADER_SIZE + p) as u32),
+            _ => rng.next() as u32,
+        };
+        let id = rig.submit(len);
+        let chain = rig.device.take_read();
+        rig.device.fill_read(&chain, &written, &[]);
+        rig.device.complete(&chain, used);
+        rig.device.interrupt(CAUSE_USED_BUFFER);
+        rig.driver.service();
+        let done = rig.driver.next_completion().expect("a completion");
+        assert_eq!(done.id, id);
+        assert_eq!(done.buffer.len(), len);
+        assert_eq!(
+            done.outcome,
+            expected_outcome(&written, len, used as usize),
+            "round {round}: len {len}, used {used}, header {written:?}"
+        );
+    }
+    let stats = rig.driver.stats();
+    assert_eq!(stats.completed + stats.rejected + stats.invalid, 2000);
+    assert!(stats.completed > 0 && stats.rejected > 0 && stats.invalid > 0);
+    assert!(!rig.driver.needs_reset());
+}

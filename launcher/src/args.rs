@@ -1,0 +1,424 @@
+//! The command line: what `vdaq` and `vdaq bench` accept, how the accelerator choice is
+//! checked against the host, and what a run's options mean for the backend and the guest.
+//!
+//! Sample format, clock and signal are the wire crate's own enums, named on the command line
+//! exactly as the backend names them ([`SampleFormat::name`] and friends).
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
+
+use vdaq_launcher::session::{Accel, Machine, RunConfig};
+use vdaq_launcher::tools::{Kvm, Tools};
+
+/// The accelerator asked for on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when it is hardware-backed, else TCG.
+    Auto,
+    /// KVM (fails if /dev/kvm is unusable).
+    Kvm,
+    /// QEMU's TCG.
+    Tcg,
+}
+
+/// `--accel kvm` on a host without a usable /dev/kvm.
+#[derive(Debug, Error)]
+#[error("--accel kvm: /dev/kvm is missing or not accessible; use --accel tcg")]
+pub struct KvmUnavailable;
+
+impl AccelArg {
+    /// The accelerator to use on a host with `kvm`.
+    pub fn resolve(self, kvm: Kvm) -> Result<Accel, KvmUnavailable> {
+        match (self, kvm) {
+            (AccelArg::Tcg, _) => Ok(Accel::Tcg),
+            (AccelArg::Kvm, Kvm::Absent) => Err(KvmUnavailable),
+            (AccelArg::Kvm, _) => Ok(Accel::Kvm),
+            (AccelArg::Auto, Kvm::Hardware) => Ok(Accel::Kvm),
+            // Software-nested KVM runs guest code ~100x slower than TCG here.
+            (AccelArg::Auto, _) => Ok(Accel::Tcg),
+        }
+    }
+}
+
+/// What a run exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Stream, verify every sample, then shut down draining every read.
+    Stream,
+    /// A slow application (deliberate per-buffer delay): the device overruns; every dropped
+    /// frame must be reported.
+    Overrun,
+    /// Shut down while reads are in flight: every read must come back, the device must hold
+    /// none.
+    Shutdown,
+}
+
+impl Mode {
+    /// Name on the command line and in the guest parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Stream => "stream",
+            Mode::Overrun => "overrun",
+            Mode::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Parses a wire enum by its command-line name: every variant, or every one but the one
+/// given to [`WireValue::except`].
+///
+/// Like clap's `value_enum`, except that `--help` lists the bare names: with `value_enum` it
+/// would list every variant with the wire crate's doc comment, and the launcher's help names
+/// the values only.
+#[derive(Clone, Copy, Debug)]
+pub struct WireValue<T: 'static> {
+    name: fn(T) -> &'static str,
+    except: Option<T>,
+}
+
+impl<T: ValueEnum + Copy + PartialEq + Send + Sync + 'static> WireValue<T> {
+    /// Every variant, named by `name`.
+    pub fn new(name: fn(T) -> &'static str) -> Self {
+        WireValue { name, except: None }
+    }
+
+    /// Every variant but `value`.
+    pub fn except(self, value: T) -> Self {
+        WireValue {
+            except: Some(value),
+            ..self
+        }
+    }
+
+    fn accepted(&self) -> impl Iterator<Item = T> + '_ {
+        T::value_variants()
+            .iter()
+            .copied()
+            .filter(|value| Some(*value) != self.except)
+    }
+
+    fn names(&self) -> impl Iterator<Item = PossibleValue> + '_ {
+        self.accepted()
+            .map(|value| PossibleValue::new((self.name)(value)))
+    }
+}
+
+impl<T: ValueEnum + Copy + PartialEq + Send + Sync + 'static> TypedValueParser for WireValue<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        // Clap words the error for an unknown value (and for one that is not UTF-8: its lossy
+        // form matches nothing) exactly as for a `value_enum` argument.
+        let lossy = value.to_string_lossy();
+        let given =
+            PossibleValuesParser::new(self.names()).parse_ref(cmd, arg, OsStr::new(&*lossy))?;
+        let ignore_case = arg.is_some_and(clap::Arg::is_ignore_case_set);
+        self.accepted()
+            .find(|value| PossibleValue::new((self.name)(*value)).matches(&given, ignore_case))
+            .ok_or_else(|| clap::Error::new(ErrorKind::InvalidValue).with_cmd(cmd))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(self.names()))
+    }
+}
+
+/// Options shared by runs and benchmarks.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Machine type (q35: virtio-pci + MSI-X; microvm: virtio-mmio + IOAPIC).
+    #[arg(long, value_enum, default_value_t = Machine::Q35)]
+    pub machine: Machine,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// QEMU binary (default: found or provisioned by ci/provision-qemu.sh).
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+    /// Backend binary (default: beside this program, or built).
+    #[arg(long)]
+    pub backend: Option<PathBuf>,
+    /// Guest image (default: built by images/build.sh).
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u32,
+    /// Echo the guest console and the QEMU command line.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl Common {
+    /// QEMU, backend and guest image: as given, or found, built or provisioned.
+    pub fn tools(&self) -> Result<Tools, vdaq_launcher::tools::ToolError> {
+        Tools::find(
+            self.qemu.as_deref(),
+            self.backend.as_deref(),
+            self.guest.as_deref(),
+        )
+    }
+}
+
+/// One run.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Machine, accelerator, tools.
+    #[command(flatten)]
+    pub common: Common,
+    /// What to exercise.
+    #[arg(long, value_enum, default_value_t = Mode::Stream)]
+    pub mode: Mode,
+    /// Streaming time in seconds of guest time.
+    #[arg(short, long, default_value_t = 3.0)]
+    pub duration: f64,
+    /// Sample rate in Hz (paced clock).
+    #[arg(short, long, default_value_t = 1_000_000)]
+    pub rate: u32,
+    /// Channels per frame.
+    #[arg(short, long, default_value_t = 4)]
+    pub channels: u16,
+    /// Sample format.
+    #[arg(long, value_parser = WireValue::new(SampleFormat::name),
+          default_value = SampleFormat::S16.name())]
+    pub format: SampleFormat,
+    /// Sample clock: paced at --rate, or free-running (as fast as buffers come).
+    #[arg(long, value_parser = WireValue::new(ClockMode::name),
+          default_value = ClockMode::Paced.name())]
+    pub clock: ClockMode,
+    /// Bytes per read buffer (header included).
+    #[arg(short, long, default_value_t = 64 * 1024)]
+    pub buffer_size: u32,
+    /// Reads kept in flight.
+    #[arg(long, default_value_t = 64)]
+    pub reads: u32,
+    /// Completed buffers per interrupt (device-side coalescing).
+    #[arg(long, default_value_t = 1)]
+    pub coalesce: u16,
+    /// Ask for payload CRCs and verify them.
+    #[arg(long)]
+    pub crc: bool,
+    /// Give up after this many seconds (default: duration + 60).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Print the guest's JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Scenario file for the backend (scripted faults; see scenarios/).
+    #[arg(long, value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+    /// Deterministic device: virtual sample time, bit-identical stream on every run.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Stop after this many frames instead of after --duration.
+    #[arg(long, default_value_t = 0)]
+    pub frames: u64,
+    /// Hash every consumed buffer (report field stream_hash).
+    #[arg(long)]
+    pub hash: bool,
+    /// Signal source.
+    // `file` needs a --source the launcher does not pass on, so it is not offered.
+    #[arg(long, value_parser = WireValue::new(SignalKind::name).except(SignalKind::File),
+          default_value = SignalKind::Counter.name())]
+    pub signal: SignalKind,
+    /// Seed of the noise signal.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+}
+
+impl RunArgs {
+    /// The run these options describe, with `tools` on `accel`; `progress` shows live
+    /// progress.
+    pub fn run_config(&self, tools: &Tools, accel: Accel, progress: bool) -> RunConfig {
+        let mut backend_args = vec![
+            "--rate".to_string(),
+            self.rate.to_string(),
+            "--channels".into(),
+            self.channels.to_string(),
+            "--format".into(),
+            self.format.name().into(),
+            "--clock".into(),
+            self.clock.name().into(),
+            "--coalesce".into(),
+            self.coalesce.to_string(),
+            "--queue-size".into(),
+            "256".into(),
+            "--signal".into(),
+            self.signal.name().into(),
+            "--seed".into(),
+            self.seed.to_string(),
+        ];
+        if self.deterministic {
+            backend_args.push("--deterministic".into());
+        }
+        if let Some(scenario) = &self.scenario {
+            backend_args.push("--scenario".into());
+            backend_args.push(
+                std::fs::canonicalize(scenario)
+                    .unwrap_or_else(|_| scenario.clone())
+                    .display()
+                    .to_string(),
+            );
+        }
+        if self.mode == Mode::Overrun {
+            // A FIFO far smaller than the slow application's backlog makes the overrun certain.
+            backend_args.extend([
+                "--fifo-frames".into(),
+                "4096".into(),
+                "--watermark".into(),
+                "64".into(),
+            ]);
+        }
+        let guest_args = vec![
+            format!("vdaq.mode={}", self.mode.name()),
+            format!("vdaq.duration_ms={}", (self.duration * 1000.0) as u64),
+            format!("vdaq.reads={}", self.reads),
+            format!("vdaq.buffer={}", self.buffer_size),
+            format!("vdaq.crc={}", u8::from(self.crc)),
+            format!("vdaq.frames={}", self.frames),
+            format!("vdaq.hash={}", u8::from(self.hash)),
+        ];
+        RunConfig {
+            qemu: tools.qemu.clone(),
+            backend: tools.backend.clone(),
+            guest: tools.guest.clone(),
+            machine: self.common.machine,
+            accel,
+            memory_mib: self.common.memory,
+            backend_args,
+            guest_args,
+            timeout: Duration::from_secs_f64(self.timeout.unwrap_or(self.duration + 60.0)),
+            progress,
+            verbose: self.common.verbose,
+        }
+    }
+}
+
+/// `vdaq bench` options.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Machine, accelerator, tools.
+    #[command(flatten)]
+    pub common: Common,
+    /// Seconds per configuration (guest time).
+    #[arg(short, long, default_value_t = 3.0)]
+    pub duration: f64,
+}
+
+/// Subcommands (without one, `vdaq` runs once).
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Sweep reads in flight × buffer sizes, free-running clock; print throughput, completion
+    /// and interrupt rates, latency, boot-to-first-sample, and the guest's consume-only rate.
+    Bench(BenchArgs),
+}
+
+/// Run the vdaq virtual DAQ card end to end: vhost-device-daq + QEMU + bare-metal guest.
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// `bench`, or none for one run.
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+    /// The run's options (when there is no subcommand).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vdaq").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        parse(args).expect("valid command line").run
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn wire_values_default_as_before() {
+        let run = run_args(&[]);
+        assert_eq!(run.format, SampleFormat::S16);
+        assert_eq!(run.clock, ClockMode::Paced);
+        assert_eq!(run.signal, SignalKind::Counter);
+    }
+
+    #[test]
+    fn wire_values_parse_by_their_command_line_names() {
+        for format in SampleFormat::ALL {
+            assert_eq!(run_args(&["--format", format.name()]).format, format);
+        }
+        for clock in [ClockMode::Paced, ClockMode::FreeRunning] {
+            assert_eq!(run_args(&["--clock", clock.name()]).clock, clock);
+        }
+        for name in ["counter", "sine", "square", "sawtooth", "noise"] {
+            assert_eq!(run_args(&["--signal", name]).signal.name(), name);
+        }
+    }
+
+    #[test]
+    fn unknown_values_and_the_file_signal_are_refused() {
+        for args in [
+            ["--signal", "file"],
+            ["--format", "S16"],
+            ["--clock", "free-running"],
+        ] {
+            let err = parse(&args).expect_err("refused");
+            assert_eq!(err.kind(), ErrorKind::InvalidValue, "{args:?}");
+        }
+        let err = parse(&["--signal", "file"]).expect_err("refused");
+        assert!(err
+            .to_string()
+            .contains("[possible values: counter, sine, square, sawtooth, noise]"));
+    }
+
+    #[test]
+    fn backend_and_guest_get_the_command_line_names() {
+        let tools = Tools {
+            qemu: "qemu".into(),
+            backend: "backend".into(),
+            guest: "guest".into(),
+        };
+        let run = run_args(&["--format", "f32", "--clock", "free", "--signal", "sawtooth"]);
+        let config = run.run_config(&tools, Accel::Tcg, false);
+        let backend = config.backend_args.join(" ");
+        assert!(backend.starts_with("--rate 1000000 --channels 4 --format f32 --clock free "));
+        assert!(backend.contains("--signal sawtooth --seed 24301"));
+        assert_eq!(config.guest_args[0], "vdaq.mode=stream");
+    }
+
+    #[test]
+    fn accel_resolves_as_before() {
+        assert_eq!(AccelArg::Tcg.resolve(Kvm::Hardware).ok(), Some(Accel::Tcg));
+        assert!(AccelArg::Kvm.resolve(Kvm::Absent).is_err());
+        assert_eq!(
+            AccelArg::Kvm.resolve(Kvm::SoftwareNested).ok(),
+            Some(Accel::Kvm)
+        );
+        assert_eq!(AccelArg::Auto.resolve(Kvm::Hardware).ok(), Some(Accel::Kvm));
+        assert_eq!(
+            AccelArg::Auto.resolve(Kvm::SoftwareNested).ok(),
+            Some(Accel::Tcg)
+        );
+    }
+}

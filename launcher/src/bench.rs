@@ -1,0 +1,156 @@
+//! `vdaq bench`: a sweep of reads in flight × buffer sizes on every usable accelerator, then
+//! interrupt coalescing at a high paced rate, each printed as a table on stdout.
+
+use std::sync::atomic::Ordering;
+
+use vdaq_launcher::session::{self, Accel, INTERRUPTED};
+use vdaq_launcher::tools::{self, Kvm};
+use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
+
+use crate::args::{BenchArgs, Common, Mode, RunArgs};
+use crate::{summary, Error};
+
+/// One benchmark configuration: 4 ch × s16 counter stream, verified, no scenario.
+fn configuration(
+    common: &Common,
+    duration: f64,
+    rate: u32,
+    clock: ClockMode,
+    buffer_size: u32,
+    reads: u32,
+    coalesce: u16,
+) -> RunArgs {
+    RunArgs {
+        common: common.clone(),
+        mode: Mode::Stream,
+        duration,
+        rate,
+        channels: 4,
+        format: SampleFormat::S16,
+        clock,
+        buffer_size,
+        reads,
+        coalesce,
+        crc: false,
+        timeout: None,
+        json: false,
+        scenario: None,
+        deterministic: false,
+        frames: 0,
+        hash: false,
+        signal: SignalKind::Counter,
+        seed: 0x5eed,
+    }
+}
+
+/// Runs the benchmark; `Ok(false)` if a run failed or Ctrl-C cut the sweep short.
+pub fn run(args: &BenchArgs) -> Result<bool, Error> {
+    let tools = args.common.tools()?;
+    let mut accels = vec![Accel::Tcg];
+    match tools::kvm() {
+        Kvm::Hardware => accels.push(Accel::Kvm),
+        Kvm::SoftwareNested => eprintln!(
+            "vdaq bench: KVM here is software-nested (kvm_pvm), far slower than TCG; \
+             KVM figures are skipped (run on a machine with hardware KVM to get them)"
+        ),
+        Kvm::Absent => eprintln!("vdaq bench: no usable /dev/kvm; KVM figures are skipped"),
+    }
+    let mut all_passed = true;
+    println!(
+        "{:>5} {:>7} {:>6} {:>11} {:>13} {:>12} {:>9} {:>9} {:>12} {:>13} {:>7} {:>11}",
+        "accel",
+        "machine",
+        "reads",
+        "buffer",
+        "verified MB/s",
+        "completions/s",
+        "irq/s",
+        "p50 µs",
+        "p99 µs",
+        "consume MB/s",
+        "ratio",
+        "first (s)"
+    );
+    for accel in accels {
+        for (reads, buffer) in [(8u32, 4096u32), (8, 65536), (64, 4096), (64, 65536)] {
+            let run = configuration(
+                &args.common,
+                args.duration,
+                1_000_000,
+                ClockMode::FreeRunning,
+                buffer,
+                reads,
+                1,
+            );
+            if INTERRUPTED.load(Ordering::Acquire) {
+                return Ok(false);
+            }
+            let mut config = run.run_config(&tools, accel, false);
+            config.guest_args.push("vdaq.consume_only=1".into());
+            let outcome = session::run(&config)?;
+            let Some(r) = outcome.report() else {
+                summary::print(&config, &outcome);
+                all_passed = false;
+                continue;
+            };
+            all_passed &= r.pass && outcome.guest_passed();
+            let seconds = r.guest_time_ns as f64 / 1e9;
+            let mb = |bytes: f64| bytes / 1e6;
+            let verified = mb(r.bytes as f64) / seconds;
+            let consume = r.consume_only_mib_s * 1.048_576;
+            println!(
+                "{:>5} {:>7} {:>6} {:>11} {:>13.1} {:>12.0} {:>9.0} {:>9} {:>12} {:>13.1} {:>6.0}% {:>11.3}",
+                accel.name(),
+                args.common.machine.name(),
+                reads,
+                buffer,
+                verified,
+                r.completions as f64 / seconds,
+                r.interrupts as f64 / seconds,
+                r.latency_p50_us,
+                r.latency_p99_us,
+                consume,
+                if consume > 0.0 { 100.0 * verified / consume } else { 0.0 },
+                outcome.first_sample.map_or(f64::NAN, |d| d.as_secs_f64()),
+            );
+        }
+    }
+    // Interrupt coalescing at a high paced rate: same throughput, far fewer interrupts.
+    println!();
+    println!(
+        "{:>9} {:>13} {:>13} {:>9} {:>18}",
+        "coalesce", "verified MB/s", "completions/s", "irq/s", "completions per irq"
+    );
+    for coalesce in [1u16, 16] {
+        let run = configuration(
+            &args.common,
+            args.duration,
+            4_000_000,
+            ClockMode::Paced,
+            16 * 1024,
+            64,
+            coalesce,
+        );
+        if INTERRUPTED.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let config = run.run_config(&tools, Accel::Tcg, false);
+        let outcome = session::run(&config)?;
+        let Some(r) = outcome.report() else {
+            summary::print(&config, &outcome);
+            all_passed = false;
+            continue;
+        };
+        all_passed &= r.pass;
+        let seconds = r.guest_time_ns as f64 / 1e9;
+        println!(
+            "{:>9} {:>13.1} {:>13.0} {:>9.0} {:>18.1}",
+            coalesce,
+            r.bytes as f64 / 1e6 / seconds,
+            r.completions as f64 / seconds,
+            r.interrupts as f64 / seconds,
+            r.completions as f64 / r.interrupts.max(1) as f64
+        );
+    }
+    Ok(all_passed)
+}

@@ -11,6 +11,7 @@ images/build.sh >/dev/null
 cargo fmt --all --check
 (cd guest-app && cargo fmt --check && cargo clippy --release --locked -- -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -6,6 +6,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{fence, Ordering};
 
 use vdaq_wire::buffer::{status as buffer_status, BufferHeader, HEADER_SIZE};
+use vdaq_wire::check::{self, StreamError};
 use vdaq_wire::config::DaqConfig;
 use vdaq_wire::control::{self, opcode, CommandStatus, FlushReply, Opcode, Status};
 use vdaq_wire::event::{Event, EVENT_SIZE};
@@ -503,25 +504,19 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         found
     }
 
-    /// Checks a returned buffer's used length and header against what was submitted.
+    /// Checks a returned buffer's used length and header against what was submitted (the
+    /// wire crate's per-completion checks; the application verifies the stream).
     fn judge(&self, buffer: &DmaBuffer<H>, used: usize) -> ReadOutcome {
         if used == 0 {
             return ReadOutcome::Rejected;
         }
-        if used < HEADER_SIZE || used > buffer.len() {
-            return ReadOutcome::Invalid { used };
+        let header = check::completed_header(buffer.as_slice(), used)
+            .and_then(|header| check::check_payload_length(&header, used).map(|()| header));
+        match header {
+            Ok(header) => ReadOutcome::Data(header),
+            Err(StreamError::Status(buffer_status::BAD_BUFFER)) => ReadOutcome::Rejected,
+            Err(_) => ReadOutcome::Invalid { used },
         }
-        let Ok(header) = BufferHeader::read_from_bytes(&buffer.as_slice()[..HEADER_SIZE]) else {
-            return ReadOutcome::Invalid { used };
-        };
-        if header.status == buffer_status::BAD_BUFFER {
-            return ReadOutcome::Rejected;
-        }
-        if header.status != buffer_status::OK || header.payload_bytes() != Some(used - HEADER_SIZE)
-        {
-            return ReadOutcome::Invalid { used };
-        }
-        ReadOutcome::Data(header)
     }
 
     fn drain_control(&mut self) -> usize {

@@ -60,6 +60,38 @@ pub enum StreamError {
     MissingCrc,
 }
 
+/// The header of one completed read buffer: the used length fits the posted `buffer` and
+/// holds a header, and the header's status is OK. Stateless — what a driver checks of every
+/// completion; [`StreamVerifier`] adds the stream's continuity on top.
+pub fn completed_header(buffer: &[u8], used: usize) -> Result<BufferHeader, StreamError> {
+    let used_length = StreamError::UsedLength {
+        used,
+        posted: buffer.len(),
+    };
+    if used < HEADER_SIZE || used > buffer.len() {
+        return Err(used_length);
+    }
+    let header = BufferHeader::read_from_bytes(&buffer[..HEADER_SIZE]).map_err(|_| used_length)?;
+    if header.status != status::OK {
+        return Err(StreamError::Status(header.status));
+    }
+    Ok(header)
+}
+
+/// Checks that the used length covers exactly the payload `header` announces (frames ×
+/// channels × sample size, in a known format).
+pub fn check_payload_length(header: &BufferHeader, used: usize) -> Result<(), StreamError> {
+    let announced = header.payload_bytes().ok_or(StreamError::Format)?;
+    let payload = used.saturating_sub(HEADER_SIZE);
+    if announced != payload {
+        return Err(StreamError::PayloadLength {
+            announced,
+            used: payload,
+        });
+    }
+    Ok(())
+}
+
 /// Totals over the verified stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamStats {
@@ -144,21 +176,7 @@ impl StreamVerifier {
     }
 
     fn check_inner(&mut self, buffer: &[u8], used: usize) -> Result<BufferHeader, StreamError> {
-        if used < HEADER_SIZE || used > buffer.len() {
-            return Err(StreamError::UsedLength {
-                used,
-                posted: buffer.len(),
-            });
-        }
-        let header = BufferHeader::read_from_bytes(&buffer[..HEADER_SIZE]).map_err(|_| {
-            StreamError::UsedLength {
-                used,
-                posted: buffer.len(),
-            }
-        })?;
-        if header.status != status::OK {
-            return Err(StreamError::Status(header.status));
-        }
+        let header = completed_header(buffer, used)?;
         let sequence = header.sequence.get();
         let first_frame = header.first_frame.get();
         let frames = u64::from(header.frame_count.get());
@@ -174,13 +192,7 @@ impl StreamVerifier {
         if header.format != self.format as u8 || header.channels.get() != self.channels {
             return Err(StreamError::Format);
         }
-        let announced = header.payload_bytes().ok_or(StreamError::Format)?;
-        if announced != used - HEADER_SIZE {
-            return Err(StreamError::PayloadLength {
-                announced,
-                used: used - HEADER_SIZE,
-            });
-        }
+        check_payload_length(&header, used)?;
         if sequence != expected_sequence {
             return Err(StreamError::Sequence {
                 expected: expected_sequence,

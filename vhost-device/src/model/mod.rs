@@ -112,7 +112,7 @@ pub struct Counters {
 }
 
 /// The acquisition card: what survives a device reset, and the state a reset returns to
-/// power-on. A reset replaces [`Live`] whole, so no field can be forgotten.
+/// power-on. A reset replaces the live state whole, so no field can be forgotten.
 pub struct Card<B> {
     kept: Kept,
     live: Live<B>,

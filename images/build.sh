@@ -9,8 +9,11 @@ OUT=$ROOT/build/images
 mkdir -p "$OUT"
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none \
     || rustup target add x86_64-unknown-none >&2
-(cd "$ROOT/guest-app" && cargo build --release --locked >&2)
+# The guest is a workspace of its own: its target directory is fixed, whatever CARGO_TARGET_DIR
+# the host build uses.
+TARGET_DIR=$ROOT/guest-app/target
+(cd "$ROOT/guest-app" && cargo build --release --locked --target-dir "$TARGET_DIR" >&2)
 # Copy under a private name, then rename: concurrent builds never see a partial image.
-cp -p "$ROOT/guest-app/target/x86_64-unknown-none/release/vdaq-guest" "$OUT/vdaq-guest.elf.$$"
+cp -p "$TARGET_DIR/x86_64-unknown-none/release/vdaq-guest" "$OUT/vdaq-guest.elf.$$"
 mv -f "$OUT/vdaq-guest.elf.$$" "$OUT/vdaq-guest.elf"
 echo "$OUT/vdaq-guest.elf"

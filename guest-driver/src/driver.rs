@@ -35,6 +35,9 @@ pub enum DriverError {
     Virtio(virtio_drivers::Error),
     /// The device lacks a feature the driver needs.
     MissingFeature(u32),
+    /// The device did not accept the features the driver wrote (FEATURES_OK did not stay
+    /// set); carries the feature bits written.
+    FeaturesRefused(u64),
     /// The device answered a command with a non-OK status.
     Command {
         /// The command.
@@ -243,14 +246,32 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             wanted |= 1 << feature::DAQ_F_TRIGGER;
         }
         let features = transport.begin_init(Features(wanted)).0;
+        if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
+            // virtio 3.1.1 step 6: the device did not accept the feature subset.
+            transport.set_status(DeviceStatus::FAILED);
+            return Err(DriverError::FeaturesRefused(features));
+        }
         if !has(features, feature::VIRTIO_F_VERSION_1) {
             transport.set_status(DeviceStatus::FAILED);
             return Err(DriverError::MissingFeature(feature::VIRTIO_F_VERSION_1));
         }
         let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
-        let data = VirtQueue::new(&mut transport, queue::DATA, false, event_idx)?;
-        let control = VirtQueue::new(&mut transport, queue::CONTROL, false, event_idx)?;
-        let events = VirtQueue::new(&mut transport, queue::EVENT, false, event_idx)?;
+        let queues =
+            VirtQueue::new(&mut transport, queue::DATA, false, event_idx).and_then(|data| {
+                let control = VirtQueue::new(&mut transport, queue::CONTROL, false, event_idx)?;
+                let events = VirtQueue::new(&mut transport, queue::EVENT, false, event_idx)?;
+                Ok((data, control, events))
+            });
+        let (data, control, events) = match queues {
+            Ok(queues) => queues,
+            Err(err) => {
+                // Queues set up so far are freed on return: reset first, so the device
+                // forgets their addresses, then tell it the driver gave up.
+                transport.set_status(DeviceStatus::empty());
+                transport.set_status(DeviceStatus::FAILED);
+                return Err(err.into());
+            }
+        };
         transport.finish_init();
         let mut driver = DaqDriver {
             transport,
@@ -659,6 +680,10 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             self.service();
             if let Some(reply) = self.command_reply.take() {
                 return reply;
+            }
+            if self.ring_corrupt {
+                // The control ring cannot be trusted: no reply will come; recover() resets.
+                return Err(DriverError::NeedsReset);
             }
             if !wait.wait() {
                 // The command stays queued; its buffers are reclaimed when it completes.

@@ -235,8 +235,6 @@ fn init_fails_with_missing_feature_when_version_1_is_not_offered() {
 }
 
 #[test]
-#[ignore = "bug: DaqDriver::new does not re-read the status after FEATURES_OK (virtio 3.1.1 \
-            step 6); a device that refuses the feature set is driven to DRIVER_OK"]
 fn init_fails_when_the_device_refuses_the_feature_set() {
     let (device, driver) = try_rig(
         feature::DEVICE_FEATURES,
@@ -298,8 +296,6 @@ fn init_fails_when_the_data_queue_cannot_be_256_deep() {
 }
 
 #[test]
-#[ignore = "bug: when a later queue cannot be set up, DaqDriver::new returns without FAILED or \
-            a reset, leaving the data queue registered with the device on freed memory"]
 fn init_failure_after_a_queue_is_set_up_leaves_no_ring_registered() {
     let (device, driver) = try_rig(feature::DEVICE_FEATURES, DriverOptions::default(), |d| {
         d.with_state(|s| s.max_queue_size[usize::from(queue::CONTROL)] = 4)
@@ -582,8 +578,6 @@ fn reply_on_a_descriptor_that_is_not_the_commands_head_marks_the_ring_corrupt() 
 }
 
 #[test]
-#[ignore = "bug: command_raw keeps waiting after service() found the control ring corrupt \
-            (needs_reset set), and reports Timeout only when the Wait gives up"]
 fn command_gives_up_at_once_when_its_ring_is_corrupt() {
     let mut rig = rig();
     let mut wait = FakeWait::new(&rig.device)

@@ -96,7 +96,12 @@ pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
             "vhost-device-daq",
         ],
     )?;
-    existing(&repo_root().join("target/release/vhost-device-daq"))
+    // Where cargo put it: CARGO_TARGET_DIR when set (relative to the working directory, as
+    // cargo reads it), else the workspace's target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+    existing(&target_dir.join("release/vhost-device-daq"))
 }
 
 /// The guest image: `explicit` if given, else built by `images/build.sh` (a no-op when current).

@@ -5,7 +5,7 @@ use std::io;
 
 use vdaq_wire::control::{self, CommandStatus, Opcode};
 use vdaq_wire::queue;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringRwLock;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
@@ -23,10 +23,7 @@ impl DaqBackend {
         self.drain_available(control_vring, "control", |this, chain, mem| {
             let head = chain.head_index();
             let used_len = this.execute_command(chain, mem, vrings);
-            if let Err(err) = control_vring.add_used(head, used_len) {
-                this.errors
-                    .report("control", format_args!("add_used failed: {err}"));
-            }
+            this.put_used(control_vring, "control", head, used_len);
             this.signal(control_vring);
         })
     }

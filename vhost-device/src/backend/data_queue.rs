@@ -7,7 +7,7 @@ use log::info;
 use vdaq_wire::buffer::HEADER_SIZE;
 use vdaq_wire::event::fault;
 use vdaq_wire::queue;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringRwLock;
 
 use super::chain::{validate_chain, ChainError, GuestBuffer};
 use super::DaqBackend;
@@ -52,10 +52,7 @@ impl DaqBackend {
                 Err(err) => {
                     this.errors.report("data", err);
                     this.card.count_rejected();
-                    if let Err(err) = vring.add_used(head, 0) {
-                        this.errors
-                            .report("data", format_args!("add_used failed: {err}"));
-                    }
+                    this.put_used(vring, "data", head, 0);
                     this.signal(vring);
                 }
             }
@@ -73,18 +70,16 @@ impl DaqBackend {
         }
         let mut ready = std::mem::take(&mut self.delayed);
         ready.append(&mut self.completions);
-        self.completions = ready;
-        for completion in self.completions.drain(..) {
+        for completion in ready.drain(..) {
             self.held_reads.remove(&completion.buffer.head);
             if let Some(recorder) = &mut self.recorder {
                 // Before add_used: the driver cannot have touched the buffer yet.
                 recorder.record(&completion.buffer, completion.used_len as usize);
             }
-            if let Err(err) = vring.add_used(completion.buffer.head, completion.used_len) {
-                self.errors
-                    .report("data", format_args!("add_used failed: {err}"));
-            }
+            self.put_used(vring, "data", completion.buffer.head, completion.used_len);
         }
+        // The emptied vector keeps its capacity for the next completions.
+        self.completions = ready;
         let now = self.now_ns();
         if self.card.take_notification(now, force) {
             self.signal(vring);

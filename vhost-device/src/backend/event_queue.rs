@@ -5,7 +5,7 @@ use std::io;
 
 use vdaq_wire::event::{fault, EVENT_SIZE};
 use vdaq_wire::zerocopy::IntoBytes;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringRwLock;
 use vm_memory::GuestAddressSpace;
 
 use super::chain::{validate_chain, write_segments, ChainError, Segment};
@@ -45,10 +45,7 @@ impl DaqBackend {
     pub(super) fn reject_event_buffer(&mut self, vring: &VringRwLock, head: u16, err: ChainError) {
         self.errors.report("event", err);
         self.card.count_rejected();
-        if let Err(err) = vring.add_used(head, 0) {
-            self.errors
-                .report("event", format_args!("add_used failed: {err}"));
-        }
+        self.put_used(vring, "event", head, 0);
         self.signal(vring);
     }
 
@@ -72,10 +69,7 @@ impl DaqBackend {
                     0
                 }
             };
-            if let Err(err) = vring.add_used(slot.head, used_len) {
-                self.errors
-                    .report("event", format_args!("add_used failed: {err}"));
-            }
+            self.put_used(vring, "event", slot.head, used_len);
             delivered = true;
         }
         if delivered {

@@ -10,6 +10,21 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::DaqBackend;
 
 impl DaqBackend {
+    /// Puts a chain on `vring`'s used ring; a failure (the ring went away) is a guest error of
+    /// `queue_name`, reported, never fatal.
+    pub(super) fn put_used(
+        &mut self,
+        vring: &VringRwLock,
+        queue_name: &'static str,
+        head: u16,
+        used_len: u32,
+    ) {
+        if let Err(err) = vring.add_used(head, used_len) {
+            self.errors
+                .report(queue_name, format_args!("add_used failed: {err}"));
+        }
+    }
+
     /// Notifies the driver if its notification suppression allows it.
     pub(super) fn signal(&mut self, vring: &VringRwLock) {
         if !self.event_idx && self.driver_suppresses_interrupts(vring) {

@@ -9,7 +9,7 @@ use vdaq_wire::zerocopy::IntoBytes;
 use vdaq_wire::{feature, queue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -118,10 +118,7 @@ impl VhostUserBackendMut for DaqBackend {
             Ok(queue::EVENT) => {
                 if let Some(vring) = self.vrings.get(usize::from(queue::EVENT)).cloned() {
                     while let Some(slot) = self.event_slots.pop_front() {
-                        if let Err(err) = vring.add_used(slot.head, 0) {
-                            self.errors
-                                .report("event", format_args!("add_used failed: {err}"));
-                        }
+                        self.put_used(&vring, "event", slot.head, 0);
                     }
                     self.signal(&vring);
                 }

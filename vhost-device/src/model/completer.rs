@@ -9,7 +9,9 @@ use vdaq_wire::event::kind;
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
 use super::fifo::Run;
-use super::trigger::scan_trigger;
+use super::signal::SignalParams;
+use super::source::FileSource;
+use super::trigger::{scan_trigger, HwTrigger, TriggerState};
 use super::{Card, Completion, ReadBuffer};
 
 /// Posted buffers and the stream position of delivery.
@@ -56,6 +58,117 @@ pub(super) struct Posted<B> {
     pub(super) flags: u16,
     pub(super) trigger_frame: u32,
     pub(super) crc: crc32fast::Hasher,
+}
+
+impl<B> Posted<B> {
+    /// The first frame goes in: the buffer's place in the stream and its header fields.
+    fn open(
+        &mut self,
+        first_frame: u64,
+        signal: SignalKind,
+        origin_ns: u64,
+        timestamp_ns: u64,
+        dropped_before: u64,
+        discontinuity: bool,
+    ) {
+        self.first_frame = first_frame;
+        self.signal = signal;
+        self.origin_ns = origin_ns;
+        self.timestamp_ns = timestamp_ns;
+        self.dropped_before = dropped_before;
+        if dropped_before > 0 {
+            self.flags |= flags::OVERRUN;
+        }
+        if discontinuity {
+            self.flags |= flags::DISCONTINUITY;
+        }
+    }
+
+    /// Flags the buffer TRIGGERED at frame `offset` within it, unless an earlier trigger did.
+    fn mark_triggered(&mut self, offset: u64) {
+        if self.flags & flags::TRIGGERED == 0 {
+            self.flags |= flags::TRIGGERED;
+            self.trigger_frame = offset as u32;
+        }
+    }
+}
+
+/// What [`Renderer::write`] did.
+struct Rendered {
+    /// Frames the level/edge trigger fired at.
+    fired: Vec<u64>,
+    /// A write into the buffer failed; the frames after it were not written.
+    write_failed: bool,
+}
+
+/// Renders frames block by block and writes them into a buffer, feeding the payload CRC and
+/// the level/edge trigger on the way.
+struct Renderer<'a> {
+    params: SignalParams,
+    frame_bytes: usize,
+    crc: bool,
+    scratch: &'a mut [u8],
+    source: Option<&'a FileSource>,
+    trigger: Option<(&'a HwTrigger, &'a mut TriggerState)>,
+}
+
+impl Renderer<'_> {
+    /// Writes frames `first .. first + count` at `buffer`'s fill point.
+    fn write<B: ReadBuffer>(&mut self, buffer: &mut Posted<B>, first: u64, count: u64) -> Rendered {
+        let params = self.params;
+        let frame_bytes = self.frame_bytes;
+        // The S16 counter is periodic: its bytes come straight from the wire crate's table,
+        // one copy into guest memory; other signals are rendered into the scratch block.
+        let from_table = params.kind == SignalKind::Counter && params.format == SampleFormat::S16;
+        let block_bytes = if from_table {
+            2 * vdaq_wire::pattern::S16_PERIOD
+        } else {
+            self.scratch.len()
+        };
+        let frames_per_block = (block_bytes / frame_bytes).max(1) as u64;
+        let channels = u64::from(params.channels);
+        let mut rendered = Rendered {
+            fired: Vec::new(),
+            write_failed: false,
+        };
+        let mut done = 0;
+        while done < count {
+            let n = frames_per_block.min(count - done);
+            let bytes = n as usize * frame_bytes;
+            let block: &[u8] = if from_table {
+                vdaq_wire::pattern::s16_counter_window((first + done) * channels, bytes / 2)
+            } else {
+                let scratch = &mut self.scratch[..bytes];
+                match (self.source, params.kind) {
+                    (Some(source), SignalKind::File) => {
+                        source.render(params.format, first + done, scratch)
+                    }
+                    _ => params.render(first + done, scratch),
+                }
+                scratch
+            };
+            if let Some((trigger, state)) = &mut self.trigger {
+                rendered.fired.extend(scan_trigger(
+                    trigger,
+                    state,
+                    params.format,
+                    params.channels,
+                    first + done,
+                    block,
+                ));
+            }
+            if self.crc {
+                buffer.crc.update(block);
+            }
+            let offset = (buffer.filled + done) as usize * frame_bytes;
+            if buffer.buffer.write_payload(offset, block).is_err() {
+                rendered.write_failed = true;
+                break;
+            }
+            done += n;
+        }
+        rendered
+    }
 }
 
 impl<B: ReadBuffer> Card<B> {
@@ -163,108 +276,49 @@ impl<B: ReadBuffer> Card<B> {
             return 0;
         };
         if front.filled == 0 {
-            front.first_frame = first;
-            front.signal = params.kind;
-            front.origin_ns = run.origin_ns;
-            front.timestamp_ns = if free_running { now_ns } else { frame_time };
-            front.dropped_before = first.saturating_sub(delivered_end);
-            if front.dropped_before > 0 {
-                front.flags |= flags::OVERRUN;
-            }
-            if discontinuity || signal_changed_here {
-                front.flags |= flags::DISCONTINUITY;
-            }
+            front.open(
+                first,
+                params.kind,
+                run.origin_ns,
+                if free_running { now_ns } else { frame_time },
+                first.saturating_sub(delivered_end),
+                discontinuity || signal_changed_here,
+            );
         }
         let taken = count.min(front.capacity_frames - front.filled);
-        let mut triggered = None;
-        if let Some(trigger) = trigger_at {
-            if trigger >= first && trigger < first + taken {
-                // The header records the buffer's first trigger; every trigger raises an event.
-                if front.flags & flags::TRIGGERED == 0 {
-                    front.flags |= flags::TRIGGERED;
-                    front.trigger_frame = (front.filled + trigger - first) as u32;
-                }
-                triggered = Some(trigger);
-            }
+        let triggered = trigger_at.filter(|&trigger| trigger >= first && trigger < first + taken);
+        if let Some(trigger) = triggered {
+            // The header records the buffer's first trigger; every trigger raises an event.
+            front.mark_triggered(front.filled + trigger - first);
         }
-        let mut write_failed = false;
-        // The S16 counter is periodic: its bytes come straight from the wire crate's table,
-        // one copy into guest memory; other signals are rendered into the scratch block.
-        let from_table = params.kind == SignalKind::Counter && params.format == SampleFormat::S16;
-        let block_bytes = if from_table {
-            2 * vdaq_wire::pattern::S16_PERIOD
-        } else {
-            self.kept.scratch.len()
+        let mut renderer = Renderer {
+            params,
+            frame_bytes,
+            crc: crc_enabled,
+            scratch: &mut self.kept.scratch,
+            source: self.kept.source.as_deref(),
+            trigger: self
+                .live
+                .trigger
+                .armed
+                .as_ref()
+                .map(|armed| (armed, &mut self.live.trigger.scan)),
         };
-        let frames_per_block = (block_bytes / frame_bytes).max(1) as u64;
-        let channels = u64::from(params.channels);
-        let mut hw_fired: Vec<u64> = Vec::new();
-        let mut done = 0;
-        while done < taken {
-            let n = frames_per_block.min(taken - done);
-            let bytes = n as usize * frame_bytes;
-            let block: &[u8] = if from_table {
-                vdaq_wire::pattern::s16_counter_window((first + done) * channels, bytes / 2)
-            } else {
-                let scratch = &mut self.kept.scratch[..bytes];
-                match (&self.kept.source, params.kind) {
-                    (Some(source), SignalKind::File) => {
-                        source.render(params.format, first + done, scratch)
-                    }
-                    _ => params.render(first + done, scratch),
-                }
-                scratch
-            };
-            if let Some(trigger) = &self.live.trigger.armed {
-                hw_fired.extend(scan_trigger(
-                    trigger,
-                    &mut self.live.trigger.scan,
-                    params.format,
-                    params.channels,
-                    first + done,
-                    block,
-                ));
-            }
-            if crc_enabled {
-                front.crc.update(block);
-            }
-            let offset = (front.filled + done) as usize * frame_bytes;
-            if front.buffer.write_payload(offset, block).is_err() {
-                write_failed = true;
-                break;
-            }
-            done += n;
-        }
-        for &frame in &hw_fired {
-            if front.flags & flags::TRIGGERED == 0 {
-                front.flags |= flags::TRIGGERED;
-                front.trigger_frame = (frame - front.first_frame) as u32;
-            }
+        let rendered = renderer.write(front, first, taken);
+        for &frame in &rendered.fired {
+            front.mark_triggered(frame - front.first_frame);
         }
         front.filled += taken;
         self.live.buffers.delivered_end = first + taken;
-        for frame in hw_fired {
+        for frame in rendered.fired {
             self.push_event(kind::TRIGGER, now_ns, frame, self.live.buffers.sequence);
         }
         if let Some(trigger) = triggered {
             self.live.trigger.software_at = None;
             self.push_event(kind::TRIGGER, now_ns, trigger, self.live.buffers.sequence);
         }
-        if write_failed {
-            // The frames are gone: they count as dropped, the buffer is returned empty, and
-            // the next buffer's header reports them in `dropped_frames`.
-            if let Some(broken) = self.live.buffers.posted.pop_front() {
-                // Back to before this buffer's drops too, so the next header reports them.
-                self.live.buffers.delivered_end = broken.first_frame - broken.dropped_before;
-                self.live.counters.frames_dropped += broken.filled;
-                self.live.counters.requests_rejected += 1;
-                warn!("read buffer became unwritable; returning it with used length 0");
-                self.note_completion(now_ns);
-                out.push(Completion {
-                    buffer: broken.buffer,
-                    used_len: 0,
-                });
-            }
+        if rendered.write_failed {
+            self.return_unwritable_front(now_ns, out);
             return taken;
         }
         let full = self
@@ -277,6 +331,25 @@ impl<B: ReadBuffer> Card<B> {
             self.complete_front(0, now_ns, out);
         }
         taken
+    }
+
+    /// The front buffer's memory became unwritable: its frames are gone. They count as
+    /// dropped, the buffer is returned empty, and the next buffer's header reports them in
+    /// `dropped_frames`.
+    fn return_unwritable_front(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) {
+        let Some(broken) = self.live.buffers.posted.pop_front() else {
+            return;
+        };
+        // Back to before this buffer's drops too, so the next header reports them.
+        self.live.buffers.delivered_end = broken.first_frame - broken.dropped_before;
+        self.live.counters.frames_dropped += broken.filled;
+        self.live.counters.requests_rejected += 1;
+        warn!("read buffer became unwritable; returning it with used length 0");
+        self.note_completion(now_ns);
+        out.push(Completion {
+            buffer: broken.buffer,
+            used_len: 0,
+        });
     }
 
     /// Completes the front buffer with what it holds.

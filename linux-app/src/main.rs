@@ -1,0 +1,55 @@
+//! `vdaq-app`: the vdaq Linux guest application. Opens `/dev/vdaq0`, keeps N reads in flight
+//! through io_uring, verifies every sample, prints one `VDAQ-REPORT {…}` line (the bare-metal
+//! guest's report) and exits 0 when every check passed. Parameters come from the environment
+//! (`VDAQ_MODE`, `VDAQ_DURATION_MS`, … — the image's `/init` exports the kernel command line's
+//! `vdaq.*`); see `params.rs`.
+
+mod device;
+mod params;
+mod reader;
+mod uapi;
+
+use std::process::ExitCode;
+
+use vdaq_wire::report::{Report, REPORT_PREFIX};
+
+fn print_report(report: &Report<'_>) {
+    let mut line = String::new();
+    if report.write_json(&mut line).is_ok() {
+        println!("{REPORT_PREFIX}{line}");
+    }
+}
+
+fn main() -> ExitCode {
+    let params = match params::Params::from_lookup(|name| std::env::var(name).ok()) {
+        Ok(params) => params,
+        Err(err) => {
+            println!("vdaq-app: {err}");
+            print_report(&Report {
+                failure: "invalid parameters",
+                ..Report::default()
+            });
+            return ExitCode::from(2);
+        }
+    };
+    match reader::run(&params) {
+        Ok(report) => {
+            print_report(&report);
+            if report.pass {
+                ExitCode::SUCCESS
+            } else {
+                println!("vdaq-app: FAIL: {}", report.failure);
+                ExitCode::FAILURE
+            }
+        }
+        Err(reader::Fatal(what, err)) => {
+            println!("vdaq-app: {what}: {err}");
+            print_report(&Report {
+                mode: params.mode.name(),
+                failure: what,
+                ..Report::default()
+            });
+            ExitCode::FAILURE
+        }
+    }
+}

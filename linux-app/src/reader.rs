@@ -1,0 +1,507 @@
+//! The application: N reads in flight on the card through io_uring (the completion-port
+//! counterpart), completions consumed in order of arrival, every sample verified with the wire
+//! crate's verifier, and the same report as the bare-metal guest.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::BTreeSet;
+use std::io;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+use vdaq_wire::check::StreamVerifier;
+use vdaq_wire::event::kind;
+use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::SampleFormat;
+
+use crate::device::Device;
+use crate::params::{Mode, Params};
+use crate::uapi;
+
+/// `user_data` bit of cancel requests (reads carry their buffer index).
+const CANCEL_TAG: u64 = 1 << 63;
+/// How long shutdown waits for every read to come back.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A page-aligned read buffer: a buffer of up to 256 KiB then spans at most 64 pages, which
+/// the driver can always map as one descriptor chain.
+struct PageBuffer {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl PageBuffer {
+    fn new(len: usize) -> io::Result<Self> {
+        let layout = Layout::from_size_align(len.max(1), 4096)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(PageBuffer { ptr, layout })
+    }
+
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// The bytes; only while no read of this buffer is in flight (the kernel writes them then).
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` initialised (zeroed, then written by the kernel) bytes
+        // owned by this buffer; callers hold no read in flight on it (see `Reader`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
+    }
+}
+
+impl Drop for PageBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Nanoseconds on `clock`.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = (sorted.len() * per_mille / 1000).min(sorted.len() - 1);
+    u64::from(sorted[index])
+}
+
+/// Why the run could not be carried out at all.
+#[derive(Debug)]
+pub struct Fatal(pub &'static str, pub io::Error);
+
+/// The reads, their buffers and what came back.
+struct Reader<'p> {
+    params: &'p Params,
+    ring: IoUring,
+    fd: types::Fd,
+    buffers: Vec<PageBuffer>,
+    /// Channels per frame of the stream.
+    channels: u16,
+    /// Reads in flight, by buffer index: their buffers belong to the kernel.
+    in_flight: BTreeSet<usize>,
+    verifier: StreamVerifier,
+    /// Device clock minus ours.
+    offset_ns: i64,
+    latencies_us: Vec<u32>,
+    first_sample_logged: bool,
+    /// Reads that ended with an error other than cancellation.
+    unexpected: u64,
+    /// Reads that ended cancelled.
+    cancelled: u64,
+    /// Reads a cancel was aimed at that have not come back yet.
+    cancel_targets: BTreeSet<usize>,
+    /// Cancel requests answered.
+    cancels_answered: u64,
+}
+
+impl Reader<'_> {
+    fn submit(&mut self, index: usize) -> io::Result<()> {
+        let buffer = &self.buffers[index];
+        let read = opcode::Read::new(self.fd, buffer.ptr.as_ptr(), buffer.len() as u32)
+            .offset(0)
+            .build()
+            .user_data(index as u64);
+        // SAFETY: the buffer stays allocated and untouched by us until this read's completion
+        // arrives (it is in `in_flight` until then, and buffers are dropped only after every
+        // read came back or the ring is gone).
+        unsafe { self.ring.submission().push(&read) }
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        self.in_flight.insert(index);
+        Ok(())
+    }
+
+    fn cancel(&mut self, index: usize) -> io::Result<()> {
+        let cancel = opcode::AsyncCancel::new(index as u64)
+            .build()
+            .user_data(CANCEL_TAG | index as u64);
+        // SAFETY: a cancel request refers to no memory of ours.
+        unsafe { self.ring.submission().push(&cancel) }
+            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        self.cancel_targets.insert(index);
+        Ok(())
+    }
+
+    /// Submits what is queued and waits up to `timeout` for at least one completion.
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Consumes every completion waiting; resubmits reads when `resubmit`. Returns how many
+    /// reads completed.
+    fn drain(&mut self, report: &mut Report<'_>, resubmit: bool) -> io::Result<usize> {
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        let mut reads = 0;
+        for (user_data, result) in done {
+            if user_data & CANCEL_TAG != 0 {
+                // 0: cancelled while still queued in io-wq; -EALREADY: the driver holds it;
+                // -ENOENT: it completed already. The read's own completion follows either way.
+                self.cancels_answered += 1;
+                continue;
+            }
+            let index = user_data as usize;
+            if !self.in_flight.remove(&index) {
+                self.unexpected += 1;
+                continue;
+            }
+            reads += 1;
+            self.cancel_targets.remove(&index);
+            self.consume(index, result, report);
+            if self.params.consume_delay_us > 0 {
+                std::thread::sleep(Duration::from_micros(self.params.consume_delay_us));
+            }
+            if resubmit {
+                self.submit(index)?;
+            }
+        }
+        Ok(reads)
+    }
+
+    fn consume(&mut self, index: usize, result: i32, report: &mut Report<'_>) {
+        if result == -libc::ECANCELED || result == -libc::EINTR {
+            self.cancelled += 1;
+            return;
+        }
+        let Ok(used) = usize::try_from(result) else {
+            self.unexpected += 1;
+            if self.unexpected <= 3 {
+                println!(
+                    "vdaq-app: read ended: {}",
+                    io::Error::from_raw_os_error(-result)
+                );
+            }
+            return;
+        };
+        let now = now_ns();
+        match self.verifier.check(self.buffers[index].as_slice(), used) {
+            Ok(header) if header.frame_count.get() > 0 => {
+                if !self.first_sample_logged {
+                    self.first_sample_logged = true;
+                    report.first_sample_guest_ns = clock_ns(libc::CLOCK_BOOTTIME);
+                    println!("{FIRST_SAMPLE_LINE}");
+                }
+                let sampled = header.timestamp_ns.get() as i64 - self.offset_ns;
+                let latency_us = (now as i64 - sampled).max(0) as u64 / 1000;
+                self.latencies_us
+                    .push(latency_us.min(u64::from(u32::MAX)) as u32);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                if self.verifier.stats().errors <= 3 {
+                    println!("vdaq-app: buffer failed verification: {err:?}");
+                }
+            }
+        }
+    }
+
+    /// Waits until every read in flight came back, or `timeout` passed.
+    fn collect_all(&mut self, report: &mut Report<'_>, timeout: Duration) -> io::Result<usize> {
+        let deadline = now_ns() + timeout.as_nanos() as u64;
+        let mut returned = 0;
+        while !self.in_flight.is_empty() && now_ns() < deadline {
+            self.wait(Duration::from_millis(50))?;
+            returned += self.drain(report, false)?;
+        }
+        Ok(returned)
+    }
+}
+
+/// Runs the application; the report says whether every check passed.
+pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
+    let mut report = Report {
+        mode: params.mode.name(),
+        reads_in_flight: params.reads as u64,
+        buffer_bytes: params.buffer as u64,
+        ..Report::default()
+    };
+    let device = Device::open(&params.device).map_err(|e| Fatal("cannot open the device", e))?;
+    let info = device
+        .info()
+        .map_err(|e| Fatal("VDAQ_IOC_GET_CONFIG failed", e))?;
+    report.transport = match info.transport {
+        uapi::TRANSPORT_PCI => "pci",
+        uapi::TRANSPORT_MMIO => "mmio",
+        _ => "unknown",
+    };
+    let format = SampleFormat::from_code(info.config.format).ok_or_else(|| {
+        Fatal(
+            "unknown sample format",
+            io::Error::from(io::ErrorKind::InvalidData),
+        )
+    })?;
+    let channels = info.config.channels.get();
+    // Buffers whose header names the counter signal are checked sample by sample.
+    let verifier = StreamVerifier::new(format, channels, true).require_crc(params.crc);
+
+    // Device clock minus ours, from the GET_STATUS exchange with the shortest round trip.
+    let mut best: Option<(u64, i64)> = None;
+    for _ in 0..8 {
+        let before = now_ns();
+        let status = device
+            .status()
+            .map_err(|e| Fatal("VDAQ_IOC_STATUS failed", e))?;
+        let after = now_ns();
+        let offset = status.device_time_ns.get() as i64 - ((before + after) / 2) as i64;
+        if best.is_none_or(|(rtt, _)| after - before < rtt) {
+            best = Some((after - before, offset));
+        }
+    }
+    let (round_trip, offset_ns) = best.unwrap_or((0, 0));
+    println!(
+        "vdaq-app: {} on {}, {channels} ch {}, device clock offset {offset_ns} ns (± {} µs)",
+        params.device,
+        report.transport,
+        format.name(),
+        round_trip / 2000
+    );
+    report.clock_offset_ns = offset_ns;
+
+    let entries = (params.reads * 2).next_power_of_two() as u32;
+    let ring = IoUring::new(entries).map_err(|e| Fatal("io_uring_setup failed", e))?;
+    let buffers = (0..params.reads)
+        .map(|_| PageBuffer::new(params.buffer))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| Fatal("cannot allocate read buffers", e))?;
+    let mut reader = Reader {
+        params,
+        ring,
+        fd: types::Fd(device.raw_fd()),
+        buffers,
+        channels,
+        in_flight: BTreeSet::new(),
+        verifier,
+        offset_ns,
+        latencies_us: Vec::new(),
+        first_sample_logged: false,
+        unexpected: 0,
+        cancelled: 0,
+        cancel_targets: BTreeSet::new(),
+        cancels_answered: 0,
+    };
+    let result = stream(&mut reader, device, &mut report);
+    if !reader.in_flight.is_empty() {
+        // The kernel still owns these buffers: never free them under a read.
+        println!(
+            "vdaq-app: {} reads never came back; keeping their buffers",
+            reader.in_flight.len()
+        );
+        std::mem::forget(std::mem::take(&mut reader.buffers));
+    }
+    result.map(|()| report)
+}
+
+fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> Result<(), Fatal> {
+    let params = reader.params;
+    device
+        .start()
+        .map_err(|e| Fatal("VDAQ_IOC_START failed", e))?;
+    for index in 0..params.reads {
+        reader
+            .submit(index)
+            .map_err(|e| Fatal("cannot queue reads", e))?;
+    }
+    let start = now_ns();
+    let stream_ns = params.duration_ms * 1_000_000;
+    let deadline = start + stream_ns;
+    let mut next_progress = start + params.progress_ms * 1_000_000;
+    let mut cancel_done = false;
+    let mut failure: Option<&'static str> = None;
+    let io_error = |e| Fatal("io_uring failed", e);
+    let mut close_early = false;
+    while now_ns() < deadline {
+        reader.wait(Duration::from_millis(10)).map_err(io_error)?;
+        reader.drain(report, true).map_err(io_error)?;
+        let now = now_ns();
+        if now >= next_progress {
+            let stats = reader.verifier.stats();
+            let interrupts = device.stats().map_or(0, |s| s.interrupts);
+            println!(
+                "{PROGRESS_PREFIX}{} {} {} {interrupts}",
+                (now - start) / 1_000_000,
+                stats.frames,
+                stats.payload_bytes
+            );
+            next_progress = now + params.progress_ms * 1_000_000;
+        }
+        if now >= start + stream_ns / 2 {
+            match params.mode {
+                Mode::Cancel if !cancel_done => {
+                    // Cancel every other read in flight; FLUSH hands the ones the device holds
+                    // back (io_uring cannot cancel a read the driver posted).
+                    let targets: Vec<usize> = reader.in_flight.iter().copied().step_by(2).collect();
+                    for index in targets {
+                        reader.cancel(index).map_err(io_error)?;
+                    }
+                    reader.wait(Duration::from_millis(1)).map_err(io_error)?;
+                    device
+                        .flush()
+                        .map_err(|e| Fatal("VDAQ_IOC_FLUSH failed", e))?;
+                    cancel_done = true;
+                    println!(
+                        "vdaq-app: cancelled {} reads in flight, then FLUSH",
+                        reader.cancel_targets.len()
+                    );
+                }
+                Mode::ClosePending => {
+                    close_early = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    let stream_end = now_ns();
+
+    // Shutdown: every read in flight must come back.
+    let in_flight_at_start = reader.in_flight.len() as u64;
+    let status = if close_early {
+        // close() with reads in flight: the driver takes this process's reads back.
+        println!("vdaq-app: closing the device with {in_flight_at_start} reads in flight");
+        device.close();
+        let returned = reader
+            .collect_all(report, SHUTDOWN_TIMEOUT)
+            .map_err(io_error)?;
+        report.shutdown_returned = returned as u64;
+        let again = Device::open(&params.device).map_err(|e| Fatal("cannot reopen", e))?;
+        let status = again
+            .status()
+            .map_err(|e| Fatal("VDAQ_IOC_STATUS failed", e))?;
+        finish_events(&again, report);
+        fill_driver_stats(&again, report);
+        status
+    } else {
+        device
+            .stop()
+            .map_err(|e| Fatal("VDAQ_IOC_STOP failed", e))?;
+        device
+            .flush()
+            .map_err(|e| Fatal("VDAQ_IOC_FLUSH failed", e))?;
+        let returned = reader
+            .collect_all(report, SHUTDOWN_TIMEOUT)
+            .map_err(io_error)?;
+        report.shutdown_returned = returned as u64;
+        let status = device
+            .status()
+            .map_err(|e| Fatal("VDAQ_IOC_STATUS failed", e))?;
+        finish_events(&device, report);
+        fill_driver_stats(&device, report);
+        status
+    };
+    report.shutdown_in_flight = in_flight_at_start;
+    report.device_held_after = status.buffers_held.get();
+    report.device_produced = status.frames_produced.get();
+    report.device_delivered = status.frames_delivered.get();
+    report.device_dropped = status.frames_dropped.get();
+    report.device_pending = status.frames_pending.get();
+
+    let stats = reader.verifier.stats();
+    report.frames = stats.frames;
+    report.samples = stats.frames * u64::from(reader.channels);
+    report.bytes = stats.payload_bytes;
+    report.completions = stats.buffers;
+    report.empty_completions = stats.empty_buffers;
+    report.dropped_frames = stats.dropped_frames;
+    report.overrun_buffers = stats.overrun_buffers;
+    report.verify_errors = stats.errors;
+    report.crc_checked = stats.crc_checked;
+    report.crc_errors = stats.crc_errors;
+    report.guest_time_ns = stream_end - start;
+    report.throughput_mib_s =
+        stats.payload_bytes as f64 / (1024.0 * 1024.0) / (report.guest_time_ns as f64 / 1e9);
+    reader.latencies_us.sort_unstable();
+    report.latency_p50_us = percentile(&reader.latencies_us, 500);
+    report.latency_p99_us = percentile(&reader.latencies_us, 990);
+    report.latency_max_us = reader.latencies_us.last().copied().map_or(0, u64::from);
+
+    // Frames dropped after the last buffer returned cannot be in any header.
+    let stream_end_frame = reader.verifier.next_frame().unwrap_or(0);
+    let trailing_drops = report
+        .device_produced
+        .saturating_sub(stream_end_frame)
+        .saturating_sub(report.device_pending);
+    let accounted = report.device_produced
+        == report.device_delivered + report.device_dropped + report.device_pending;
+    if reader.cancelled > 0 {
+        println!("vdaq-app: {} reads came back cancelled", reader.cancelled);
+    }
+    failure = failure.or(if report.frames == 0 {
+        Some("no data arrived")
+    } else if report.interrupts == 0 {
+        Some("data arrived without interrupts")
+    } else if report.crc_errors > 0 {
+        Some("payload CRC mismatch")
+    } else if report.verify_errors > 0 {
+        Some("samples failed verification")
+    } else if reader.unexpected > 0 || report.invalid > 0 {
+        Some("reads ended without data")
+    } else if !reader.in_flight.is_empty() || report.shutdown_returned != in_flight_at_start {
+        Some("reads in flight never came back")
+    } else if params.mode == Mode::Cancel && (!cancel_done || !reader.cancel_targets.is_empty()) {
+        Some("cancelled reads did not all come back")
+    } else if report.frames != report.device_delivered {
+        Some("verified frames differ from frames the device delivered")
+    } else if report.dropped_frames + trailing_drops != report.device_dropped {
+        Some("dropped frames not all reported in buffer headers")
+    } else if !accounted {
+        Some("produced != delivered + dropped + pending")
+    } else if report.device_held_after != 0 {
+        Some("shutdown left reads in the device")
+    } else if params.mode == Mode::Overrun && report.dropped_frames == 0 {
+        Some("overrun mode saw no overrun")
+    } else {
+        None
+    });
+    report.failure = failure.unwrap_or("");
+    report.pass = failure.is_none();
+    Ok(())
+}
+
+fn finish_events(device: &Device, report: &mut Report<'_>) {
+    for event in device.events().unwrap_or_default() {
+        match event.kind.get() {
+            kind::OVERRUN => report.overrun_event_frames += event.arg0.get(),
+            kind::FAULT => {
+                report.fault_events += 1;
+                println!("vdaq-app: device FAULT event, code {}", event.arg0.get());
+            }
+            _ => {}
+        }
+    }
+}
+
+fn fill_driver_stats(device: &Device, report: &mut Report<'_>) {
+    if let Ok(stats) = device.stats() {
+        report.interrupts = stats.interrupts;
+        report.bottom_halves = stats.bottom_halves;
+        report.found_on_recheck = stats.found_on_recheck;
+        report.rejected = stats.rejected;
+        report.invalid = stats.invalid;
+        report.watchdog_recoveries = stats.watchdog_recoveries;
+    }
+}

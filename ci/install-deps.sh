@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 # whatever of it is missing.
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
 rustup component add rustfmt clippy >/dev/null
-rustup target add x86_64-unknown-none >/dev/null
+rustup target add x86_64-unknown-none x86_64-unknown-linux-musl >/dev/null

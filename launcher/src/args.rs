@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
-use vdaq_launcher::session::{Accel, Machine, RunConfig};
+use vdaq_launcher::session::{Accel, GuestKind, Machine, RunConfig};
 use vdaq_launcher::tools::{Kvm, Tools};
 
 /// The accelerator asked for on the command line.
@@ -26,6 +26,17 @@ pub enum AccelArg {
     Kvm,
     /// QEMU's TCG.
     Tcg,
+}
+
+/// Options that the chosen guest does not carry out.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum GuestMismatch {
+    /// A mode only the Linux guest has.
+    #[error("--mode {0} needs the Linux guest; add --guest linux")]
+    LinuxMode(&'static str),
+    /// An option only the bare-metal guest carries out.
+    #[error("{0} is carried out by the bare-metal guest only; drop it or use --guest bare-metal")]
+    BareMetalOnly(&'static str),
 }
 
 /// `--accel kvm` on a host without a usable /dev/kvm.
@@ -58,6 +69,12 @@ pub enum Mode {
     /// Shut down while reads are in flight: every read must come back, the device must hold
     /// none.
     Shutdown,
+    /// Linux guest: cancel a share of the reads in flight while streaming; each must come
+    /// back cancelled or complete.
+    Cancel,
+    /// Linux guest: close the device with reads in flight; each must come back and the device
+    /// hold none.
+    ClosePending,
 }
 
 impl Mode {
@@ -67,6 +84,8 @@ impl Mode {
             Mode::Stream => "stream",
             Mode::Overrun => "overrun",
             Mode::Shutdown => "shutdown",
+            Mode::Cancel => "cancel",
+            Mode::ClosePending => "close-pending",
         }
     }
 }
@@ -150,12 +169,22 @@ pub struct Common {
     /// Backend binary (default: beside this program, or built).
     #[arg(long)]
     pub backend: Option<PathBuf>,
-    /// Guest image (default: built by images/build.sh).
+    /// Which guest drives the card: the bare-metal Rust guest, or Linux (Debian's kernel, the
+    /// vdaq kernel module, the io_uring application).
+    #[arg(long, value_enum, default_value_t = GuestKind::BareMetal)]
+    pub guest: GuestKind,
+    /// Bare-metal guest image (default: built by images/build.sh).
+    #[arg(long, value_name = "ELF")]
+    pub guest_image: Option<PathBuf>,
+    /// Linux guest kernel (with --linux-initrd; default: built by images/build-linux.sh).
+    #[arg(long, value_name = "BZIMAGE", requires = "linux_initrd")]
+    pub linux_kernel: Option<PathBuf>,
+    /// Linux guest initramfs (with --linux-kernel).
+    #[arg(long, value_name = "CPIO", requires = "linux_kernel")]
+    pub linux_initrd: Option<PathBuf>,
+    /// Guest memory in MiB (default: 256 for the bare-metal guest, 512 for Linux).
     #[arg(long)]
-    pub guest: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub memory: u32,
+    pub memory: Option<u32>,
     /// Echo the guest console and the QEMU command line.
     #[arg(short, long)]
     pub verbose: bool,
@@ -167,8 +196,18 @@ impl Common {
         Tools::find(
             self.qemu.as_deref(),
             self.backend.as_deref(),
-            self.guest.as_deref(),
+            self.guest,
+            self.guest_image.as_deref(),
+            self.linux_kernel
+                .as_deref()
+                .zip(self.linux_initrd.as_deref()),
         )
+    }
+
+    /// Guest memory for this guest.
+    pub fn memory_mib(&self) -> u32 {
+        self.memory
+            .unwrap_or_else(|| self.guest.default_memory_mib())
     }
 }
 
@@ -239,6 +278,21 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Refuses options the chosen guest would silently ignore.
+    pub fn check_guest(&self) -> Result<(), GuestMismatch> {
+        match self.common.guest {
+            GuestKind::BareMetal => match self.mode {
+                Mode::Cancel | Mode::ClosePending => {
+                    Err(GuestMismatch::LinuxMode(self.mode.name()))
+                }
+                _ => Ok(()),
+            },
+            GuestKind::Linux if self.frames > 0 => Err(GuestMismatch::BareMetalOnly("--frames")),
+            GuestKind::Linux if self.hash => Err(GuestMismatch::BareMetalOnly("--hash")),
+            GuestKind::Linux => Ok(()),
+        }
+    }
+
     /// The run these options describe, with `tools` on `accel`; `progress` shows live
     /// progress.
     pub fn run_config(&self, tools: &Tools, accel: Accel, progress: bool) -> RunConfig {
@@ -296,7 +350,7 @@ impl RunArgs {
             guest: tools.guest.clone(),
             machine: self.common.machine,
             accel,
-            memory_mib: self.common.memory,
+            memory_mib: self.common.memory_mib(),
             backend_args,
             guest_args,
             timeout: Duration::from_secs_f64(self.timeout.unwrap_or(self.duration + 60.0)),
@@ -397,7 +451,7 @@ mod tests {
         let tools = Tools {
             qemu: "qemu".into(),
             backend: "backend".into(),
-            guest: "guest".into(),
+            guest: vdaq_launcher::session::GuestImage::BareMetal("guest".into()),
         };
         let run = run_args(&["--format", "f32", "--clock", "free", "--signal", "sawtooth"]);
         let config = run.run_config(&tools, Accel::Tcg, false);

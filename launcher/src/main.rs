@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use thiserror::Error;
 
-use args::{Cli, Cmd, KvmUnavailable, RunArgs};
+use args::{Cli, Cmd, GuestMismatch, KvmUnavailable, RunArgs};
 use vdaq_launcher::session::{self, SessionError, INTERRUPTED};
 use vdaq_launcher::tools::{self, ToolError};
 
@@ -24,6 +24,9 @@ pub enum Error {
     /// The accelerator asked for is not available.
     #[error(transparent)]
     Accel(#[from] KvmUnavailable),
+    /// An option the chosen guest does not carry out.
+    #[error(transparent)]
+    Guest(#[from] GuestMismatch),
     /// QEMU, the backend or the guest image could not be found, built or provisioned.
     #[error(transparent)]
     Tools(#[from] ToolError),
@@ -34,6 +37,7 @@ pub enum Error {
 
 /// One run: summary on stderr, `--json` report on stdout; whether it passed.
 fn run(args: &RunArgs) -> Result<bool, Error> {
+    args.check_guest()?;
     let accel = args.common.accel.resolve(tools::kvm())?;
     let tools = args.common.tools()?;
     let config = args.run_config(&tools, accel, true);

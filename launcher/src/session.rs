@@ -56,6 +56,60 @@ impl Accel {
     }
 }
 
+/// Which guest runs on the card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestKind {
+    /// The bare-metal Rust guest (guest-app/, PVH boot).
+    BareMetal,
+    /// Debian's Linux kernel with the vdaq kernel module and the io_uring application
+    /// (linux-driver/, linux-app/).
+    Linux,
+}
+
+impl GuestKind {
+    /// Name on the command line and in the summary.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestKind::BareMetal => "bare-metal",
+            GuestKind::Linux => "linux",
+        }
+    }
+
+    /// Guest memory (MiB) a run gets unless told otherwise.
+    pub fn default_memory_mib(self) -> u32 {
+        match self {
+            // The bare-metal guest's heap is 160 MiB.
+            GuestKind::BareMetal => 256,
+            // Debian's kernel and the initramfs unpacked in memory.
+            GuestKind::Linux => 512,
+        }
+    }
+}
+
+/// The guest's boot files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestImage {
+    /// A PVH ELF image (`-kernel`).
+    BareMetal(PathBuf),
+    /// A Linux kernel and its initramfs.
+    Linux {
+        /// `-kernel`.
+        kernel: PathBuf,
+        /// `-initrd`.
+        initrd: PathBuf,
+    },
+}
+
+impl GuestImage {
+    /// Which kind of guest this is.
+    pub fn kind(&self) -> GuestKind {
+        match self {
+            GuestImage::BareMetal(_) => GuestKind::BareMetal,
+            GuestImage::Linux { .. } => GuestKind::Linux,
+        }
+    }
+}
+
 /// Everything one run needs.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -64,7 +118,7 @@ pub struct RunConfig {
     /// Backend binary.
     pub backend: PathBuf,
     /// Guest image.
-    pub guest: PathBuf,
+    pub guest: GuestImage,
     /// Machine type.
     pub machine: Machine,
     /// Accelerator.
@@ -289,7 +343,16 @@ fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
             ]);
         }
         Machine::Microvm => {
-            command.args(["-machine", "microvm"]);
+            // Linux finds virtio-mmio devices from the `virtio_mmio.device=` entries microvm
+            // appends to the kernel command line only without ACPI; the bare-metal guest
+            // probes microvm's slots itself.
+            command.args([
+                "-machine",
+                match config.guest.kind() {
+                    GuestKind::BareMetal => "microvm",
+                    GuestKind::Linux => "microvm,acpi=off",
+                },
+            ]);
             command.args(["-numa", "node,memdev=mem"]);
             command.args(["-global", "virtio-mmio.force-legacy=false"]);
             command.args([
@@ -307,14 +370,27 @@ fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
             command.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]);
         }
     }
-    command.arg("-kernel").arg(&config.guest);
-    let mut append = vec![format!(
+    let mut append = Vec::new();
+    match &config.guest {
+        GuestImage::BareMetal(image) => {
+            command.arg("-kernel").arg(image);
+        }
+        GuestImage::Linux { kernel, initrd } => {
+            command
+                .arg("-kernel")
+                .arg(kernel)
+                .arg("-initrd")
+                .arg(initrd);
+            append.extend(["console=ttyS0".to_string(), "quiet".to_string()]);
+        }
+    }
+    append.push(format!(
         "vdaq.transport={}",
         match config.machine {
             Machine::Q35 => "pci",
             Machine::Microvm => "mmio",
         }
-    )];
+    ));
     append.extend(config.guest_args.iter().cloned());
     command.args(["-append", &append.join(" ")]);
     command

@@ -1,13 +1,17 @@
 //! What a run reports: the human summary on stderr and, with `--json`, the guest's report on
 //! stdout.
 
-use vdaq_launcher::session::{Machine, RunConfig, RunOutcome};
+use vdaq_launcher::session::{GuestKind, Machine, RunConfig, RunOutcome};
 
 /// Prints the summary of one run on stderr: what ran where, first sample, the guest's
 /// figures and verdict (or its last console lines), and why the run was cut short.
 pub fn print(config: &RunConfig, outcome: &RunOutcome) {
     eprintln!(
-        "vdaq: {} / {} on {:?} ({}), wall {:.2} s",
+        "vdaq: {}{} / {} on {:?} ({}), wall {:.2} s",
+        match config.guest.kind() {
+            GuestKind::BareMetal => "",
+            GuestKind::Linux => "Linux guest, ",
+        },
         config
             .guest_args
             .first()

@@ -6,6 +6,8 @@ use std::process::{Command, Stdio};
 
 use thiserror::Error;
 
+use crate::session::{GuestImage, GuestKind};
+
 /// A tool could not be found, built or provisioned.
 #[derive(Debug, Error)]
 pub enum ToolError {
@@ -42,7 +44,7 @@ pub fn repo_root() -> PathBuf {
 
 /// Runs `program args` in the repository root with stdout captured (stderr passes through,
 /// so build progress shows) and returns the last stdout line.
-fn run_last_line(what: &'static str, program: &Path, args: &[&str]) -> Result<String, ToolError> {
+fn run_lines(what: &'static str, program: &Path, args: &[&str]) -> Result<Vec<String>, ToolError> {
     let command = format!("{} {}", program.display(), args.join(" "));
     let output = Command::new(program)
         .args(args)
@@ -63,10 +65,13 @@ fn run_last_line(what: &'static str, program: &Path, args: &[&str]) -> Result<St
     }
     Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string())
+        .map(|line| line.trim().to_string())
+        .filter(|line| !line.is_empty())
+        .collect())
+}
+
+fn run_last_line(what: &'static str, program: &Path, args: &[&str]) -> Result<String, ToolError> {
+    Ok(run_lines(what, program, args)?.pop().unwrap_or_default())
 }
 
 /// The backend binary: `explicit` if given; else next to this executable (cargo puts all of a
@@ -117,6 +122,30 @@ pub fn guest_image(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     existing(Path::new(&path))
 }
 
+/// The Linux guest's kernel and initramfs: `explicit` if given, else built by
+/// `images/build-linux.sh` (Debian's kernel, the vdaq module, busybox and the application;
+/// quick when current). Its last two stdout lines are the two paths.
+pub fn linux_image(explicit: Option<(&Path, &Path)>) -> Result<GuestImage, ToolError> {
+    if let Some((kernel, initrd)) = explicit {
+        return Ok(GuestImage::Linux {
+            kernel: existing(kernel)?,
+            initrd: existing(initrd)?,
+        });
+    }
+    eprintln!("vdaq: building the Linux guest image if needed (images/build-linux.sh)…");
+    let mut lines = run_lines(
+        "building the Linux guest image",
+        &repo_root().join("images/build-linux.sh"),
+        &[],
+    )?;
+    let initrd = lines.pop().unwrap_or_default();
+    let kernel = lines.pop().unwrap_or_default();
+    Ok(GuestImage::Linux {
+        kernel: existing(Path::new(&kernel))?,
+        initrd: existing(Path::new(&initrd))?,
+    })
+}
+
 /// QEMU: `explicit` if given, else what `ci/provision-qemu.sh` finds or provisions.
 pub fn qemu(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     if let Some(path) = explicit {
@@ -138,21 +167,27 @@ pub struct Tools {
     /// Backend binary.
     pub backend: PathBuf,
     /// Guest image.
-    pub guest: PathBuf,
+    pub guest: GuestImage,
 }
 
 impl Tools {
     /// Each of QEMU, backend and guest image (in this order): the explicit path if given,
-    /// else found, built or provisioned as [`qemu`], [`backend`] and [`guest_image`] do.
+    /// else found, built or provisioned as [`qemu`], [`backend`], [`guest_image`] and
+    /// [`linux_image`] do.
     pub fn find(
         qemu: Option<&Path>,
         backend: Option<&Path>,
-        guest: Option<&Path>,
+        guest: GuestKind,
+        image: Option<&Path>,
+        linux: Option<(&Path, &Path)>,
     ) -> Result<Self, ToolError> {
         Ok(Tools {
             qemu: self::qemu(qemu)?,
             backend: self::backend(backend)?,
-            guest: guest_image(guest)?,
+            guest: match guest {
+                GuestKind::BareMetal => GuestImage::BareMetal(guest_image(image)?),
+                GuestKind::Linux => linux_image(linux)?,
+            },
         })
     }
 }

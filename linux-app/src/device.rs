@@ -46,7 +46,7 @@ impl Device {
     fn command(&self, request: u32) -> io::Result<()> {
         // SAFETY: a `_IO` request takes no argument; the kernel reads or writes none of our
         // memory.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::c_ulong) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::Ioctl) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -61,7 +61,7 @@ impl Device {
         let ret = unsafe {
             libc::ioctl(
                 self.fd.as_raw_fd(),
-                request as libc::c_ulong,
+                request as libc::Ioctl,
                 record.as_mut_ptr(),
             )
         };

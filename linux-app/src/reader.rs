@@ -3,15 +3,17 @@
 //! crate's verifier, and the same report as the bare-metal guest.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::ptr::NonNull;
 use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
+use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
 use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::zerocopy::FromBytes;
 use vdaq_wire::SampleFormat;
 
 use crate::device::Device;
@@ -96,6 +98,12 @@ struct Reader<'p> {
     channels: u16,
     /// Reads in flight, by buffer index: their buffers belong to the kernel.
     in_flight: BTreeSet<usize>,
+    /// Reads that came back with data, by the sequence number in their header, until the
+    /// stream reaches them: io_uring posts completions in the order its task work runs, not
+    /// in the order the device completed the reads.
+    waiting: BTreeMap<u64, (usize, usize)>,
+    /// Sequence number the stream continues with.
+    next_sequence: u64,
     verifier: StreamVerifier,
     /// Device clock minus ours.
     offset_ns: i64,
@@ -149,8 +157,9 @@ impl Reader<'_> {
         }
     }
 
-    /// Consumes every completion waiting; resubmits reads when `resubmit`. Returns how many
-    /// reads completed.
+    /// Takes every completion waiting and consumes the reads the stream has reached, in
+    /// sequence order; resubmits consumed reads when `resubmit`. Returns how many reads came
+    /// back.
     fn drain(&mut self, report: &mut Report<'_>, resubmit: bool) -> io::Result<usize> {
         let done: Vec<(u64, i32)> = self
             .ring
@@ -172,15 +181,56 @@ impl Reader<'_> {
             }
             reads += 1;
             self.cancel_targets.remove(&index);
-            self.consume(index, result, report);
-            if self.params.consume_delay_us > 0 {
-                std::thread::sleep(Duration::from_micros(self.params.consume_delay_us));
-            }
-            if resubmit {
-                self.submit(index)?;
+            let sequence = usize::try_from(result)
+                .ok()
+                .filter(|&used| used >= HEADER_SIZE)
+                .and_then(|_| {
+                    BufferHeader::read_from_bytes(&self.buffers[index].as_slice()[..HEADER_SIZE])
+                        .ok()
+                })
+                .map(|header| header.sequence.get());
+            match sequence {
+                Some(sequence) if !self.waiting.contains_key(&sequence) => {
+                    self.waiting.insert(sequence, (index, result as usize));
+                }
+                // No data (an error, or a sequence seen twice): judged at once.
+                _ => self.consume_now(index, result, report, resubmit)?,
             }
         }
+        self.release(report, resubmit)?;
         Ok(reads)
+    }
+
+    /// Consumes waiting reads in sequence order as far as the stream has reached. When no read
+    /// is in flight any more, nothing can fill a gap: the lowest goes to the verifier anyway
+    /// (which reports the gap).
+    fn release(&mut self, report: &mut Report<'_>, resubmit: bool) -> io::Result<()> {
+        while let Some((&sequence, &(index, used))) = self.waiting.first_key_value() {
+            if sequence != self.next_sequence && !self.in_flight.is_empty() {
+                return Ok(());
+            }
+            self.waiting.remove(&sequence);
+            self.next_sequence = sequence + 1;
+            self.consume_now(index, used as i32, report, resubmit)?;
+        }
+        Ok(())
+    }
+
+    fn consume_now(
+        &mut self,
+        index: usize,
+        result: i32,
+        report: &mut Report<'_>,
+        resubmit: bool,
+    ) -> io::Result<()> {
+        self.consume(index, result, report);
+        if self.params.consume_delay_us > 0 {
+            std::thread::sleep(Duration::from_micros(self.params.consume_delay_us));
+        }
+        if resubmit {
+            self.submit(index)?;
+        }
+        Ok(())
     }
 
     fn consume(&mut self, index: usize, result: i32, report: &mut Report<'_>) {
@@ -220,14 +270,29 @@ impl Reader<'_> {
         }
     }
 
-    /// Waits until every read in flight came back, or `timeout` passed.
-    fn collect_all(&mut self, report: &mut Report<'_>, timeout: Duration) -> io::Result<usize> {
+    /// Waits until every read in flight came back, or `timeout` passed. `flush` (when the
+    /// device is still open) hands back reads that reached the device after an earlier FLUSH:
+    /// io_uring issues each read from an io-wq worker, so a read submitted before the FLUSH
+    /// can be posted to the device after it.
+    fn collect_all(
+        &mut self,
+        report: &mut Report<'_>,
+        timeout: Duration,
+        flush: Option<&Device>,
+    ) -> io::Result<usize> {
         let deadline = now_ns() + timeout.as_nanos() as u64;
         let mut returned = 0;
         while !self.in_flight.is_empty() && now_ns() < deadline {
             self.wait(Duration::from_millis(50))?;
-            returned += self.drain(report, false)?;
+            let came_back = self.drain(report, false)?;
+            returned += came_back;
+            if came_back == 0 && !self.in_flight.is_empty() {
+                if let Some(device) = flush {
+                    device.flush()?;
+                }
+            }
         }
+        self.release(report, false)?;
         Ok(returned)
     }
 }
@@ -283,7 +348,12 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
     report.clock_offset_ns = offset_ns;
 
     let entries = (params.reads * 2).next_power_of_two() as u32;
-    let ring = IoUring::new(entries).map_err(|e| Fatal("io_uring_setup failed", e))?;
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+        .map_err(|e| Fatal("io_uring_setup failed", e))?;
     let buffers = (0..params.reads)
         .map(|_| PageBuffer::new(params.buffer))
         .collect::<io::Result<Vec<_>>>()
@@ -295,6 +365,8 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         buffers,
         channels,
         in_flight: BTreeSet::new(),
+        waiting: BTreeMap::new(),
+        next_sequence: 0,
         verifier,
         offset_ns,
         latencies_us: Vec::new(),
@@ -385,7 +457,7 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
         println!("vdaq-app: closing the device with {in_flight_at_start} reads in flight");
         device.close();
         let returned = reader
-            .collect_all(report, SHUTDOWN_TIMEOUT)
+            .collect_all(report, SHUTDOWN_TIMEOUT, None)
             .map_err(io_error)?;
         report.shutdown_returned = returned as u64;
         let again = Device::open(&params.device).map_err(|e| Fatal("cannot reopen", e))?;
@@ -403,7 +475,7 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
             .flush()
             .map_err(|e| Fatal("VDAQ_IOC_FLUSH failed", e))?;
         let returned = reader
-            .collect_all(report, SHUTDOWN_TIMEOUT)
+            .collect_all(report, SHUTDOWN_TIMEOUT, Some(&device))
             .map_err(io_error)?;
         report.shutdown_returned = returned as u64;
         let status = device

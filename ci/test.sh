@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite. On a machine with rustup this is all it takes: it installs the
-# toolchain pieces, finds or provisions QEMU >= 10.2, builds the guest image, then runs
-# formatting and lint checks and every test of the workspace (unit, queue-level, loopback,
-# guest driver on the host, and end to end in QEMU).
+# toolchain pieces, finds or provisions QEMU >= 10.2, builds the bare-metal guest image and the
+# Linux guest image (Debian's kernel fetched into build/linux, the vdaq module, the io_uring
+# application), then runs formatting and lint checks and every test of the workspace (unit,
+# queue-level, loopback, guest driver on the host, and end to end in QEMU with both guests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
 ci/provision-qemu.sh >/dev/null
 images/build.sh >/dev/null
+images/build-linux.sh >/dev/null
 cargo fmt --all --check
 (cd guest-app && cargo fmt --check && cargo clippy --release --locked -- -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings

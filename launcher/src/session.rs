@@ -343,16 +343,10 @@ fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
             ]);
         }
         Machine::Microvm => {
-            // Linux finds virtio-mmio devices from the `virtio_mmio.device=` entries microvm
-            // appends to the kernel command line only without ACPI; the bare-metal guest
-            // probes microvm's slots itself.
-            command.args([
-                "-machine",
-                match config.guest.kind() {
-                    GuestKind::BareMetal => "microvm",
-                    GuestKind::Linux => "microvm,acpi=off",
-                },
-            ]);
+            // With ACPI (microvm's default) Linux finds the virtio-mmio devices in the DSDT;
+            // Debian's virtio_mmio has no `device=` command-line parameter to find them
+            // without it. The bare-metal guest probes microvm's slots itself.
+            command.args(["-machine", "microvm"]);
             command.args(["-numa", "node,memdev=mem"]);
             command.args(["-global", "virtio-mmio.force-legacy=false"]);
             command.args([

@@ -1,4 +1,5 @@
-//! End to end: the `vdaq` launcher boots the bare-metal guest in real QEMU with the real
+//! End to end: the `vdaq` launcher boots the bare-metal guest, or the Linux guest (Debian's
+//! kernel, the vdaq kernel module, the io_uring application), in real QEMU with the real
 //! backend (vhost-user over a Unix socket, shared memfd memory, MSI-X or IOAPIC interrupts),
 //! and these tests check the guest's JSON report.
 
@@ -419,4 +420,135 @@ fn e2e_set_signal_switches_the_stream_without_mixing_signals() {
         n(&report, "frames") > 600_000,
         "the run went past both switches"
     );
+}
+
+/// The Linux guest: `vdaq --guest linux` with `args`.
+fn linux(args: &[&str]) -> (bool, Value) {
+    let mut all = vec!["--guest", "linux", "--accel", "tcg"];
+    all.extend_from_slice(args);
+    vdaq(&all)
+}
+
+#[test]
+fn e2e_linux_q35_pci_io_uring_stream_verifies_every_sample() {
+    let (ok, report) = linux(&[
+        "--machine",
+        "q35",
+        "--duration",
+        "2",
+        "--rate",
+        "500000",
+        "--reads",
+        "16",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(report["transport"], "pci");
+    assert_eq!(report["mode"], "stream");
+    assert!(
+        n(&report, "completions") > 10,
+        "a stream, not a handful of reads"
+    );
+}
+
+#[test]
+fn e2e_linux_microvm_mmio_io_uring_stream_verifies_every_sample() {
+    let (ok, report) = linux(&[
+        "--machine",
+        "microvm",
+        "--duration",
+        "2",
+        "--rate",
+        "500000",
+        "--reads",
+        "16",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(report["transport"], "mmio");
+}
+
+#[test]
+fn e2e_linux_cancelled_reads_all_come_back() {
+    let (ok, report) = linux(&[
+        "--mode",
+        "cancel",
+        "--duration",
+        "2",
+        "--rate",
+        "500000",
+        "--reads",
+        "16",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert_eq!(report["mode"], "cancel");
+}
+
+#[test]
+fn e2e_linux_close_with_reads_pending_gets_every_read_back() {
+    let (ok, report) = linux(&[
+        "--mode",
+        "close-pending",
+        "--duration",
+        "2",
+        "--rate",
+        "500000",
+        "--reads",
+        "16",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert!(
+        n(&report, "shutdown_in_flight") > 0,
+        "closed with reads pending in the device"
+    );
+}
+
+#[test]
+fn e2e_linux_overrun_reports_every_dropped_sample() {
+    let (ok, report) = linux(&[
+        "--mode",
+        "overrun",
+        "--duration",
+        "2",
+        "--rate",
+        "1000000",
+        "--reads",
+        "8",
+    ]);
+    assert!(ok);
+    assert_sound(&report);
+    assert!(
+        n(&report, "dropped_frames") > 0,
+        "the slow consumer overran"
+    );
+    assert_eq!(
+        n(&report, "overrun_event_frames"),
+        n(&report, "device_dropped"),
+        "OVERRUN events add up to the device's drops"
+    );
+}
+
+#[test]
+fn e2e_linux_bare_metal_only_options_are_refused_with_one_line() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+        .args(["--guest", "linux", "--hash"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vdaq");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--hash") && stderr.contains("bare-metal"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+        .args(["--mode", "cancel"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vdaq");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--guest linux"));
 }

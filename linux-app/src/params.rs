@@ -116,7 +116,13 @@ impl Params {
             reads: number("READS", 16, 1, 256)? as usize,
             buffer: number("BUFFER", 65536, 128, 256 * 1024)? as usize,
             crc: number("CRC", 0, 0, 1)? == 1,
-            consume_delay_us: number("CONSUME_DELAY_US", 0, 0, 1_000_000)?,
+            // The bare-metal guest's overrun default: a consumer slower than the device.
+            consume_delay_us: number(
+                "CONSUME_DELAY_US",
+                if mode == Mode::Overrun { 20_000 } else { 0 },
+                0,
+                1_000_000,
+            )?,
             progress_ms: number("PROGRESS_MS", 500, 10, 60_000)?,
         })
     }

@@ -413,6 +413,8 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
         if now >= next_progress {
             let stats = reader.verifier.stats();
             let interrupts = device.stats().map_or(0, |s| s.interrupts);
+            // The driver keeps the last 64 event records: take them as they come.
+            finish_events(&device, report);
             println!(
                 "{PROGRESS_PREFIX}{} {} {} {interrupts}",
                 (now - start) / 1_000_000,
@@ -451,10 +453,29 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     let stream_end = now_ns();
 
     // Shutdown: every read in flight must come back.
-    let in_flight_at_start = reader.in_flight.len() as u64;
+    let mut in_flight_at_start = reader.in_flight.len() as u64;
     let status = if close_early {
-        // close() with reads in flight: the driver takes this process's reads back.
-        println!("vdaq-app: closing the device with {in_flight_at_start} reads in flight");
+        // close() with reads pending in the device: the driver must take this process's
+        // reads back. Stop first, and wait until every read in flight reached the device
+        // (io-wq may still be posting some; a read not yet issued when the fd goes would
+        // fail with EBADF and never reach the driver).
+        device
+            .stop()
+            .map_err(|e| Fatal("VDAQ_IOC_STOP failed", e))?;
+        let posted_by = now_ns() + 2_000_000_000;
+        loop {
+            reader.wait(Duration::from_millis(10)).map_err(io_error)?;
+            reader.drain(report, false).map_err(io_error)?;
+            let pending = device.stats().map_or(0, |s| s.pending);
+            if pending >= reader.in_flight.len() as u64 || now_ns() >= posted_by {
+                break;
+            }
+        }
+        println!(
+            "vdaq-app: closing the device with {} reads pending in it",
+            reader.in_flight.len()
+        );
+        in_flight_at_start = reader.in_flight.len() as u64;
         device.close();
         let returned = reader
             .collect_all(report, SHUTDOWN_TIMEOUT, None)

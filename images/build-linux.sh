@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Builds the Linux guest: Debian bookworm's kernel, the vdaq kernel module (linux-driver/) and a
+# busybox initramfs that loads the virtio modules and vdaq.ko and runs the application.
+#
+#   images/build-linux.sh [APP]         APP (or $VDAQ_LINUX_APP): a static binary installed as
+#                                       /bin/vdaq-app; default: linux-app/ built here (Rust,
+#                                       musl); "none": no application, /init runs the C test tool
+#                                       (linux-driver/tools/vdaqtest) as a smoke check
+#
+# Outputs (the last two stdout lines are their absolute paths):
+#   build/images/linux/bzImage              Debian's vmlinuz
+#   build/images/linux/initramfs.cpio.gz    busybox, virtio modules, vdaq.ko, /init, tools
+#
+# Nothing on the host changes: the packages are fetched with `apt-get download` through a private
+# apt configuration (own state and cache, bookworm sources with the mirror taken from the
+# machine's /etc/apt, so it also works on an Ubuntu host) and unpacked with `dpkg-deb -x` into
+# build/linux/pkgs. A second run with everything present skips the download; the module and the
+# tools rebuild only when their sources changed.
+#
+# Environment: VDAQ_LINUX_APP (as APP), VDAQ_KERNEL_ABI (e.g. 6.1.0-57-amd64, to pin the kernel
+# instead of following linux-image-amd64).
+set -euo pipefail
+
+readonly SUITE=bookworm
+readonly KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+readonly ROOT
+readonly PREFIX=$ROOT/build/linux
+readonly PKGS=$PREFIX/pkgs
+readonly OUT=$ROOT/build/images/linux
+APP=${1:-${VDAQ_LINUX_APP:-}}
+
+log() { printf 'build-linux: %s\n' "$*" >&2; }
+die() {
+    printf 'build-linux: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# Prints "URI SUITE" per enabled deb source entry of the machine (one-line and deb822 formats).
+apt_sources() {
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f $f ]] || continue
+        sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" |
+            awk '$1 == "deb" && NF >= 3 { print $2, $3 }'
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] || continue
+        awk '
+            function flush(   i, j, nu, ns, u, s) {
+                if (types ~ /(^|[ \t])deb([ \t]|$)/ && tolower(enabled) != "no") {
+                    nu = split(uris, u, /[ \t]+/); ns = split(suites, s, /[ \t]+/)
+                    for (i = 1; i <= nu; i++) for (j = 1; j <= ns; j++)
+                        if (u[i] != "" && s[j] != "") print u[i], s[j]
+                }
+                types = uris = suites = enabled = ""
+            }
+            /^[ \t]*#/ { next }
+            /^[ \t]*$/ { flush(); next }
+            {
+                key = tolower($0); sub(/:.*/, "", key)
+                val = $0; sub(/^[^:]*:[ \t]*/, "", val)
+                if (key == "types") types = val
+                else if (key == "uris") uris = val
+                else if (key == "suites") suites = val
+                else if (key == "enabled") enabled = val
+            }
+            END { flush() }' "$f"
+    done
+}
+
+# Sets MIRROR and SECURITY_MIRROR: a Debian archive URI from the machine's sources (the host's own
+# release entry on Debian, else any URI ending in /debian) and its security counterpart.
+find_mirrors() {
+    local codename= entries uri suite
+    [[ -r /etc/os-release ]] && codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    entries=$(apt_sources)
+    MIRROR= SECURITY_MIRROR=
+    while read -r uri suite; do
+        [[ -n $uri ]] || continue
+        uri=${uri%/}
+        if [[ -z $MIRROR && -n $codename && $suite == "$codename" && $uri == */debian ]]; then MIRROR=$uri; fi
+        if [[ -z $SECURITY_MIRROR && $uri == */debian-security ]]; then SECURITY_MIRROR=$uri; fi
+    done <<<"$entries"
+    if [[ -z $MIRROR ]]; then
+        MIRROR=$(awk '$1 ~ /\/debian\/?$/ { sub(/\/$/, "", $1); print $1; exit }' <<<"$entries")
+    fi
+    [[ -n $MIRROR ]] || die "no Debian archive entry in /etc/apt/sources.list(.d) to fetch $SUITE's kernel from"
+    if [[ -z $SECURITY_MIRROR ]]; then
+        SECURITY_MIRROR=$(sed -E 's#^([a-z+]+://[^/]+).*#\1/debian-security#' <<<"$MIRROR")
+    fi
+}
+
+# Writes the private apt configuration under $PREFIX/apt and exports APT_CONFIG.
+private_apt() {
+    local apt=$PREFIX/apt
+    find_mirrors
+    rm -rf "$apt"
+    mkdir -p "$apt"/{state/lists/partial,cache/archives/partial,log,etc/apt.conf.d,etc/sources.list.d,etc/preferences.d,etc/trusted.gpg.d}
+    : >"$apt/state/status"
+    if [[ $(id -u) == 0 ]] && id _apt >/dev/null 2>&1; then
+        chown -R _apt "$apt/state/lists/partial" "$apt/cache/archives/partial" 2>/dev/null || true
+    fi
+    {
+        echo "// Private apt configuration written by images/build-linux.sh; the system's is not read."
+        echo "Dir::Etc::main \"/dev/null\";"
+        echo "Dir::Etc::Parts \"$apt/etc/apt.conf.d\";"
+        echo "Dir::Etc::SourceList \"/dev/null\";"
+        echo "Dir::Etc::SourceParts \"$apt/etc/sources.list.d\";"
+        echo "Dir::Etc::Preferences \"/dev/null\";"
+        echo "Dir::Etc::PreferencesParts \"$apt/etc/preferences.d\";"
+        echo "Dir::Etc::Trusted \"/dev/null\";"
+        echo "Dir::Etc::TrustedParts \"$apt/etc/trusted.gpg.d\";"
+        echo "Dir::State \"$apt/state\";"
+        echo "Dir::State::Lists \"$apt/state/lists\";"
+        echo "Dir::State::status \"$apt/state/status\";"
+        echo "Dir::State::extended_states \"$apt/state/extended_states\";"
+        echo "Dir::Cache \"$apt/cache\";"
+        echo "Dir::Cache::Archives \"$apt/cache/archives\";"
+        echo "Dir::Log \"$apt/log\";"
+        echo "APT::Architecture \"amd64\";"
+        echo "APT::Architectures { \"amd64\"; };"
+        echo "Acquire::Languages \"none\";"
+        apt-config dump 2>/dev/null |
+            grep -E '^Acquire::((https?|ftp)::Proxy|Check-Valid-Until |Check-Date )' || true
+    } >"$apt/apt.conf"
+    cat >"$apt/etc/sources.list.d/$SUITE.sources" <<EOF
+Types: deb
+URIs: $MIRROR
+Suites: $SUITE $SUITE-updates
+Components: main
+Signed-By: $KEYRING
+
+Types: deb
+URIs: $SECURITY_MIRROR
+Suites: $SUITE-security
+Components: main
+Signed-By: $KEYRING
+EOF
+    export APT_CONFIG=$apt/apt.conf DEBIAN_FRONTEND=noninteractive
+}
+
+# Fetches and unpacks the kernel, its headers, kbuild and busybox-static into $PKGS, once.
+fetch_packages() {
+    local abi ver debs deb logf
+    if [[ -f $PKGS/.complete ]]; then
+        KABI=$(cat "$PKGS/.complete")
+        return
+    fi
+    command -v apt-get >/dev/null || die "apt-get not found"
+    command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
+    [[ -r $KEYRING ]] || die "$KEYRING missing (package debian-archive-keyring), needed to verify $SUITE"
+    mkdir -p "$PREFIX"
+    exec 9>"$PREFIX/.fetch.lock"
+    flock 9 || die "cannot lock $PREFIX/.fetch.lock"
+    if [[ -f $PKGS/.complete ]]; then
+        KABI=$(cat "$PKGS/.complete")
+        return
+    fi
+    private_apt
+    logf=$PREFIX/apt/log/build-linux.log
+    log "apt-get update (private $SUITE sources from $MIRROR, state in $PREFIX/apt)"
+    apt-get -q --error-on=any update >"$logf" 2>&1 || {
+        tail -n 20 "$logf" >&2
+        die "apt-get update failed"
+    }
+    abi=${VDAQ_KERNEL_ABI:-}
+    if [[ -z $abi ]]; then
+        # linux-image-amd64 depends on linux-image-6.1.0-NN-amd64 (the signed image).
+        abi=$(apt-cache depends linux-image-amd64 |
+            sed -nE 's/^ *Depends: linux-image-([0-9][^ ]*-amd64)$/\1/p' | head -n 1)
+        [[ -n $abi ]] || die "cannot resolve linux-image-amd64's kernel from apt-cache depends"
+    fi
+    ver=$(apt-cache policy "linux-image-$abi" | sed -nE 's/^ *Candidate: (.*)$/\1/p')
+    [[ -n $ver && $ver != "(none)" ]] || die "no candidate for linux-image-$abi"
+    log "kernel linux-image-$abi $ver"
+    rm -rf "$PREFIX/debs" "$PKGS"
+    mkdir -p "$PREFIX/debs" "$PKGS"
+    chmod 777 "$PREFIX/debs" # apt's sandbox user downloads into the current directory
+    (cd "$PREFIX/debs" && apt-get -q download \
+        "linux-image-$abi=$ver" "linux-headers-$abi=$ver" \
+        "linux-headers-${abi%-amd64}-common=$ver" "linux-kbuild-6.1=$ver" busybox-static) \
+        >>"$logf" 2>&1 || {
+        tail -n 20 "$logf" >&2
+        die "apt-get download failed"
+    }
+    shopt -s nullglob
+    debs=("$PREFIX"/debs/*.deb)
+    shopt -u nullglob
+    ((${#debs[@]} == 5)) || die "expected 5 packages in $PREFIX/debs, got ${#debs[@]}"
+    for deb in "${debs[@]}"; do
+        log "  unpack $(basename "$deb")"
+        dpkg-deb -x "$deb" "$PKGS" || die "dpkg-deb -x $deb failed"
+    done
+    # The amd64 headers' Makefile includes the common headers by absolute path.
+    sed -i -E "s#^include /usr/src/(linux-headers-[^/]*-common)/Makefile#include $PKGS/usr/src/\\1/Makefile#" \
+        "$PKGS/usr/src/linux-headers-$abi/Makefile"
+    grep -q "^include $PKGS/usr/src/" "$PKGS/usr/src/linux-headers-$abi/Makefile" ||
+        die "could not fix the include line of linux-headers-$abi/Makefile"
+    rm -rf "$PKGS"/usr/share/{doc,man,lintian} "$PREFIX/debs"
+    echo "$abi" >"$PKGS/.complete"
+    KABI=$abi
+}
+
+# Builds vdaq.ko from a copy of linux-driver/ (so the source folder stays clean) and the tools.
+build_module() {
+    local src=$ROOT/linux-driver mod=$PREFIX/module kdir=$PKGS/usr/src/linux-headers-$KABI
+    mkdir -p "$mod"
+    # Copy what changed (keeping mtimes, so kbuild rebuilds only what it must).
+    (cd "$src" && find . -path ./tools -prune -o -type f \( -name '*.c' -o -name '*.h' -o -name Kbuild -o -name Makefile \) -print) |
+        while read -r f; do
+            mkdir -p "$mod/$(dirname "$f")"
+            cmp -s "$src/$f" "$mod/$f" || cp -p "$src/$f" "$mod/$f"
+        done
+    log "make -C $kdir M=$mod modules W=1"
+    make -s -C "$kdir" M="$mod" W=1 modules >&2 || die "building vdaq.ko failed"
+    [[ -f $mod/vdaq.ko ]] || die "no vdaq.ko"
+    # The test tool: static, no libc beyond glibc's static archive.
+    local t
+    mkdir -p "$PREFIX/tools"
+    for t in "$src"/tools/*.c; do
+        [[ -f $t ]] || continue
+        local bin=$PREFIX/tools/$(basename "${t%.c}")
+        if [[ ! -x $bin || $t -nt $bin || $src/uapi/vdaq.h -nt $bin ]]; then
+            log "cc $(basename "$t")"
+            gcc -static -O2 -Wall -Wextra -Werror -I"$src" -o "$bin" "$t" || die "building $t failed"
+        fi
+    done
+}
+
+# Assembles the initramfs.
+build_initramfs() {
+    local stage=$PREFIX/initramfs kmods=$PKGS/lib/modules/$KABI m f found bb
+    rm -rf "$stage"
+    mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,lib/modules,etc}
+    bb=$PKGS/bin/busybox
+    [[ -x $bb ]] || die "busybox-static did not provide bin/busybox"
+    cp "$bb" "$stage/bin/busybox"
+    for f in $("$bb" --list-full); do
+        [[ $f == bin/busybox ]] && continue
+        mkdir -p "$stage/$(dirname "$f")"
+        ln -sf /bin/busybox "$stage/$f"
+    done
+    for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio; do
+        found=$(find "$kmods/kernel" -name "$m.ko*" | head -n 1)
+        [[ -n $found ]] || {
+            log "  $m is not a module in $KABI (built in or absent)"
+            continue
+        }
+        case $found in
+        *.ko.xz) xz -dc "$found" >"$stage/lib/modules/$m.ko" ;;
+        *.ko.zst) zstd -dqc "$found" >"$stage/lib/modules/$m.ko" ;;
+        *.ko.gz) gzip -dc "$found" >"$stage/lib/modules/$m.ko" ;;
+        *) cp "$found" "$stage/lib/modules/$m.ko" ;;
+        esac
+    done
+    # insmod has no dependency resolution: /init loads them in this (dependency) order.
+    printf '%s\n' virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio |
+        while read -r m; do [[ -f $stage/lib/modules/$m.ko ]] && echo "$m"; done >"$stage/lib/modules/load-order"
+    cp "$PREFIX/module/vdaq.ko" "$stage/lib/modules/vdaq.ko"
+    for f in "$PREFIX"/tools/*; do
+        [[ -x $f ]] && cp "$f" "$stage/bin/"
+    done
+    if [[ -n $APP ]]; then
+        [[ -x $APP ]] || die "application $APP is not an executable file"
+        cp "$APP" "$stage/bin/vdaq-app"
+        log "application: $APP"
+    fi
+    cp "$ROOT/images/linux/init" "$stage/init"
+    chmod 755 "$stage/init"
+    mkdir -p "$OUT"
+    # busybox's cpio writes the newc format; run from the staging dir for relative names.
+    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | "$bb" cpio -o -H newc 2>/dev/null) |
+        gzip -9 >"$OUT/initramfs.cpio.gz.$$"
+    mv -f "$OUT/initramfs.cpio.gz.$$" "$OUT/initramfs.cpio.gz"
+    cp -p "$PKGS/boot/vmlinuz-$KABI" "$OUT/bzImage.$$"
+    mv -f "$OUT/bzImage.$$" "$OUT/bzImage"
+}
+
+# Builds linux-app/ (a member of the root workspace) as a static musl binary and sets APP to it.
+build_app() {
+    rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+        rustup target add x86_64-unknown-linux-musl >&2
+    (cd "$ROOT" && cargo build --release --locked -p vdaq-linux-app \
+        --target x86_64-unknown-linux-musl >&2) || die "building linux-app failed"
+    local target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+    [[ $target_dir == /* ]] || target_dir=$ROOT/$target_dir
+    APP=$target_dir/x86_64-unknown-linux-musl/release/vdaq-app
+}
+
+main() {
+    fetch_packages
+    build_module
+    case $APP in
+    "") build_app ;;
+    none) APP= ;;
+    esac
+    build_initramfs
+    log "kernel $KABI, initramfs $(du -h "$OUT/initramfs.cpio.gz" | cut -f1)"
+    echo "$OUT/bzImage"
+    echo "$OUT/initramfs.cpio.gz"
+}
+
+main "$@"

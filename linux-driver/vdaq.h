@@ -1,0 +1,191 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * vdaq: internal definitions of the Linux driver for the vdaq virtio DAQ card.
+ *
+ * Locking, outermost first:
+ *   vd->ctrl_mutex	one control command at a time; held across device
+ *			resets (recovery, teardown) so no command races them
+ *   vd->lock		spinlock (irq-safe): the three virtqueues, the request
+ *			list, the event ring, the state flags and counters
+ */
+#ifndef _VDAQ_H
+#define _VDAQ_H
+
+#include <linux/completion.h>
+#include <linux/fs.h>
+#include <linux/kref.h>
+#include <linux/list.h>
+#include <linux/miscdevice.h>
+#include <linux/mutex.h>
+#include <linux/scatterlist.h>
+#include <linux/spinlock.h>
+#include <linux/virtio.h>
+#include <linux/wait.h>
+#include <linux/workqueue.h>
+
+#include "uapi/vdaq.h"
+
+#define VDAQ_QUEUE_DATA		0
+#define VDAQ_QUEUE_CONTROL	1
+#define VDAQ_QUEUE_EVENT	2
+#define VDAQ_QUEUE_COUNT	3
+
+/* Control opcodes and statuses (docs/spec.md 5.x.6.8). */
+#define VDAQ_CMD_START		1
+#define VDAQ_CMD_STOP		2
+#define VDAQ_CMD_CONFIGURE	3
+#define VDAQ_CMD_TRIGGER	4
+#define VDAQ_CMD_FLUSH		5
+#define VDAQ_CMD_GET_STATUS	6
+#define VDAQ_CMD_RESET_COUNTERS	7
+#define VDAQ_CMD_SET_TRIGGER	8
+
+#define VDAQ_STATUS_OK		0
+#define VDAQ_STATUS_UNSUPPORTED	1
+#define VDAQ_STATUS_INVALID	2
+#define VDAQ_STATUS_BAD_SIZE	3
+#define VDAQ_STATUS_BUSY	4
+
+/* Event buffers kept posted, and records kept for VDAQ_IOC_READ_EVENTS. */
+#define VDAQ_EVENT_BUFFERS	8
+#define VDAQ_EVENT_RING		64
+
+/* Largest command payload and reply payload the driver sends or takes. */
+#define VDAQ_CMD_MAX		64
+#define VDAQ_REPLY_MAX		128
+
+struct vdaq_cmd_hdr {
+	__le32 opcode;
+	__le32 reserved;
+};
+
+struct vdaq_resp_hdr {
+	__le32 status;
+	__le32 reserved;
+};
+
+/* DMA-able command buffers (kmalloc'ed, one command at a time). */
+struct vdaq_ctrl_buf {
+	struct vdaq_cmd_hdr hdr;
+	u8 payload[VDAQ_CMD_MAX];
+	struct vdaq_resp_hdr resp;
+	u8 reply[VDAQ_REPLY_MAX];
+};
+
+enum vdaq_req_state {
+	VDAQ_REQ_NEW,		/* prepared, not yet on the data queue */
+	VDAQ_REQ_POSTED,	/* on vd->posted, the device may write it */
+	VDAQ_REQ_DONE,		/* back from the device or taken back */
+};
+
+/*
+ * One read: the caller's pages, pinned, as one descriptor chain.
+ * A synchronous read waits on @done and frees the request; an asynchronous
+ * one is completed and freed by the bottom half through @iocb->ki_complete.
+ */
+struct vdaq_req {
+	struct list_head node;
+	struct vdaq_dev *vd;
+	struct kiocb *iocb;		/* NULL: synchronous read() */
+	fl_owner_t owner;		/* files of the submitter (for ->flush) */
+	struct completion done;
+	enum vdaq_req_state state;
+	bool cancel;			/* cancellation asked for */
+	long result;			/* bytes or -errno */
+	size_t len;
+	unsigned int nr_pages;
+	struct page **pages;
+	struct sg_table sgt;
+};
+
+struct vdaq_counters {
+	u64 completed;
+	u64 errors;
+	u64 invalid;
+	u64 rejected;
+	u64 reclaimed;
+	u64 cancellations;
+	u64 dropped_frames;
+	u64 overrun_buffers;
+	u64 events;
+	u64 events_dropped;
+	u64 interrupts;
+	u64 bottom_halves;
+	u64 found_on_recheck;
+	u64 resets;
+	u64 bytes;
+	u64 watchdog_recoveries;
+};
+
+struct vdaq_dev {
+	struct kref kref;
+	struct virtio_device *vdev;	/* NULL once removed */
+	int index;
+	char name[16];
+	struct miscdevice misc;
+	bool misc_registered;
+
+	spinlock_t lock;			/* see the top of this file */
+	struct virtqueue *vqs[VDAQ_QUEUE_COUNT];
+	bool ready;			/* queues set up, reads accepted */
+	bool removing;
+	bool needs_reset;		/* recovery scheduled */
+	struct list_head posted;	/* struct vdaq_req, oldest first */
+	unsigned int nr_posted;
+	unsigned int frame_bytes;	/* 0: unknown format */
+	unsigned int dataq_size;
+	struct vdaq_counters cnt;
+
+	/* event records for VDAQ_IOC_READ_EVENTS, oldest first */
+	struct vdaq_event ring[VDAQ_EVENT_RING];
+	unsigned int ring_head, ring_len, ring_dropped;
+	struct vdaq_event *event_bufs;	/* VDAQ_EVENT_BUFFERS, DMA-able */
+
+	struct mutex ctrl_mutex;	/* one command at a time */
+	struct vdaq_ctrl_buf *ctrl;
+	struct completion ctrl_done;
+	unsigned int ctrl_used;
+	bool ctrl_busy;			/* a command is on the control queue */
+	bool ctrl_stuck;		/* it timed out: only a reset frees it */
+
+	struct work_struct bh_work;	/* the bottom half */
+	struct work_struct cancel_work;	/* FLUSH for cancelled reads */
+	struct work_struct reset_work;	/* NEEDS_RESET recovery */
+	struct delayed_work poll_work;	/* re-evaluates poll() while running */
+	struct delayed_work watchdog;	/* finds completions whose IRQ was lost */
+	bool watchdog_kick;		/* the watchdog queued the bottom half */
+	u64 irqs_at_watchdog;
+
+	wait_queue_head_t wq;		/* poll(), space in the data queue */
+	atomic_t open_count;
+};
+
+extern struct workqueue_struct *vdaq_wq;
+extern const struct file_operations vdaq_fops;
+extern unsigned int vdaq_cmd_timeout_ms;
+extern unsigned int vdaq_watchdog_ms;
+
+/* vdaq_main.c */
+void vdaq_put(struct vdaq_dev *vd);
+void vdaq_get(struct vdaq_dev *vd);
+void vdaq_schedule_reset(struct vdaq_dev *vd, const char *why);
+void vdaq_refresh_frame_bytes(struct vdaq_dev *vd);
+void vdaq_read_config(struct vdaq_dev *vd, struct vdaq_config *cfg);
+bool vdaq_alive(struct vdaq_dev *vd);
+
+/* vdaq_chardev.c */
+void vdaq_complete_req(struct vdaq_req *req);
+void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
+			unsigned int used);
+void vdaq_cancel_work(struct work_struct *work);
+void vdaq_poll_work(struct work_struct *work);
+
+/* vdaq_ctrl.c */
+int vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
+		 size_t payload_len, void *reply, size_t reply_len);
+int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
+		   size_t payload_len, void *reply, size_t reply_len);
+int vdaq_flush_locked(struct vdaq_dev *vd, u32 *returned);
+void vdaq_ctrl_complete(struct vdaq_dev *vd, unsigned int used);
+
+#endif /* _VDAQ_H */

@@ -1,0 +1,752 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * vdaq: the character device /dev/vdaqN: reads, cancellation, poll, ioctls.
+ *
+ * One read = one request = one descriptor chain over the caller's own pages
+ * (pinned with FOLL_LONGTERM: a read may stay posted for as long as the
+ * device is stopped). The device writes header and frames straight into
+ * them; the read returns the used length after validating it.
+ *
+ * Synchronous read(): posts its request and sleeps until it completes.
+ * Asynchronous reads (io_uring, Linux AIO): posted from .read_iter, which
+ * returns -EIOCBQUEUED; the bottom half completes them with ki_complete().
+ *
+ * Cancellation never discards data: a cancelled read is taken back from the
+ * device with FLUSH and completes with what the device returned (a header
+ * and 0 or more frames: the stream's sequence numbers stay gapless). Only a
+ * read the device never returned completes with an error: -EIO after a
+ * NEEDS_RESET or dead-device reset, -ECANCELED at removal.
+ */
+
+#include <linux/aio.h>
+#include <linux/fs.h>
+#include <linux/kallsyms.h>
+#include <linux/mm.h>
+#include <linux/pci.h>
+#include <linux/platform_device.h>
+#include <linux/poll.h>
+#include <linux/sched/signal.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/uio.h>
+#include <linux/virtio_config.h>
+
+#include "vdaq.h"
+
+/* Pages one read may span before merging: 4 MiB. */
+#define VDAQ_MAX_PAGES		1024
+/* A read of this size from a page-aligned buffer always fits one chain. */
+#define VDAQ_MAX_READ_BYTES	(VDAQ_MAX_CHAIN_DESCRIPTORS * PAGE_SIZE)
+
+static unsigned int vdaq_sample_bytes(u8 format)
+{
+	switch (format) {
+	case VDAQ_FORMAT_S16:
+		return 2;
+	case VDAQ_FORMAT_S32:
+	case VDAQ_FORMAT_F32:
+		return 4;
+	default:
+		return 0;
+	}
+}
+
+/*
+ * Checks a returned buffer (vd->lock held): used length, then the header
+ * the device wrote into the caller's pages. Sets req->result.
+ */
+void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
+			unsigned int used)
+{
+	struct vdaq_buffer_header h;
+	u64 payload, dropped;
+	unsigned int ss;
+
+	if (used == 0) {
+		/* the device could not write it: nothing in it is valid */
+		vd->cnt.rejected++;
+		goto fail;
+	}
+	if (used < VDAQ_HEADER_SIZE || used > req->len)
+		goto invalid;
+	if (sg_pcopy_to_buffer(req->sgt.sgl, req->sgt.orig_nents, &h,
+			       sizeof(h), 0) != sizeof(h))
+		goto invalid;
+	if (h.status == VDAQ_BUF_STATUS_BAD_BUFFER) {
+		vd->cnt.rejected++;
+		goto fail;
+	}
+	ss = vdaq_sample_bytes(h.format);
+	if (h.status != VDAQ_BUF_STATUS_OK || !ss || !h.channels)
+		goto invalid;
+	payload = (u64)le32_to_cpu(h.frame_count) * le16_to_cpu(h.channels) * ss;
+	if (payload != used - VDAQ_HEADER_SIZE)
+		goto invalid;
+	dropped = le64_to_cpu(h.dropped_frames);
+	vd->cnt.dropped_frames += dropped;
+	if (le16_to_cpu(h.flags) & VDAQ_BUF_OVERRUN)
+		vd->cnt.overrun_buffers++;
+	vd->cnt.completed++;
+	vd->cnt.bytes += used;
+	req->result = used;
+	return;
+
+invalid:
+	vd->cnt.invalid++;
+	dev_warn_ratelimited(vd->misc.this_device,
+			     "invalid completion: used %u of %zu bytes\n",
+			     used, req->len);
+fail:
+	vd->cnt.errors++;
+	req->result = -EIO;
+}
+
+static void vdaq_free_req(struct vdaq_req *req)
+{
+	kvfree(req->pages);
+	kfree(req);
+}
+
+/* Unpins and hands the result over; no locks held. */
+void vdaq_complete_req(struct vdaq_req *req)
+{
+	struct kiocb *iocb = req->iocb;
+
+	sg_free_table(&req->sgt);
+	unpin_user_pages_dirty_lock(req->pages, req->nr_pages, true);
+	req->nr_pages = 0;
+	if (iocb) {
+		/*
+		 * Free after ki_complete(): until AIO has taken the kiocb off
+		 * its active list (under ctx_lock, inside ki_complete), its
+		 * cancel fn may still run and look at @req.
+		 */
+		iocb->ki_complete(iocb, req->result);
+		vdaq_free_req(req);
+	} else {
+		/* the sleeping reader frees it */
+		complete(&req->done);
+	}
+}
+
+/*
+ * Pins the caller's buffer and builds its scatterlist. With @nowait
+ * (IOCB_NOWAIT: io_uring's inline issue, RWF_NOWAIT) nothing may sleep: the
+ * pages must already be present (fast GUP only) and allocations are
+ * GFP_NOWAIT; otherwise -EAGAIN, and io_uring retries from a worker.
+ */
+static struct vdaq_req *vdaq_prepare(struct vdaq_dev *vd, struct iov_iter *to,
+				     bool nowait)
+{
+	gfp_t gfp = nowait ? GFP_NOWAIT | __GFP_NOWARN : GFP_KERNEL;
+	unsigned long addr, first, last;
+	struct vdaq_req *req;
+	unsigned int frame;
+	size_t len = iov_iter_count(to);
+	int pinned, err;
+
+	if (iter_is_ubuf(to))
+		addr = (unsigned long)to->ubuf + to->iov_offset;
+	else if (iter_is_iovec(to) && to->nr_segs == 1)
+		addr = (unsigned long)to->iov->iov_base + to->iov_offset;
+	else
+		return ERR_PTR(-EINVAL);	/* one buffer per read */
+
+	spin_lock_irq(&vd->lock);
+	frame = vd->frame_bytes;
+	spin_unlock_irq(&vd->lock);
+	if (!frame)
+		return ERR_PTR(-EIO);
+	if (len < VDAQ_HEADER_SIZE + frame || len > U32_MAX)
+		return ERR_PTR(-EINVAL);
+	first = addr >> PAGE_SHIFT;
+	last = (addr + len - 1) >> PAGE_SHIFT;
+	if (last - first + 1 > VDAQ_MAX_PAGES)
+		return ERR_PTR(-EINVAL);
+
+	req = kzalloc(sizeof(*req), gfp);
+	if (!req)
+		return ERR_PTR(nowait ? -EAGAIN : -ENOMEM);
+	INIT_LIST_HEAD(&req->node);
+	init_completion(&req->done);
+	req->vd = vd;
+	req->len = len;
+	req->owner = current->files;
+	req->nr_pages = last - first + 1;
+	req->pages = kvmalloc_array(req->nr_pages, sizeof(*req->pages), gfp);
+	if (!req->pages) {
+		err = nowait ? -EAGAIN : -ENOMEM;
+		goto err_free;
+	}
+	if (nowait)
+		pinned = pin_user_pages_fast_only(addr & PAGE_MASK,
+						  req->nr_pages,
+						  FOLL_WRITE | FOLL_LONGTERM,
+						  req->pages);
+	else
+		pinned = pin_user_pages_fast(addr & PAGE_MASK, req->nr_pages,
+					     FOLL_WRITE | FOLL_LONGTERM,
+					     req->pages);
+	if (pinned != req->nr_pages) {
+		if (pinned > 0)
+			unpin_user_pages(req->pages, pinned);
+		err = nowait ? -EAGAIN : pinned < 0 ? pinned : -EFAULT;
+		goto err_free;
+	}
+	err = sg_alloc_table_from_pages_segment(&req->sgt, req->pages,
+						req->nr_pages,
+						offset_in_page(addr), len,
+						SZ_1G, gfp);
+	if (err) {
+		err = nowait ? -EAGAIN : err;
+		goto err_unpin;
+	}
+	/* the device takes at most 64 descriptors per chain (indirect too) */
+	if (req->sgt.orig_nents > VDAQ_MAX_CHAIN_DESCRIPTORS) {
+		err = -EINVAL;
+		sg_free_table(&req->sgt);
+		goto err_unpin;
+	}
+	return req;
+
+err_unpin:
+	unpin_user_pages(req->pages, req->nr_pages);
+err_free:
+	vdaq_free_req(req);
+	return ERR_PTR(err);
+}
+
+/* Releases a request that was never posted. */
+static void vdaq_discard_req(struct vdaq_req *req)
+{
+	sg_free_table(&req->sgt);
+	unpin_user_pages(req->pages, req->nr_pages);
+	vdaq_free_req(req);
+}
+
+/* Makes the request available on the data queue. */
+static int vdaq_post(struct vdaq_dev *vd, struct vdaq_req *req)
+{
+	struct virtqueue *vq;
+	struct scatterlist *sgs[1] = { req->sgt.sgl };
+	bool notify = false, cancel;
+	int err;
+
+	spin_lock_irq(&vd->lock);
+	if (vd->removing) {
+		err = -ENODEV;
+	} else if (!vd->ready || vd->needs_reset) {
+		err = -EIO;
+	} else {
+		vq = vd->vqs[VDAQ_QUEUE_DATA];
+		err = virtqueue_add_sgs(vq, sgs, 0, 1, req, GFP_ATOMIC);
+		if (err == -ENOSPC)
+			err = -EAGAIN;	/* data queue full */
+		else if (err)
+			err = -EIO;
+	}
+	if (!err) {
+		req->state = VDAQ_REQ_POSTED;
+		list_add_tail(&req->node, &vd->posted);
+		vd->nr_posted++;
+		notify = virtqueue_kick_prepare(vq);
+		if (vd->nr_posted == 1 && vdaq_watchdog_ms)
+			queue_delayed_work(vdaq_wq, &vd->watchdog,
+					 msecs_to_jiffies(vdaq_watchdog_ms));
+	}
+	cancel = !err && req->cancel;
+	spin_unlock_irq(&vd->lock);
+	if (notify)
+		virtqueue_notify(vq);
+	if (cancel)
+		queue_work(vdaq_wq, &vd->cancel_work);
+	return err;
+}
+
+static bool vdaq_cancelled_posted(struct vdaq_dev *vd)
+{
+	struct vdaq_req *req;
+	bool found = false;
+
+	spin_lock_irq(&vd->lock);
+	list_for_each_entry(req, &vd->posted, node) {
+		if (req->cancel) {
+			found = true;
+			break;
+		}
+	}
+	spin_unlock_irq(&vd->lock);
+	return found;
+}
+
+/*
+ * Takes cancelled reads back: FLUSH until none of them is posted. If the
+ * device does not return them (FLUSH fails, or they stay posted), the device
+ * is reset, which completes them.
+ */
+static void vdaq_cancel_posted(struct vdaq_dev *vd)
+{
+	unsigned long wait = msecs_to_jiffies(100);
+	int tries, err = 0;
+	bool left;
+
+	mutex_lock(&vd->ctrl_mutex);
+	for (tries = 0; tries < 5 && vdaq_cancelled_posted(vd); tries++) {
+		err = vdaq_flush_locked(vd, NULL);
+		if (err)
+			break;
+		/* the device put the buffers on the used ring before the reply */
+		wait_event_timeout(vd->wq, !vdaq_cancelled_posted(vd), wait);
+	}
+	left = vdaq_cancelled_posted(vd);
+	mutex_unlock(&vd->ctrl_mutex);
+	if (left && vdaq_alive(vd))
+		vdaq_schedule_reset(vd, err ? "FLUSH failed" :
+				    "FLUSH did not return cancelled reads");
+}
+
+void vdaq_cancel_work(struct work_struct *work)
+{
+	vdaq_cancel_posted(container_of(work, struct vdaq_dev, cancel_work));
+}
+
+/* Marks @req cancelled (if still posted) and schedules the FLUSH. */
+static void vdaq_request_cancel(struct vdaq_dev *vd, struct vdaq_req *req)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&vd->lock, flags);
+	if (!req->cancel) {
+		req->cancel = true;
+		vd->cnt.cancellations++;
+	}
+	if (req->state == VDAQ_REQ_POSTED && !vd->removing)
+		queue_work(vdaq_wq, &vd->cancel_work);
+	spin_unlock_irqrestore(&vd->lock, flags);
+}
+
+/* Linux AIO io_cancel(2), io_destroy(2) and exit: runs under ctx_lock. */
+static int vdaq_aio_cancel(struct kiocb *iocb)
+{
+	struct vdaq_req *req = iocb->private;
+
+	vdaq_request_cancel(req->vd, req);
+	return 0;	/* completion follows through ki_complete() */
+}
+
+/*
+ * kiocb_set_cancel_fn() is only valid for Linux AIO kiocbs (6.1 does not
+ * check; 6.8 added IOCB_AIO_RW). AIO's completion function is the only
+ * thing that tells them apart from io_uring's here: learn its address once.
+ */
+static bool vdaq_is_aio(struct kiocb *iocb)
+{
+	static void *aio_complete;
+	char name[KSYM_SYMBOL_LEN];
+	void *fn = READ_ONCE(aio_complete);
+
+	if (fn)
+		return (void *)iocb->ki_complete == fn;
+	sprint_symbol_no_offset(name, (unsigned long)iocb->ki_complete);
+	if (strcmp(name, "aio_complete_rw"))
+		return false;
+	WRITE_ONCE(aio_complete, (void *)iocb->ki_complete);
+	return true;
+}
+
+/*
+ * Whether the device has frames a FLUSH would deliver now (config counters:
+ * produced - delivered - dropped). Never blocks behind a running command.
+ */
+static bool vdaq_frames_available(struct vdaq_dev *vd)
+{
+	struct virtio_device *vdev = vd->vdev;
+	u64 produced, delivered, dropped;
+	bool avail = false;
+
+	if (!mutex_trylock(&vd->ctrl_mutex))
+		return false;
+	if (vdaq_alive(vd)) {
+		produced = virtio_cread64(vdev, offsetof(struct vdaq_config,
+							 frames_produced));
+		delivered = virtio_cread64(vdev, offsetof(struct vdaq_config,
+							  frames_delivered));
+		dropped = virtio_cread64(vdev, offsetof(struct vdaq_config,
+							frames_dropped));
+		avail = produced > delivered + dropped;
+	}
+	mutex_unlock(&vd->ctrl_mutex);
+	return avail;
+}
+
+static ssize_t vdaq_read_sync(struct vdaq_dev *vd, struct vdaq_req *req,
+			      bool nonblock)
+{
+	unsigned long grace = msecs_to_jiffies(2 * vdaq_cmd_timeout_ms + 1000);
+	bool interrupted = false;
+	long ret;
+	int err;
+
+	if (nonblock && !vdaq_frames_available(vd)) {
+		vdaq_discard_req(req);
+		return -EAGAIN;
+	}
+	err = vdaq_post(vd, req);
+	if (err) {
+		vdaq_discard_req(req);
+		return err;
+	}
+	/* O_NONBLOCK: take whatever the device has now. */
+	if (nonblock)
+		vdaq_request_cancel(vd, req);
+	if (wait_for_completion_interruptible(&req->done)) {
+		interrupted = true;
+		vdaq_request_cancel(vd, req);
+		if (!wait_for_completion_timeout(&req->done, grace)) {
+			vdaq_schedule_reset(vd, "read not returned after a signal");
+			/* the reset (or removal) completes every read */
+			wait_for_completion(&req->done);
+		}
+	}
+	ret = req->result;
+	vdaq_free_req(req);
+	if (interrupted && ret < 0)
+		return -EINTR;
+	return ret;
+}
+
+static ssize_t vdaq_read_iter(struct kiocb *iocb, struct iov_iter *to)
+{
+	struct vdaq_dev *vd = iocb->ki_filp->private_data;
+	struct vdaq_req *req;
+	bool nonblock;
+	int err;
+
+	if (!iov_iter_count(to))
+		return 0;
+	if (!user_backed_iter(to))
+		return -EINVAL;
+	nonblock = (iocb->ki_flags & IOCB_NOWAIT) ||
+		   (iocb->ki_filp->f_flags & O_NONBLOCK);
+	if (is_sync_kiocb(iocb)) {
+		req = vdaq_prepare(vd, to, false);
+		if (IS_ERR(req))
+			return PTR_ERR(req);
+		return vdaq_read_sync(vd, req, nonblock);
+	}
+
+	/* asynchronous: never waits for data, only IOCB_NOWAIT limits setup */
+	req = vdaq_prepare(vd, to, iocb->ki_flags & IOCB_NOWAIT);
+	if (IS_ERR(req))
+		return PTR_ERR(req);
+
+	req->iocb = iocb;
+	iocb->private = req;
+	/* before posting: the cancel fn must be set while the kiocb is ours */
+	if (vdaq_is_aio(iocb))
+		kiocb_set_cancel_fn(iocb, vdaq_aio_cancel);
+	err = vdaq_post(vd, req);
+	if (err) {
+		vdaq_discard_req(req);
+		return err;
+	}
+	return -EIOCBQUEUED;
+}
+
+void vdaq_poll_work(struct work_struct *work)
+{
+	struct vdaq_dev *vd = container_of(to_delayed_work(work),
+					   struct vdaq_dev, poll_work);
+
+	wake_up_all(&vd->wq);
+}
+
+static __poll_t vdaq_poll(struct file *file, poll_table *wait)
+{
+	struct vdaq_dev *vd = file->private_data;
+	__poll_t mask = 0;
+	bool gone;
+
+	poll_wait(file, &vd->wq, wait);
+	spin_lock_irq(&vd->lock);
+	gone = vd->removing;
+	if (gone)
+		mask |= EPOLLHUP | EPOLLERR;
+	if (vd->ring_len)
+		mask |= EPOLLPRI;
+	spin_unlock_irq(&vd->lock);
+	if (gone)
+		return mask;
+	if (vdaq_frames_available(vd))
+		mask |= EPOLLIN | EPOLLRDNORM;
+	else
+		/* frames entering the FIFO raise no interrupt: look again */
+		queue_delayed_work(vdaq_wq, &vd->poll_work, msecs_to_jiffies(2));
+	return mask;
+}
+
+static int vdaq_open(struct inode *inode, struct file *file)
+{
+	struct miscdevice *misc = file->private_data;
+	struct vdaq_dev *vd = container_of(misc, struct vdaq_dev, misc);
+
+	spin_lock_irq(&vd->lock);
+	if (vd->removing) {
+		spin_unlock_irq(&vd->lock);
+		return -ENODEV;
+	}
+	vdaq_get(vd);
+	spin_unlock_irq(&vd->lock);
+	atomic_inc(&vd->open_count);
+	file->private_data = vd;
+	/*
+	 * FMODE_NOWAIT: io_uring may issue reads inline with IOCB_NOWAIT
+	 * (no io-wq worker hop); setting up a read then never sleeps, or
+	 * fails with -EAGAIN and io_uring retries it from a worker.
+	 */
+	stream_open(inode, file);
+	file->f_mode |= FMODE_NOWAIT;
+	return 0;
+}
+
+/*
+ * close(): cancel the reads this process (files table) still has posted, so
+ * asynchronous reads in a stopped device come back and the process can exit.
+ */
+static int vdaq_flush(struct file *file, fl_owner_t id)
+{
+	struct vdaq_dev *vd = file->private_data;
+	struct vdaq_req *req;
+	bool any = false;
+
+	spin_lock_irq(&vd->lock);
+	list_for_each_entry(req, &vd->posted, node) {
+		if (req->owner == id && !req->cancel) {
+			req->cancel = true;
+			vd->cnt.cancellations++;
+			any = true;
+		}
+	}
+	spin_unlock_irq(&vd->lock);
+	if (any)
+		vdaq_cancel_posted(vd);
+	return 0;
+}
+
+/* Last close: no read of this file can be pending (each holds the file). */
+static int vdaq_release(struct inode *inode, struct file *file)
+{
+	struct vdaq_dev *vd = file->private_data;
+
+	/* the last opener gone: stop acquisition, so the FIFO does not overrun */
+	if (atomic_dec_and_test(&vd->open_count) && vdaq_alive(vd))
+		vdaq_command(vd, VDAQ_CMD_STOP, NULL, 0, NULL, 0);
+	vdaq_put(vd);
+	return 0;
+}
+
+static int vdaq_check_configure(struct vdaq_dev *vd,
+				const struct vdaq_configure *c)
+{
+	struct vdaq_config cfg;
+	unsigned int i;
+	u16 ch = le16_to_cpu(c->channels);
+	u32 rate = le32_to_cpu(c->rate_hz);
+	u32 wm = le32_to_cpu(c->watermark_frames);
+
+	vdaq_read_config(vd, &cfg);
+	for (i = 0; i < sizeof(c->reserved); i++)
+		if (c->reserved[i])
+			return -EINVAL;
+	if (!ch || ch > le16_to_cpu(cfg.max_channels) ||
+	    rate < le32_to_cpu(cfg.min_rate_hz) ||
+	    rate > le32_to_cpu(cfg.max_rate_hz) ||
+	    !vdaq_sample_bytes(c->format) ||
+	    !(le32_to_cpu(cfg.supported_formats) & (1U << c->format)) ||
+	    !le32_to_cpu(c->latency_us) ||
+	    !wm || wm > le32_to_cpu(cfg.fifo_frames) ||
+	    !le16_to_cpu(c->coalesce_buffers) ||
+	    le16_to_cpu(c->amplitude_permille) > 1000 ||
+	    c->signal > VDAQ_SIGNAL_FILE || c->clock > VDAQ_CLOCK_FREE_RUNNING)
+		return -EINVAL;
+	return 0;
+}
+
+static long vdaq_ioctl_configure(struct vdaq_dev *vd, void __user *argp)
+{
+	struct vdaq_configure c;
+	int err;
+
+	if (copy_from_user(&c, argp, sizeof(c)))
+		return -EFAULT;
+	if (mutex_lock_killable(&vd->ctrl_mutex))
+		return -EINTR;
+	if (!vdaq_alive(vd)) {
+		err = -ENODEV;
+		goto out;
+	}
+	err = vdaq_check_configure(vd, &c);
+	if (!err)
+		err = __vdaq_command(vd, VDAQ_CMD_CONFIGURE, &c, sizeof(c),
+				     NULL, 0);
+	if (!err)
+		vdaq_refresh_frame_bytes(vd);
+out:
+	mutex_unlock(&vd->ctrl_mutex);
+	return err;
+}
+
+static long vdaq_ioctl_info(struct vdaq_dev *vd, void __user *argp)
+{
+	struct virtio_device *vdev = vd->vdev;
+	struct device *parent;
+	struct vdaq_info info;
+
+	memset(&info, 0, sizeof(info));
+	if (mutex_lock_killable(&vd->ctrl_mutex))
+		return -EINTR;
+	if (!vdaq_alive(vd)) {
+		mutex_unlock(&vd->ctrl_mutex);
+		return -ENODEV;
+	}
+	info.features = vdev->features;
+	info.device_id = vdev->id.device;
+	info.vendor_id = vdev->id.vendor;
+	info.data_queue_size = vd->dataq_size;
+	info.max_read_bytes = VDAQ_MAX_READ_BYTES;
+	info.frame_bytes = vd->frame_bytes;
+	parent = vdev->dev.parent;
+	if (parent && dev_is_pci(parent))
+		info.transport = VDAQ_TRANSPORT_PCI;
+	else if (parent && dev_is_platform(parent))
+		info.transport = VDAQ_TRANSPORT_MMIO;
+	vdaq_read_config(vd, &info.config);
+	mutex_unlock(&vd->ctrl_mutex);
+	return copy_to_user(argp, &info, sizeof(info)) ? -EFAULT : 0;
+}
+
+static long vdaq_ioctl_events(struct vdaq_dev *vd, void __user *argp)
+{
+	struct vdaq_events *evs;
+	long ret = 0;
+
+	evs = kzalloc(sizeof(*evs), GFP_KERNEL);
+	if (!evs)
+		return -ENOMEM;
+	spin_lock_irq(&vd->lock);
+	while (vd->ring_len && evs->count < VDAQ_EVENTS_MAX) {
+		evs->events[evs->count++] = vd->ring[vd->ring_head];
+		vd->ring_head = (vd->ring_head + 1) % VDAQ_EVENT_RING;
+		vd->ring_len--;
+	}
+	evs->dropped = vd->ring_dropped;
+	vd->ring_dropped = 0;
+	spin_unlock_irq(&vd->lock);
+	if (copy_to_user(argp, evs, sizeof(*evs)))
+		ret = -EFAULT;
+	kfree(evs);
+	return ret;
+}
+
+static long vdaq_ioctl_stats(struct vdaq_dev *vd, void __user *argp)
+{
+	struct vdaq_stats s;
+
+	memset(&s, 0, sizeof(s));
+	spin_lock_irq(&vd->lock);
+	s.completed = vd->cnt.completed;
+	s.errors = vd->cnt.errors;
+	s.invalid = vd->cnt.invalid;
+	s.rejected = vd->cnt.rejected;
+	s.reclaimed = vd->cnt.reclaimed;
+	s.cancellations = vd->cnt.cancellations;
+	s.pending = vd->nr_posted;
+	s.dropped_frames = vd->cnt.dropped_frames;
+	s.overrun_buffers = vd->cnt.overrun_buffers;
+	s.events = vd->cnt.events;
+	s.events_dropped = vd->cnt.events_dropped;
+	s.interrupts = vd->cnt.interrupts;
+	s.bottom_halves = vd->cnt.bottom_halves;
+	s.found_on_recheck = vd->cnt.found_on_recheck;
+	s.resets = vd->cnt.resets;
+	s.bytes = vd->cnt.bytes;
+	s.watchdog_recoveries = vd->cnt.watchdog_recoveries;
+	spin_unlock_irq(&vd->lock);
+	return copy_to_user(argp, &s, sizeof(s)) ? -EFAULT : 0;
+}
+
+static long vdaq_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct vdaq_dev *vd = file->private_data;
+	void __user *argp = (void __user *)arg;
+	struct vdaq_flush_reply fr;
+	struct vdaq_trigger trig;
+	struct vdaq_status st;
+	bool has_trigger;
+	long err;
+
+	spin_lock_irq(&vd->lock);
+	if (vd->removing) {
+		spin_unlock_irq(&vd->lock);
+		return -ENODEV;
+	}
+	has_trigger = virtio_has_feature(vd->vdev, VDAQ_F_TRIGGER);
+	spin_unlock_irq(&vd->lock);
+
+	switch (cmd) {
+	case VDAQ_IOC_GET_CONFIG:
+		return vdaq_ioctl_info(vd, argp);
+	case VDAQ_IOC_CONFIGURE:
+		return vdaq_ioctl_configure(vd, argp);
+	case VDAQ_IOC_START:
+		return vdaq_command(vd, VDAQ_CMD_START, NULL, 0, NULL, 0);
+	case VDAQ_IOC_STOP:
+		return vdaq_command(vd, VDAQ_CMD_STOP, NULL, 0, NULL, 0);
+	case VDAQ_IOC_RESET_COUNTERS:
+		return vdaq_command(vd, VDAQ_CMD_RESET_COUNTERS, NULL, 0,
+				    NULL, 0);
+	case VDAQ_IOC_TRIGGER:
+		if (!has_trigger)
+			return -EOPNOTSUPP;
+		return vdaq_command(vd, VDAQ_CMD_TRIGGER, NULL, 0, NULL, 0);
+	case VDAQ_IOC_SET_TRIGGER:
+		if (!has_trigger)
+			return -EOPNOTSUPP;
+		if (copy_from_user(&trig, argp, sizeof(trig)))
+			return -EFAULT;
+		if (trig.reserved)
+			return -EINVAL;
+		return vdaq_command(vd, VDAQ_CMD_SET_TRIGGER, &trig,
+				    sizeof(trig), NULL, 0);
+	case VDAQ_IOC_STATUS:
+		err = vdaq_command(vd, VDAQ_CMD_GET_STATUS, NULL, 0, &st,
+				   sizeof(st));
+		if (err)
+			return err;
+		return copy_to_user(argp, &st, sizeof(st)) ? -EFAULT : 0;
+	case VDAQ_IOC_FLUSH:
+		err = vdaq_command(vd, VDAQ_CMD_FLUSH, NULL, 0, &fr,
+				   sizeof(fr));
+		if (err)
+			return err;
+		return copy_to_user(argp, &fr, sizeof(fr)) ? -EFAULT : 0;
+	case VDAQ_IOC_READ_EVENTS:
+		return vdaq_ioctl_events(vd, argp);
+	case VDAQ_IOC_GET_STATS:
+		return vdaq_ioctl_stats(vd, argp);
+	default:
+		return -ENOTTY;
+	}
+}
+
+const struct file_operations vdaq_fops = {
+	.owner = THIS_MODULE,
+	.open = vdaq_open,
+	.flush = vdaq_flush,
+	.release = vdaq_release,
+	.read_iter = vdaq_read_iter,
+	.poll = vdaq_poll,
+	.unlocked_ioctl = vdaq_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = no_llseek,
+};

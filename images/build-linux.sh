@@ -290,6 +290,10 @@ build_app() {
 }
 
 main() {
+    # One build at a time (parallel test runs, two terminals): they share the staging tree.
+    mkdir -p "$PREFIX"
+    exec 9>"$PREFIX/.build.lock"
+    flock 9
     fetch_packages
     build_module
     case $APP in

@@ -422,9 +422,38 @@ fn e2e_set_signal_switches_the_stream_without_mixing_signals() {
     );
 }
 
+/// The Linux guest's kernel and initramfs, built once for all tests of this binary.
+fn linux_image() -> &'static (String, String) {
+    static IMAGE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build-linux.sh");
+        let output = Command::new(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("images/build-linux.sh runs");
+        assert!(output.status.success(), "images/build-linux.sh failed");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut lines = stdout.lines().rev();
+        let initrd = lines.next().expect("initramfs path").trim().to_string();
+        let kernel = lines.next().expect("kernel path").trim().to_string();
+        (kernel, initrd)
+    })
+}
+
 /// The Linux guest: `vdaq --guest linux` with `args`.
 fn linux(args: &[&str]) -> (bool, Value) {
-    let mut all = vec!["--guest", "linux", "--accel", "tcg"];
+    let (kernel, initrd) = linux_image();
+    let mut all = vec![
+        "--guest",
+        "linux",
+        "--linux-kernel",
+        kernel,
+        "--linux-initrd",
+        initrd,
+        "--accel",
+        "tcg",
+    ];
     all.extend_from_slice(args);
     vdaq(&all)
 }

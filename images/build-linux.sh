@@ -213,8 +213,10 @@ build_module() {
             mkdir -p "$mod/$(dirname "$f")"
             cmp -s "$src/$f" "$mod/$f" || cp -p "$src/$f" "$mod/$f"
         done
-    log "make -C $kdir M=$mod modules W=1"
-    make -s -C "$kdir" M="$mod" W=1 modules >&2 || die "building vdaq.ko failed"
+    if [[ ! -f $mod/vdaq.ko || -n $(find "$mod" -maxdepth 2 \( -name '*.[ch]' -o -name Kbuild \) -newer "$mod/vdaq.ko") ]]; then
+        log "make -C $kdir M=$mod modules W=1"
+        make -s -C "$kdir" M="$mod" W=1 modules >&2 || die "building vdaq.ko failed"
+    fi
     [[ -f $mod/vdaq.ko ]] || die "no vdaq.ko"
     # The test tool: static, no libc beyond glibc's static archive.
     local t
@@ -270,12 +272,20 @@ build_initramfs() {
     cp "$ROOT/images/linux/init" "$stage/init"
     chmod 755 "$stage/init"
     mkdir -p "$OUT"
+    # Nothing changed since the last image: keep it.
+    local stamp
+    stamp=$( (cd "$stage" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1)
+    if [[ -f $OUT/initramfs.cpio.gz && -f $OUT/bzImage && -f $PREFIX/.initramfs.stamp &&
+        $(cat "$PREFIX/.initramfs.stamp") == "$stamp-$KABI" ]]; then
+        return
+    fi
     # busybox's cpio writes the newc format; run from the staging dir for relative names.
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | "$bb" cpio -o -H newc 2>/dev/null) |
         gzip -9 >"$OUT/initramfs.cpio.gz.$$"
     mv -f "$OUT/initramfs.cpio.gz.$$" "$OUT/initramfs.cpio.gz"
     cp -p "$PKGS/boot/vmlinuz-$KABI" "$OUT/bzImage.$$"
     mv -f "$OUT/bzImage.$$" "$OUT/bzImage"
+    echo "$stamp-$KABI" >"$PREFIX/.initramfs.stamp"
 }
 
 # Builds linux-app/ (a member of the root workspace) as a static musl binary and sets APP to it.

@@ -252,7 +252,7 @@ static int vdaq_post(struct vdaq_dev *vd, struct vdaq_req *req)
 		notify = virtqueue_kick_prepare(vq);
 		if (vd->nr_posted == 1 && vdaq_watchdog_ms)
 			queue_delayed_work(vdaq_wq, &vd->watchdog,
-					 msecs_to_jiffies(vdaq_watchdog_ms));
+					   msecs_to_jiffies(vdaq_watchdog_ms));
 	}
 	cancel = !err && req->cancel;
 	spin_unlock_irq(&vd->lock);

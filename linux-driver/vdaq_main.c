@@ -837,10 +837,55 @@ static struct virtio_driver vdaq_driver = {
 	.config_changed = vdaq_config_changed,
 };
 
+/* uapi/vdaq.h mirrors the wire crate: the sizes and offsets of its layout tests. */
+static void __init vdaq_check_layouts(void)
+{
+	BUILD_BUG_ON(sizeof(struct vdaq_config) != 128);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, coalesce_buffers) != 36);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, format) != 40);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, state) != 43);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, fault_code) != 44);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, seed) != 48);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, requests_rejected) != 88);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, firmware_version) != 96);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, events_lost) != 100);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, model) != 104);
+	BUILD_BUG_ON(sizeof(struct vdaq_buffer_header) != VDAQ_HEADER_SIZE);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, frame_count) != 32);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, flags) != 44);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, status) != 46);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, format) != 47);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, channels) != 48);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, signal) != 50);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, rate_hz) != 52);
+	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, reserved1) != 56);
+	BUILD_BUG_ON(sizeof(struct vdaq_configure) != 40);
+	BUILD_BUG_ON(offsetof(struct vdaq_configure, channels) != 16);
+	BUILD_BUG_ON(offsetof(struct vdaq_configure, format) != 22);
+	BUILD_BUG_ON(offsetof(struct vdaq_configure, seed) != 24);
+	BUILD_BUG_ON(offsetof(struct vdaq_configure, clock) != 32);
+	BUILD_BUG_ON(sizeof(struct vdaq_trigger) != 16);
+	BUILD_BUG_ON(offsetof(struct vdaq_trigger, threshold_ppm) != 4);
+	BUILD_BUG_ON(offsetof(struct vdaq_trigger, post_frames) != 12);
+	BUILD_BUG_ON(sizeof(struct vdaq_status) != 72);
+	BUILD_BUG_ON(offsetof(struct vdaq_status, buffers_held) != 40);
+	BUILD_BUG_ON(offsetof(struct vdaq_status, state) != 64);
+	BUILD_BUG_ON(sizeof(struct vdaq_flush_reply) != 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_event) != VDAQ_EVENT_SIZE);
+	BUILD_BUG_ON(offsetof(struct vdaq_event, arg0) != 16);
+	BUILD_BUG_ON(sizeof(struct vdaq_info) != 160);
+	BUILD_BUG_ON(sizeof(struct vdaq_events) != 8 + VDAQ_EVENTS_MAX * 32);
+	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 17 * 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_cmd_hdr) != 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_resp_hdr) != 8);
+	BUILD_BUG_ON(offsetof(struct vdaq_ctrl_buf, payload) != 8);
+}
+
 static int __init vdaq_init(void)
 {
 	int err;
 
+	vdaq_check_layouts();
 	vdaq_wq = alloc_workqueue("vdaq", WQ_HIGHPRI, 0);
 	if (!vdaq_wq)
 		return -ENOMEM;

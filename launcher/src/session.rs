@@ -376,6 +376,11 @@ fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
                 .arg("-initrd")
                 .arg(initrd);
             append.extend(["console=ttyS0".to_string(), "quiet".to_string()]);
+            if config.machine == Machine::Microvm {
+                if let Some(khz) = crate::tools::host_tsc_khz() {
+                    append.push(format!("tsc_early_khz={khz}"));
+                }
+            }
         }
     }
     append.push(format!(

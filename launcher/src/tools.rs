@@ -200,6 +200,30 @@ fn existing(path: &Path) -> Result<PathBuf, ToolError> {
     }
 }
 
+/// The host's TSC rate in kHz, measured against the monotonic clock over 50 ms (x86_64 only).
+///
+/// A Linux guest on microvm (no HPET, no PM timer) calibrates its TSC against the PIT, which
+/// under TCG on a busy host fails about every other boot and hangs it; under TCG and KVM the
+/// guest's TSC runs at the host's rate, so passing this as `tsc_early_khz=` skips the
+/// calibration.
+pub fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = std::time::Instant::now();
+        // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
+        let tsc_start = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // SAFETY: as above.
+        let tsc_end = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = start.elapsed().as_nanos() as u64;
+        (ns > 0 && tsc_end > tsc_start).then(|| (tsc_end - tsc_start) * 1_000_000 / ns)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 /// What kind of KVM this machine has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kvm {

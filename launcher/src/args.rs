@@ -75,6 +75,9 @@ pub enum Mode {
     /// Linux guest: close the device with reads in flight; each must come back and the device
     /// hold none.
     ClosePending,
+    /// Linux guest: remove the driver from the device (sysfs unbind, what module unload and
+    /// hot-unplug run) with reads in flight; each must come back, then bind again and read.
+    Unbind,
 }
 
 impl Mode {
@@ -86,6 +89,7 @@ impl Mode {
             Mode::Shutdown => "shutdown",
             Mode::Cancel => "cancel",
             Mode::ClosePending => "close-pending",
+            Mode::Unbind => "unbind",
         }
     }
 }

@@ -535,6 +535,22 @@ fn e2e_linux_close_with_reads_pending_gets_every_read_back() {
 }
 
 #[test]
+fn e2e_linux_driver_removal_with_reads_in_flight_returns_every_read_then_rebinds() {
+    // sysfs unbind runs the driver's removal path (module unload and hot-unplug run the same):
+    // every read in flight comes back, the open file gets ENODEV/POLLHUP, the driver binds
+    // again and reads; then the module is unloaded.
+    let (ok, report) = linux(&["--mode", "unbind", "--reads", "16"]);
+    assert!(ok, "guest verdict: {}", report["failure"]);
+    assert_eq!(report["pass"], true);
+    assert_eq!(n(&report, "shutdown_in_flight"), 16);
+    assert_eq!(
+        n(&report, "shutdown_returned"),
+        16,
+        "no read lost at removal"
+    );
+}
+
+#[test]
 fn e2e_linux_overrun_reports_every_dropped_sample() {
     let (ok, report) = linux(&[
         "--mode",

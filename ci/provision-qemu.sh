@@ -24,6 +24,9 @@ readonly ROOT
 readonly PREFIX=$ROOT/build/qemu
 readonly WRAPPER=$PREFIX/bin/qemu-system-x86_64
 
+# shellcheck source=debian-mirrors.sh
+. "$ROOT/ci/debian-mirrors.sh"
+
 log() { printf 'provision-qemu: %s\n' "$*" >&2; }
 die() {
     printf 'provision-qemu: error: %s\n' "$*" >&2
@@ -77,70 +80,6 @@ qemu_ok() {
     return 1
 }
 
-# Parses the machine's apt sources and prints one "URI SUITE" line per enabled deb entry and suite,
-# from /etc/apt/sources.list, *.list (one-line format) and *.sources (deb822) files.
-apt_sources() {
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f $f ]] || continue
-        # deb [options] uri suite [component...]
-        sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" |
-            awk '$1 == "deb" && NF >= 3 { print $2, $3 }'
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f $f ]] || continue
-        awk '
-            function flush(   i, j, nu, ns, u, s) {
-                if (types ~ /(^|[ \t])deb([ \t]|$)/ && tolower(enabled) != "no") {
-                    nu = split(uris, u, /[ \t]+/); ns = split(suites, s, /[ \t]+/)
-                    for (i = 1; i <= nu; i++) for (j = 1; j <= ns; j++)
-                        if (u[i] != "" && s[j] != "") print u[i], s[j]
-                }
-                types = uris = suites = enabled = ""
-            }
-            /^[ \t]*#/ { next }
-            /^[ \t]*$/ { flush(); next }
-            {
-                key = tolower($0); sub(/:.*/, "", key)
-                val = $0; sub(/^[^:]*:[ \t]*/, "", val)
-                if (key == "types") types = val
-                else if (key == "uris") uris = val
-                else if (key == "suites") suites = val
-                else if (key == "enabled") enabled = val
-            }
-            END { flush() }' "$f"
-    done
-}
-
-# Sets MIRROR and SECURITY_MIRROR from the machine's apt sources: the archive entry of the host's
-# own release (or any URI ending in /debian), and its -security entry (or the archive host's
-# /debian-security).
-find_mirrors() {
-    local codename= entries uri suite
-    if [[ -r /etc/os-release ]]; then
-        codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    fi
-    entries=$(apt_sources)
-    MIRROR= SECURITY_MIRROR=
-    while read -r uri suite; do
-        [[ -n $uri ]] || continue
-        uri=${uri%/}
-        if [[ -z $MIRROR && -n $codename && $suite == "$codename" ]]; then MIRROR=$uri; fi
-        if [[ -z $SECURITY_MIRROR && ($suite == *-security || $suite == */updates) ]]; then
-            SECURITY_MIRROR=$uri
-        fi
-    done <<<"$entries"
-    if [[ -z $MIRROR ]]; then
-        MIRROR=$(awk '$1 ~ /\/debian\/?$/ { sub(/\/$/, "", $1); print $1; exit }' <<<"$entries")
-    fi
-    [[ -n $MIRROR ]] ||
-        die "no Debian archive entry found in /etc/apt/sources.list or /etc/apt/sources.list.d/ (needed to fetch QEMU from $SUITE-backports)"
-    if [[ -z $SECURITY_MIRROR ]]; then
-        # scheme://host/debian -> scheme://host/debian-security
-        SECURITY_MIRROR=$(sed -E 's#^([a-z+]+://[^/]+).*#\1/debian-security#' <<<"$MIRROR")
-    fi
-}
-
 # run_logged WHAT CMD...: runs CMD with its output in $LOGFILE; on failure shows the log's tail
 # and dies naming WHAT.
 run_logged() {
@@ -159,7 +98,8 @@ provision() {
     [[ $(dpkg --print-architecture) == amd64 ]] ||
         die "private QEMU provisioning supports amd64 hosts only (this is $(dpkg --print-architecture))"
     [[ -r $KEYRING ]] || die "$KEYRING missing (package debian-archive-keyring), needed to verify $SUITE"
-    find_mirrors
+    find_mirrors ||
+        die "no Debian archive entry found in /etc/apt/sources.list or /etc/apt/sources.list.d/ (needed to fetch QEMU from $SUITE-backports)"
     log "provisioning QEMU from $SUITE-backports ($MIRROR, $SECURITY_MIRROR) into $PREFIX"
 
     mkdir -p "$ROOT/build"

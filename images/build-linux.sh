@@ -31,71 +31,19 @@ readonly PKGS=$PREFIX/pkgs
 readonly OUT=$ROOT/build/images/linux
 APP=${1:-${VDAQ_LINUX_APP:-}}
 
+# shellcheck source=../ci/debian-mirrors.sh
+. "$ROOT/ci/debian-mirrors.sh"
+
 log() { printf 'build-linux: %s\n' "$*" >&2; }
 die() {
     printf 'build-linux: error: %s\n' "$*" >&2
     exit 1
 }
 
-# Prints "URI SUITE" per enabled deb source entry of the machine (one-line and deb822 formats).
-apt_sources() {
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [[ -f $f ]] || continue
-        sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" |
-            awk '$1 == "deb" && NF >= 3 { print $2, $3 }'
-    done
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -f $f ]] || continue
-        awk '
-            function flush(   i, j, nu, ns, u, s) {
-                if (types ~ /(^|[ \t])deb([ \t]|$)/ && tolower(enabled) != "no") {
-                    nu = split(uris, u, /[ \t]+/); ns = split(suites, s, /[ \t]+/)
-                    for (i = 1; i <= nu; i++) for (j = 1; j <= ns; j++)
-                        if (u[i] != "" && s[j] != "") print u[i], s[j]
-                }
-                types = uris = suites = enabled = ""
-            }
-            /^[ \t]*#/ { next }
-            /^[ \t]*$/ { flush(); next }
-            {
-                key = tolower($0); sub(/:.*/, "", key)
-                val = $0; sub(/^[^:]*:[ \t]*/, "", val)
-                if (key == "types") types = val
-                else if (key == "uris") uris = val
-                else if (key == "suites") suites = val
-                else if (key == "enabled") enabled = val
-            }
-            END { flush() }' "$f"
-    done
-}
-
-# Sets MIRROR and SECURITY_MIRROR: a Debian archive URI from the machine's sources (the host's own
-# release entry on Debian, else any URI ending in /debian) and its security counterpart.
-find_mirrors() {
-    local codename= entries uri suite
-    [[ -r /etc/os-release ]] && codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    entries=$(apt_sources)
-    MIRROR= SECURITY_MIRROR=
-    while read -r uri suite; do
-        [[ -n $uri ]] || continue
-        uri=${uri%/}
-        if [[ -z $MIRROR && -n $codename && $suite == "$codename" && $uri == */debian ]]; then MIRROR=$uri; fi
-        if [[ -z $SECURITY_MIRROR && $uri == */debian-security ]]; then SECURITY_MIRROR=$uri; fi
-    done <<<"$entries"
-    if [[ -z $MIRROR ]]; then
-        MIRROR=$(awk '$1 ~ /\/debian\/?$/ { sub(/\/$/, "", $1); print $1; exit }' <<<"$entries")
-    fi
-    [[ -n $MIRROR ]] || die "no Debian archive entry in /etc/apt/sources.list(.d) to fetch $SUITE's kernel from"
-    if [[ -z $SECURITY_MIRROR ]]; then
-        SECURITY_MIRROR=$(sed -E 's#^([a-z+]+://[^/]+).*#\1/debian-security#' <<<"$MIRROR")
-    fi
-}
-
 # Writes the private apt configuration under $PREFIX/apt and exports APT_CONFIG.
 private_apt() {
     local apt=$PREFIX/apt
-    find_mirrors
+    find_mirrors || die "no Debian archive entry in /etc/apt/sources.list(.d) to fetch $SUITE's kernel from"
     rm -rf "$apt"
     mkdir -p "$apt"/{state/lists/partial,cache/archives/partial,log,etc/apt.conf.d,etc/sources.list.d,etc/preferences.d,etc/trusted.gpg.d}
     : >"$apt/state/status"

@@ -12,7 +12,7 @@ use io_uring::{opcode, types, IoUring};
 use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
-use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
 use vdaq_wire::zerocopy::FromBytes;
 use vdaq_wire::SampleFormat;
 
@@ -74,14 +74,6 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 fn now_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let index = (sorted.len() * per_mille / 1000).min(sorted.len() - 1);
-    u64::from(sorted[index])
 }
 
 /// Why the run could not be carried out at all.
@@ -520,62 +512,30 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     report.device_pending = status.frames_pending.get();
 
     let stats = reader.verifier.stats();
-    report.frames = stats.frames;
-    report.samples = stats.frames * u64::from(reader.channels);
-    report.bytes = stats.payload_bytes;
-    report.completions = stats.buffers;
-    report.empty_completions = stats.empty_buffers;
-    report.dropped_frames = stats.dropped_frames;
-    report.overrun_buffers = stats.overrun_buffers;
-    report.verify_errors = stats.errors;
-    report.crc_checked = stats.crc_checked;
-    report.crc_errors = stats.crc_errors;
+    report.record_stream(&stats, reader.channels);
     report.guest_time_ns = stream_end - start;
-    report.throughput_mib_s =
-        stats.payload_bytes as f64 / (1024.0 * 1024.0) / (report.guest_time_ns as f64 / 1e9);
     reader.latencies_us.sort_unstable();
-    report.latency_p50_us = percentile(&reader.latencies_us, 500);
-    report.latency_p99_us = percentile(&reader.latencies_us, 990);
-    report.latency_max_us = reader.latencies_us.last().copied().map_or(0, u64::from);
+    report.record_timing(&reader.latencies_us);
 
-    // Frames dropped after the last buffer returned cannot be in any header.
-    let stream_end_frame = reader.verifier.next_frame().unwrap_or(0);
-    let trailing_drops = report
-        .device_produced
-        .saturating_sub(stream_end_frame)
-        .saturating_sub(report.device_pending);
-    let accounted = report.device_produced
-        == report.device_delivered + report.device_dropped + report.device_pending;
+    let trailing = trailing_drops(
+        report.device_produced,
+        reader.verifier.next_frame().unwrap_or(0),
+        report.device_pending,
+    );
     if reader.cancelled > 0 {
         println!("vdaq-app: {} reads came back cancelled", reader.cancelled);
     }
-    failure = failure.or(if report.frames == 0 {
-        Some("no data arrived")
-    } else if report.interrupts == 0 {
-        Some("data arrived without interrupts")
-    } else if report.crc_errors > 0 {
-        Some("payload CRC mismatch")
-    } else if report.verify_errors > 0 {
-        Some("samples failed verification")
-    } else if reader.unexpected > 0 || report.invalid > 0 {
-        Some("reads ended without data")
-    } else if !reader.in_flight.is_empty() || report.shutdown_returned != in_flight_at_start {
-        Some("reads in flight never came back")
-    } else if params.mode == Mode::Cancel && (!cancel_done || !reader.cancel_targets.is_empty()) {
-        Some("cancelled reads did not all come back")
-    } else if report.frames != report.device_delivered {
-        Some("verified frames differ from frames the device delivered")
-    } else if report.dropped_frames + trailing_drops != report.device_dropped {
-        Some("dropped frames not all reported in buffer headers")
-    } else if !accounted {
-        Some("produced != delivered + dropped + pending")
-    } else if report.device_held_after != 0 {
-        Some("shutdown left reads in the device")
-    } else if params.mode == Mode::Overrun && report.dropped_frames == 0 {
-        Some("overrun mode saw no overrun")
-    } else {
-        None
-    });
+    // This application's own checks, then every guest's.
+    failure = failure
+        .or(if !reader.in_flight.is_empty() {
+            Some("reads in flight never came back")
+        } else if params.mode == Mode::Cancel && (!cancel_done || !reader.cancel_targets.is_empty())
+        {
+            Some("cancelled reads did not all come back")
+        } else {
+            None
+        })
+        .or_else(|| report.common_failure(reader.unexpected, trailing));
     report.failure = failure.unwrap_or("");
     report.pass = failure.is_none();
     Ok(())

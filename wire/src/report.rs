@@ -5,6 +5,8 @@
 
 use core::fmt::{self, Write};
 
+use crate::check::StreamStats;
+
 /// Prefix of the report line.
 pub const REPORT_PREFIX: &str = "VDAQ-REPORT ";
 /// Prefix of a progress line: `VDAQ-PROGRESS <guest ms> <frames> <bytes> <interrupts>`.
@@ -188,6 +190,140 @@ impl Report<'_> {
             write!(out, ",\"{name}\":{value}")?;
         }
         out.write_char('}')
+    }
+}
+
+/// The value at `per_mille` ‰ of `sorted` (0 when empty).
+pub fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = (sorted.len() * per_mille / 1000).min(sorted.len() - 1);
+    u64::from(sorted[index])
+}
+
+/// Frames the device dropped after the last buffer it returned: they can be in no header. The
+/// stream verified up to `stream_end_frame`; everything the device produced after it is either
+/// still pending or such a trailing drop.
+pub fn trailing_drops(produced: u64, stream_end_frame: u64, pending: u64) -> u64 {
+    produced
+        .saturating_sub(stream_end_frame)
+        .saturating_sub(pending)
+}
+
+impl Report<'_> {
+    /// Fills the stream fields from the verifier's totals (`channels` per frame).
+    pub fn record_stream(&mut self, stats: &StreamStats, channels: u16) {
+        self.frames = stats.frames;
+        self.samples = stats.frames * u64::from(channels);
+        self.bytes = stats.payload_bytes;
+        self.completions = stats.buffers;
+        self.empty_completions = stats.empty_buffers;
+        self.dropped_frames = stats.dropped_frames;
+        self.overrun_buffers = stats.overrun_buffers;
+        self.verify_errors = stats.errors;
+        self.crc_checked = stats.crc_checked;
+        self.crc_errors = stats.crc_errors;
+    }
+
+    /// Fills throughput (over `guest_time_ns`, set before) and latency percentiles from the
+    /// per-buffer latencies, sorted.
+    pub fn record_timing(&mut self, sorted_latencies_us: &[u32]) {
+        self.throughput_mib_s =
+            self.bytes as f64 / (1024.0 * 1024.0) / (self.guest_time_ns as f64 / 1e9);
+        self.latency_p50_us = percentile(sorted_latencies_us, 500);
+        self.latency_p99_us = percentile(sorted_latencies_us, 990);
+        self.latency_max_us = sorted_latencies_us.last().copied().map_or(0, u64::from);
+    }
+
+    /// The checks every guest's run must pass (after the guest's own), in order; the first
+    /// that fails, or `None`. `unexpected_reads` are reads that ended other than with data or
+    /// as the application expected; `unreported_drops` are the device's drops no header could
+    /// carry (see [`trailing_drops`]).
+    pub fn common_failure(
+        &self,
+        unexpected_reads: u64,
+        unreported_drops: u64,
+    ) -> Option<&'static str> {
+        let accounted = self.device_produced
+            == self.device_delivered
+                + self.device_dropped
+                + self.frames_discarded_at_reset
+                + self.device_pending;
+        Some(if self.frames == 0 {
+            "no data arrived"
+        } else if self.interrupts == 0 {
+            "data arrived without interrupts"
+        } else if self.crc_errors > 0 {
+            "payload CRC mismatch"
+        } else if self.verify_errors > 0 {
+            "samples failed verification"
+        } else if unexpected_reads > 0 || self.invalid > 0 {
+            "reads ended without data"
+        } else if self.frames != self.device_delivered {
+            "verified frames differ from frames the device delivered"
+        } else if self.dropped_frames + unreported_drops != self.device_dropped {
+            "dropped frames not all reported in buffer headers"
+        } else if !accounted {
+            "produced != delivered + dropped + discarded + pending"
+        } else if self.shutdown_returned != self.shutdown_in_flight || self.device_held_after != 0 {
+            "shutdown left reads in the device"
+        } else if self.mode == "overrun" && self.dropped_frames == 0 {
+            "overrun mode saw no overrun"
+        } else {
+            return None;
+        })
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::{percentile, trailing_drops, Report};
+
+    #[test]
+    fn common_failure_names_the_first_broken_rule() {
+        let good = Report {
+            mode: "stream",
+            frames: 100,
+            interrupts: 3,
+            device_produced: 130,
+            device_delivered: 100,
+            device_dropped: 20,
+            dropped_frames: 15,
+            device_pending: 10,
+            shutdown_in_flight: 4,
+            shutdown_returned: 4,
+            ..Report::default()
+        };
+        assert_eq!(good.common_failure(0, 5), None);
+        assert_eq!(
+            good.common_failure(0, 4),
+            Some("dropped frames not all reported in buffer headers")
+        );
+        assert_eq!(good.common_failure(1, 5), Some("reads ended without data"));
+        let held = Report {
+            device_held_after: 1,
+            ..good.clone()
+        };
+        assert_eq!(
+            held.common_failure(0, 5),
+            Some("shutdown left reads in the device")
+        );
+        let overrun = Report {
+            mode: "overrun",
+            dropped_frames: 0,
+            device_dropped: 5,
+            device_produced: 115,
+            ..good.clone()
+        };
+        assert_eq!(
+            overrun.common_failure(0, 5),
+            Some("overrun mode saw no overrun")
+        );
+        assert_eq!(percentile(&[1, 2, 3, 4], 500), 3);
+        assert_eq!(percentile(&[], 990), 0);
+        assert_eq!(trailing_drops(100, 80, 5), 15);
+        assert_eq!(trailing_drops(10, 80, 5), 0);
     }
 }
 

@@ -8,7 +8,7 @@ use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome,
 use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
-use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
 use vdaq_wire::zerocopy::IntoBytes;
 use vdaq_wire::SampleFormat;
 use virtio_drivers::transport::Transport;
@@ -43,14 +43,6 @@ fn halt_unless_pending(irq: &IrqState) {
     } else {
         interrupts::wait_for_interrupt();
     }
-}
-
-fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let index = (sorted.len() * per_mille / 1000).min(sorted.len() - 1);
-    u64::from(sorted[index])
 }
 
 /// Consumes completions: verifies, measures latency, resubmits.
@@ -444,72 +436,34 @@ pub fn run<T: Transport>(
     // Frames the device dropped after the last buffer it returned cannot be in a header:
     // everything after the verified stream's end is pending or such trailing drops.
     let last_epoch_produced = report.device_produced - epochs.produced;
-    let stream_end_frame = verifier.next_frame().unwrap_or(0);
-    let trailing_drops = last_epoch_produced
-        .saturating_sub(stream_end_frame)
-        .saturating_sub(report.device_pending);
+    let trailing = trailing_drops(
+        last_epoch_produced,
+        verifier.next_frame().unwrap_or(0),
+        report.device_pending,
+    );
     closed.add(&verifier.stats());
     let stats = closed.total();
     let driver_stats = driver.stats();
-    report.frames = stats.frames;
-    report.samples = stats.frames * u64::from(channels);
-    report.bytes = stats.payload_bytes;
-    report.completions = stats.buffers;
-    report.empty_completions = stats.empty_buffers;
-    report.dropped_frames = stats.dropped_frames;
-    report.overrun_buffers = stats.overrun_buffers;
-    report.verify_errors = stats.errors;
-    report.crc_checked = stats.crc_checked;
-    report.crc_errors = stats.crc_errors;
+    report.record_stream(&stats, channels);
     report.interrupts = irq.interrupts();
     report.bottom_halves = driver_stats.bottom_halves;
     report.found_on_recheck = driver_stats.found_on_recheck;
     report.rejected = driver_stats.rejected;
     report.invalid = driver_stats.invalid;
     report.guest_time_ns = stream_end - start;
-    report.throughput_mib_s =
-        stats.payload_bytes as f64 / (1024.0 * 1024.0) / (report.guest_time_ns as f64 / 1e9);
     latencies_us.sort_unstable();
-    report.latency_p50_us = percentile(&latencies_us, 500);
-    report.latency_p99_us = percentile(&latencies_us, 990);
-    report.latency_max_us = latencies_us.last().copied().map_or(0, u64::from);
+    report.record_timing(&latencies_us);
     if params.consume_only {
         report.consume_only_mib_s = consume_only_rate(params, format, channels, counter);
     }
 
     // The verdict.
-    let accounted = report.device_produced
-        == report.device_delivered
-            + report.device_dropped
-            + report.frames_discarded_at_reset
-            + report.device_pending;
     report.failure = failure.unwrap_or(if driver.needs_reset() {
         "device needs reset"
-    } else if report.frames == 0 {
-        "no data arrived"
-    } else if report.interrupts == 0 {
-        "data arrived without interrupts"
-    } else if report.crc_errors > 0 {
-        "payload CRC mismatch"
-    } else if report.verify_errors > 0 {
-        "samples failed verification"
-    } else if unexpected > 0 || report.invalid > 0 {
-        "reads ended without data"
-    } else if report.frames != report.device_delivered {
-        "verified frames differ from frames the device delivered"
-    } else if report.dropped_frames + trailing_drops + epochs.unreported_drops
-        != report.device_dropped
-    {
-        "dropped frames not all reported in buffer headers"
-    } else if !accounted {
-        "produced != delivered + dropped + discarded + pending"
-    } else if report.shutdown_returned != report.shutdown_in_flight || report.device_held_after != 0
-    {
-        "shutdown left reads in the device"
-    } else if params.mode == "overrun" && report.dropped_frames == 0 {
-        "overrun mode saw no overrun"
     } else {
-        ""
+        report
+            .common_failure(unexpected, trailing + epochs.unreported_drops)
+            .unwrap_or("")
     });
     report.pass = report.failure.is_empty();
     Outcome { report }

@@ -34,6 +34,11 @@ pub enum GuestMismatch {
     /// A mode only the Linux guest has.
     #[error("--mode {0} needs the Linux guest; add --guest linux")]
     LinuxMode(&'static str),
+    /// Hot-unplug needs a hot-pluggable bus.
+    #[error(
+        "--mode unplug needs --machine q35 (microvm's virtio-mmio devices are not hot-pluggable)"
+    )]
+    UnplugNeedsQ35,
     /// An option only the bare-metal guest carries out.
     #[error("{0} is carried out by the bare-metal guest only; drop it or use --guest bare-metal")]
     BareMetalOnly(&'static str),
@@ -78,6 +83,9 @@ pub enum Mode {
     /// Linux guest: remove the driver from the device (sysfs unbind, what module unload and
     /// hot-unplug run) with reads in flight; each must come back, then bind again and read.
     Unbind,
+    /// Linux guest on q35: hot-unplug the card (QMP device_del) with reads in flight, restart
+    /// the backend, plug a card in again; every read must come back and the new card stream.
+    Unplug,
 }
 
 impl Mode {
@@ -90,6 +98,7 @@ impl Mode {
             Mode::Cancel => "cancel",
             Mode::ClosePending => "close-pending",
             Mode::Unbind => "unbind",
+            Mode::Unplug => "unplug",
         }
     }
 }
@@ -286,11 +295,16 @@ impl RunArgs {
     pub fn check_guest(&self) -> Result<(), GuestMismatch> {
         match self.common.guest {
             GuestKind::BareMetal => match self.mode {
-                Mode::Cancel | Mode::ClosePending => {
+                Mode::Cancel | Mode::ClosePending | Mode::Unbind | Mode::Unplug => {
                     Err(GuestMismatch::LinuxMode(self.mode.name()))
                 }
                 _ => Ok(()),
             },
+            GuestKind::Linux
+                if self.mode == Mode::Unplug && self.common.machine != Machine::Q35 =>
+            {
+                Err(GuestMismatch::UnplugNeedsQ35)
+            }
             GuestKind::Linux if self.frames > 0 => Err(GuestMismatch::BareMetalOnly("--frames")),
             GuestKind::Linux if self.hash => Err(GuestMismatch::BareMetalOnly("--hash")),
             GuestKind::Linux => Ok(()),
@@ -360,6 +374,7 @@ impl RunArgs {
             timeout: Duration::from_secs_f64(self.timeout.unwrap_or(self.duration + 60.0)),
             progress,
             verbose: self.common.verbose,
+            replug: self.mode == Mode::Unplug,
         }
     }
 }

@@ -2,5 +2,6 @@
 //! [`tools`] finds (or builds, or provisions) what a run needs and probes KVM; [`session`]
 //! runs backend, QEMU and guest once and collects what the guest reported.
 
+pub mod qmp;
 pub mod session;
 pub mod tools;

@@ -135,7 +135,14 @@ pub struct RunConfig {
     pub progress: bool,
     /// Echo every guest console line.
     pub verbose: bool,
+    /// Hot-unplug the card when the guest asks ([`REPLUG_TRIGGER`]), restart the backend, and
+    /// plug a card in again (q35: the card sits behind a hot-pluggable PCIe root port).
+    pub replug: bool,
 }
+
+/// Console line on which a `replug` run unplugs the card (the Linux guest's test tool prints it
+/// once its reads are in flight).
+pub const REPLUG_TRIGGER: &str = "vdaqtest: waiting for unplug";
 
 /// What a run produced.
 #[derive(Debug)]
@@ -180,6 +187,9 @@ pub enum SessionError {
     /// The backend did not create its socket.
     #[error("the backend did not listen on {0} within 10 s")]
     BackendNotListening(PathBuf),
+    /// The unplug / re-plug sequence failed.
+    #[error("re-plug: {0}")]
+    Replug(#[from] crate::qmp::QmpError),
     /// The run directory could not be made.
     #[error("cannot create the run directory {path}: {source}")]
     RunDir {
@@ -313,7 +323,7 @@ fn current_uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
-fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
+fn qemu_command(config: &RunConfig, socket: &Path, qmp: &Path) -> Command {
     let memory = format!("{}M", config.memory_mib);
     let mut command = Command::new(&config.qemu);
     command.args(["-nodefaults", "-display", "none", "-no-reboot"]);
@@ -334,13 +344,27 @@ fn qemu_command(config: &RunConfig, socket: &Path) -> Command {
         vdaq_wire::queue::COUNT,
         vdaq_wire::config::CONFIG_SIZE
     );
+    if config.replug {
+        command.args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
+    }
     match config.machine {
         Machine::Q35 => {
             command.args(["-machine", "q35,memory-backend=mem"]);
-            command.args([
-                "-device",
-                &format!("vhost-user-test-device-pci,{device_options}"),
-            ]);
+            if config.replug {
+                command.args(["-device", "pcie-root-port,id=rp0,chassis=1,slot=1"]);
+                command.args([
+                    "-device",
+                    &format!("vhost-user-test-device-pci,{device_options},id=daq,bus=rp0"),
+                ]);
+            } else {
+                command.args([
+                    "-device",
+                    &format!("vhost-user-test-device-pci,{device_options}"),
+                ]);
+            }
         }
         Machine::Microvm => {
             // With ACPI (microvm's default) Linux finds the virtio-mmio devices in the DSDT;
@@ -409,14 +433,11 @@ fn wait_for_socket(socket: &Path, backend: &mut Supervised) -> Result<(), Sessio
     Ok(())
 }
 
-/// Runs the guest once.
-pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
-    let dir = RunDir::create()?;
-    let socket = dir.0.join("daq.sock");
+fn spawn_backend(config: &RunConfig, socket: &Path) -> Result<Supervised, SessionError> {
     let mut backend_command = Command::new(&config.backend);
     backend_command
         .arg("--socket-path")
-        .arg(&socket)
+        .arg(socket)
         .args(&config.backend_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -425,9 +446,62 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         );
     let mut backend = Supervised::spawn("vhost-device-daq", &mut backend_command)?;
-    wait_for_socket(&socket, &mut backend)?;
+    wait_for_socket(socket, &mut backend)?;
+    Ok(backend)
+}
 
-    let mut qemu_cmd = qemu_command(config, &socket);
+/// Unplugs the card, restarts the backend and plugs a card in again, through QMP: stock QEMU's
+/// generic vhost-user device cannot reconnect to a restarted backend in place (NOTES), so a
+/// backend restart without restarting the VM is a re-plug.
+fn replug(
+    config: &RunConfig,
+    qmp_path: &Path,
+    socket: &Path,
+    backend: &mut Supervised,
+) -> Result<(), SessionError> {
+    use serde_json::json;
+    let mut qmp = crate::qmp::Qmp::connect(qmp_path, Duration::from_secs(5))?;
+    qmp.execute("device_del", json!({ "id": "daq" }))?;
+    // The guest's PCIe hotplug handling completes the removal (its driver drains first).
+    qmp.wait_event("DEVICE_DELETED", Duration::from_secs(30))?;
+    qmp.execute("chardev-remove", json!({ "id": "daq0" }))?;
+    backend.stop(Duration::from_secs(2));
+    let _ = std::fs::remove_file(socket);
+    *backend = spawn_backend(config, socket)?;
+    qmp.execute(
+        "chardev-add",
+        json!({
+            "id": "daq0",
+            "backend": { "type": "socket", "data": {
+                "addr": { "type": "unix", "data": { "path": socket.display().to_string() } },
+                "server": false,
+            } },
+        }),
+    )?;
+    qmp.execute(
+        "device_add",
+        json!({
+            "driver": "vhost-user-test-device-pci",
+            "id": "daq",
+            "bus": "rp0",
+            "chardev": "daq0",
+            "virtio-id": VIRTIO_ID_DAQ,
+            "num_vqs": vdaq_wire::queue::COUNT,
+            "vq_size": 256,
+            "config_size": vdaq_wire::config::CONFIG_SIZE,
+        }),
+    )?;
+    Ok(())
+}
+
+/// Runs the guest once.
+pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
+    let dir = RunDir::create()?;
+    let socket = dir.0.join("daq.sock");
+    let qmp_path = dir.0.join("qmp.sock");
+    let mut backend = spawn_backend(config, &socket)?;
+
+    let mut qemu_cmd = qemu_command(config, &socket, &qmp_path);
     qemu_cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     if config.verbose {
         eprintln!("vdaq: {qemu_cmd:?}");
@@ -462,6 +536,15 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
                 let line = line.trim_end_matches('\r').to_string();
                 if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
                     outcome.report_json = Some(json.to_string());
+                } else if config.replug && line.contains(REPLUG_TRIGGER) {
+                    outcome.console_tail.push(line.clone());
+                    eprintln!(
+                        "vdaq: unplugging the card, restarting the backend, plugging it in again"
+                    );
+                    if let Err(err) = replug(config, &qmp_path, &socket, &mut backend) {
+                        outcome.aborted = Some(err.to_string());
+                        break;
+                    }
                 } else if line == FIRST_SAMPLE_LINE {
                     outcome.first_sample.get_or_insert(started.elapsed());
                 } else if let Some(progress) = line.strip_prefix(PROGRESS_PREFIX) {

@@ -551,6 +551,22 @@ fn e2e_linux_driver_removal_with_reads_in_flight_returns_every_read_then_rebinds
 }
 
 #[test]
+fn e2e_linux_hot_unplug_with_reads_in_flight_then_backend_restart_and_replug() {
+    // q35, the card behind a hot-pluggable PCIe root port: with 16 reads posted, the launcher
+    // unplugs it (QMP device_del), restarts the backend and plugs a card in again; every read
+    // comes back, the driver binds the new card and reads from it, QEMU never restarts.
+    let (ok, report) = linux(&["--mode", "unplug", "--reads", "16"]);
+    assert!(ok, "guest verdict: {}", report["failure"]);
+    assert_eq!(report["pass"], true);
+    assert_eq!(n(&report, "shutdown_in_flight"), 16);
+    assert_eq!(
+        n(&report, "shutdown_returned"),
+        16,
+        "no read lost at unplug"
+    );
+}
+
+#[test]
 fn e2e_linux_overrun_reports_every_dropped_sample() {
     let (ok, report) = linux(&[
         "--mode",
@@ -589,11 +605,28 @@ fn e2e_linux_bare_metal_only_options_are_refused_with_one_line() {
         stderr.contains("--hash") && stderr.contains("bare-metal"),
         "{stderr}"
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
-        .args(["--mode", "cancel"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vdaq");
-    assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--guest linux"));
+    for (args, needle) in [
+        (&["--mode", "cancel"][..], "--guest linux"),
+        (&["--mode", "unbind"][..], "--guest linux"),
+        (
+            &[
+                "--guest",
+                "linux",
+                "--machine",
+                "microvm",
+                "--mode",
+                "unplug",
+            ][..],
+            "--machine q35",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vdaq");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
 }

@@ -597,6 +597,21 @@ static int do_unplug(int reads, size_t len)
 	CHECK(r < 0 && errno == ENODEV, "read after unplug: %d %s", r,
 	      strerror(errno));
 	close(fd);
+
+	/* the host plugs a card in again (a restarted backend): it binds and streams */
+	printf("vdaqtest: waiting for the card to come back\n");
+	fflush(stdout);
+	for (i = 0; i < 600 && access("/dev/vdaq0", F_OK); i++)
+		usleep(100000);
+	fd = open("/dev/vdaq0", O_RDWR);
+	CHECK(fd >= 0, "open after re-plug: %s", strerror(errno));
+	if (fd >= 0) {
+		cmd(VDAQ_IOC_START, NULL, "START");
+		r = read(fd, bufs[0], len);
+		CHECK(r > VDAQ_HEADER_SIZE, "read after re-plug: %d", r);
+		cmd(VDAQ_IOC_STOP, NULL, "STOP");
+		printf("vdaqtest: re-plugged, read %d bytes\n", r);
+	}
 	printf("result completions=%d shutdown_in_flight=%d shutdown_returned=%d\n",
 	       data + cancelled, reads, data + cancelled);
 	return failures ? 1 : 0;

@@ -256,19 +256,32 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             return Err(DriverError::MissingFeature(feature::VIRTIO_F_VERSION_1));
         }
         let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
-        let queues =
-            VirtQueue::new(&mut transport, queue::DATA, false, event_idx).and_then(|data| {
-                let control = VirtQueue::new(&mut transport, queue::CONTROL, false, event_idx)?;
-                let events = VirtQueue::new(&mut transport, queue::EVENT, false, event_idx)?;
-                Ok((data, control, events))
-            });
-        let (data, control, events) = match queues {
-            Ok(queues) => queues,
+        // A queue set up before a later one fails is freed when it is dropped: the device must
+        // be reset first, so that it forgets the ring's address.
+        fn give_up<T: Transport>(transport: &mut T) {
+            transport.set_status(DeviceStatus::empty());
+            transport.set_status(DeviceStatus::FAILED);
+        }
+        let data = match VirtQueue::new(&mut transport, queue::DATA, false, event_idx) {
+            Ok(queue) => queue,
             Err(err) => {
-                // Queues set up so far are freed on return: reset first, so the device
-                // forgets their addresses, then tell it the driver gave up.
-                transport.set_status(DeviceStatus::empty());
-                transport.set_status(DeviceStatus::FAILED);
+                give_up(&mut transport);
+                return Err(err.into());
+            }
+        };
+        let control = match VirtQueue::new(&mut transport, queue::CONTROL, false, event_idx) {
+            Ok(queue) => queue,
+            Err(err) => {
+                give_up(&mut transport);
+                drop(data);
+                return Err(err.into());
+            }
+        };
+        let events = match VirtQueue::new(&mut transport, queue::EVENT, false, event_idx) {
+            Ok(queue) => queue,
+            Err(err) => {
+                give_up(&mut transport);
+                drop((data, control));
                 return Err(err.into());
             }
         };
@@ -650,6 +663,10 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         payload: &[u8],
         wait: &mut impl Wait,
     ) -> Result<(u32, Vec<u8>), DriverError> {
+        if self.ring_corrupt {
+            // Nothing is posted on a ring that cannot be trusted; recover() resets.
+            return Err(DriverError::NeedsReset);
+        }
         if self.command.is_some() {
             return Err(DriverError::QueueFull);
         }

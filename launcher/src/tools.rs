@@ -101,11 +101,11 @@ pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
             "vhost-device-daq",
         ],
     )?;
-    // Where cargo put it: CARGO_TARGET_DIR when set (relative to the working directory, as
-    // cargo reads it), else the workspace's target/.
+    // Where cargo put it: CARGO_TARGET_DIR when set (relative to the directory cargo ran in,
+    // the repository root), else the workspace's target/.
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .filter(|dir| !dir.is_empty())
-        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+        .map_or_else(|| repo_root().join("target"), |dir| repo_root().join(dir));
     existing(&target_dir.join("release/vhost-device-daq"))
 }
 
@@ -209,13 +209,28 @@ fn existing(path: &Path) -> Result<PathBuf, ToolError> {
 pub fn host_tsc_khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
-        let start = std::time::Instant::now();
-        // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
-        let tsc_start = unsafe { core::arch::x86_64::_rdtsc() };
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        // SAFETY: as above.
-        let tsc_end = unsafe { core::arch::x86_64::_rdtsc() };
-        let ns = start.elapsed().as_nanos() as u64;
+        use std::time::{Duration, Instant};
+        /// A (clock, TSC) pair read as close together as the host allows: the TSC is read
+        /// between two clock reads, and of several tries the tightest bracket is kept, so a
+        /// preemption cannot skew the rate.
+        fn sample(epoch: Instant) -> (u128, u64) {
+            let mut best = (u128::MAX, 0u128, 0u64);
+            for _ in 0..5 {
+                let before = epoch.elapsed().as_nanos();
+                // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
+                let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+                let after = epoch.elapsed().as_nanos();
+                if after - before < best.0 {
+                    best = (after - before, (before + after) / 2, tsc);
+                }
+            }
+            (best.1, best.2)
+        }
+        let epoch = Instant::now();
+        let (ns_start, tsc_start) = sample(epoch);
+        std::thread::sleep(Duration::from_millis(50));
+        let (ns_end, tsc_end) = sample(epoch);
+        let ns = u64::try_from(ns_end.saturating_sub(ns_start)).unwrap_or(0);
         (ns > 0 && tsc_end > tsc_start).then(|| (tsc_end - tsc_start) * 1_000_000 / ns)
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -108,6 +108,12 @@ impl Device {
         let mut all = Vec::new();
         loop {
             let batch: Events = self.read_record(uapi::READ_EVENTS)?;
+            if batch.dropped > 0 {
+                println!(
+                    "vdaq-app: the driver's event ring dropped {} records",
+                    batch.dropped
+                );
+            }
             let count = (batch.count as usize).min(uapi::EVENTS_MAX);
             all.extend_from_slice(&batch.events[..count]);
             if count < uapi::EVENTS_MAX {

@@ -20,7 +20,7 @@ pub const FIRST_SAMPLE_LINE: &str = "VDAQ-FIRST-SAMPLE";
 pub struct Report<'a> {
     /// "pci" or "mmio".
     pub transport: &'a str,
-    /// Run mode ("stream", "overrun", "shutdown", "bench").
+    /// Run mode ("stream", "overrun", "shutdown"; the Linux guest also "cancel", "close-pending").
     pub mode: &'a str,
     /// Whether every check passed.
     pub pass: bool,

@@ -60,3 +60,44 @@ find_mirrors() {
         SECURITY_MIRROR=$(sed -E 's#^([a-z+]+://[^/]+).*#\1/debian-security#' <<<"$MIRROR")
     fi
 }
+
+# write_private_apt DIR WRITER: an apt configuration under DIR (state, cache, sources and trust
+# parts of its own, an empty dpkg status, no recommends) that reads nothing of the system's but
+# its network settings; written to DIR/apt.conf, for APT_CONFIG. WRITER names the script in a
+# comment. The caller adds its sources under DIR/etc/sources.list.d/ and keys under
+# DIR/etc/trusted.gpg.d/.
+write_private_apt() {
+    local apt=$1 writer=$2
+    mkdir -p "$apt"/{state/lists/partial,cache/archives/partial,log,etc/apt.conf.d,etc/sources.list.d,etc/preferences.d,etc/trusted.gpg.d}
+    : >"$apt/state/status"
+    # apt's sandbox user must be able to write the download dirs.
+    if [[ $(id -u) == 0 ]] && id _apt >/dev/null 2>&1; then
+        chown -R _apt "$apt/state/lists/partial" "$apt/cache/archives/partial" 2>/dev/null || true
+    fi
+    {
+        echo "// Private apt configuration written by $writer; the system's is not read."
+        echo "Dir::Etc::main \"/dev/null\";"
+        echo "Dir::Etc::Parts \"$apt/etc/apt.conf.d\";"
+        echo "Dir::Etc::SourceList \"/dev/null\";"
+        echo "Dir::Etc::SourceParts \"$apt/etc/sources.list.d\";"
+        echo "Dir::Etc::Preferences \"/dev/null\";"
+        echo "Dir::Etc::PreferencesParts \"$apt/etc/preferences.d\";"
+        echo "Dir::Etc::Trusted \"/dev/null\";"
+        echo "Dir::Etc::TrustedParts \"$apt/etc/trusted.gpg.d\";"
+        echo "Dir::State \"$apt/state\";"
+        echo "Dir::State::Lists \"$apt/state/lists\";"
+        echo "Dir::State::status \"$apt/state/status\";"
+        echo "Dir::State::extended_states \"$apt/state/extended_states\";"
+        echo "Dir::Cache \"$apt/cache\";"
+        echo "Dir::Cache::Archives \"$apt/cache/archives\";"
+        echo "Dir::Log \"$apt/log\";"
+        echo "APT::Architecture \"amd64\";"
+        echo "APT::Architectures { \"amd64\"; };"
+        echo "APT::Install-Recommends \"false\";"
+        echo "APT::Install-Suggests \"false\";"
+        echo "Acquire::Languages \"none\";"
+        # Keep the machine's network settings (proxies, validity checks for snapshot mirrors).
+        apt-config dump 2>/dev/null |
+            grep -E '^Acquire::((https?|ftp)::Proxy|Check-Valid-Until |Check-Date )' || true
+    } >"$apt/apt.conf"
+}

@@ -108,40 +108,9 @@ provision() {
     trap "rm -rf '$work'" EXIT
     apt=$work/apt prefix=$work/prefix
     LOGFILE=$work/log
-    mkdir -p "$apt"/{state/lists/partial,cache/archives/partial,log,etc/apt.conf.d,etc/sources.list.d,etc/preferences.d,etc/trusted.gpg.d} "$prefix"
-    : >"$apt/state/status"
+    mkdir -p "$prefix"
     chmod 755 "$work" # mktemp's 0700 would keep apt's sandbox user out
-    # apt's sandbox user must be able to write the download dirs.
-    if [[ $(id -u) == 0 ]] && id _apt >/dev/null 2>&1; then
-        chown -R _apt "$apt/state/lists/partial" "$apt/cache/archives/partial" 2>/dev/null || true
-    fi
-
-    {
-        echo "// Private apt configuration written by ci/provision-qemu.sh; the system's is not read."
-        echo "Dir::Etc::main \"/dev/null\";"
-        echo "Dir::Etc::Parts \"$apt/etc/apt.conf.d\";"
-        echo "Dir::Etc::SourceList \"/dev/null\";"
-        echo "Dir::Etc::SourceParts \"$apt/etc/sources.list.d\";"
-        echo "Dir::Etc::Preferences \"/dev/null\";"
-        echo "Dir::Etc::PreferencesParts \"$apt/etc/preferences.d\";"
-        echo "Dir::Etc::Trusted \"/dev/null\";"
-        echo "Dir::Etc::TrustedParts \"$apt/etc/trusted.gpg.d\";"
-        echo "Dir::State \"$apt/state\";"
-        echo "Dir::State::Lists \"$apt/state/lists\";"
-        echo "Dir::State::status \"$apt/state/status\";"
-        echo "Dir::State::extended_states \"$apt/state/extended_states\";"
-        echo "Dir::Cache \"$apt/cache\";"
-        echo "Dir::Cache::Archives \"$apt/cache/archives\";"
-        echo "Dir::Log \"$apt/log\";"
-        echo "APT::Architecture \"amd64\";"
-        echo "APT::Architectures { \"amd64\"; };"
-        echo "APT::Install-Recommends \"false\";"
-        echo "APT::Install-Suggests \"false\";"
-        echo "Acquire::Languages \"none\";"
-        # Keep the machine's network settings (proxies, validity checks for snapshot mirrors).
-        apt-config dump 2>/dev/null |
-            grep -E '^Acquire::((https?|ftp)::Proxy|Check-Valid-Until |Check-Date )' || true
-    } >"$apt/apt.conf"
+    write_private_apt "$apt" ci/provision-qemu.sh
     cat >"$apt/etc/sources.list.d/$SUITE.sources" <<EOF
 Types: deb
 URIs: $MIRROR

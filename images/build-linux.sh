@@ -48,34 +48,7 @@ private_apt() {
     local apt=$PREFIX/apt
     find_mirrors || die "no Debian archive entry in /etc/apt/sources.list(.d) to fetch $SUITE's kernel from"
     rm -rf "$apt"
-    mkdir -p "$apt"/{state/lists/partial,cache/archives/partial,log,etc/apt.conf.d,etc/sources.list.d,etc/preferences.d,etc/trusted.gpg.d}
-    : >"$apt/state/status"
-    if [[ $(id -u) == 0 ]] && id _apt >/dev/null 2>&1; then
-        chown -R _apt "$apt/state/lists/partial" "$apt/cache/archives/partial" 2>/dev/null || true
-    fi
-    {
-        echo "// Private apt configuration written by images/build-linux.sh; the system's is not read."
-        echo "Dir::Etc::main \"/dev/null\";"
-        echo "Dir::Etc::Parts \"$apt/etc/apt.conf.d\";"
-        echo "Dir::Etc::SourceList \"/dev/null\";"
-        echo "Dir::Etc::SourceParts \"$apt/etc/sources.list.d\";"
-        echo "Dir::Etc::Preferences \"/dev/null\";"
-        echo "Dir::Etc::PreferencesParts \"$apt/etc/preferences.d\";"
-        echo "Dir::Etc::Trusted \"/dev/null\";"
-        echo "Dir::Etc::TrustedParts \"$apt/etc/trusted.gpg.d\";"
-        echo "Dir::State \"$apt/state\";"
-        echo "Dir::State::Lists \"$apt/state/lists\";"
-        echo "Dir::State::status \"$apt/state/status\";"
-        echo "Dir::State::extended_states \"$apt/state/extended_states\";"
-        echo "Dir::Cache \"$apt/cache\";"
-        echo "Dir::Cache::Archives \"$apt/cache/archives\";"
-        echo "Dir::Log \"$apt/log\";"
-        echo "APT::Architecture \"amd64\";"
-        echo "APT::Architectures { \"amd64\"; };"
-        echo "Acquire::Languages \"none\";"
-        apt-config dump 2>/dev/null |
-            grep -E '^Acquire::((https?|ftp)::Proxy|Check-Valid-Until |Check-Date )' || true
-    } >"$apt/apt.conf"
+    write_private_apt "$apt" images/build-linux.sh
     cat >"$apt/etc/sources.list.d/$SUITE.sources" <<EOF
 Types: deb
 URIs: $MIRROR

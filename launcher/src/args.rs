@@ -388,6 +388,10 @@ pub struct BenchArgs {
     /// Seconds per configuration (guest time).
     #[arg(short, long, default_value_t = 3.0)]
     pub duration: f64,
+    /// Sweep both guests, bare metal and Linux, shape by shape in the same run, and print
+    /// Linux's throughput as a share of the bare-metal guest's.
+    #[arg(long)]
+    pub compare_guests: bool,
 }
 
 /// Subcommands (without one, `vdaq` runs once).

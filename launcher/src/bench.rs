@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use vdaq_launcher::session::{self, Accel, INTERRUPTED};
+use vdaq_launcher::session::{self, Accel, GuestKind, INTERRUPTED};
 use vdaq_launcher::tools::{self, Kvm};
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
@@ -45,7 +45,22 @@ fn configuration(
 
 /// Runs the benchmark; `Ok(false)` if a run failed or Ctrl-C cut the sweep short.
 pub fn run(args: &BenchArgs) -> Result<bool, Error> {
-    let tools = args.common.tools()?;
+    // The guests to sweep, each with its tools (images built once here).
+    let kinds = if args.compare_guests {
+        vec![GuestKind::BareMetal, GuestKind::Linux]
+    } else {
+        vec![args.common.guest]
+    };
+    let mut guests = Vec::new();
+    for kind in kinds {
+        let common = Common {
+            guest: kind,
+            ..args.common.clone()
+        };
+        let tools = common.tools()?;
+        guests.push((common, tools));
+    }
+    let tools = &guests[0].1;
     let mut accels = vec![Accel::Tcg];
     match tools::kvm() {
         Kvm::Hardware => accels.push(Accel::Kvm),
@@ -57,7 +72,8 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
     }
     let mut all_passed = true;
     println!(
-        "{:>5} {:>7} {:>6} {:>11} {:>13} {:>12} {:>9} {:>9} {:>12} {:>13} {:>7} {:>11}",
+        "{:>10} {:>5} {:>7} {:>6} {:>11} {:>13} {:>12} {:>9} {:>9} {:>12} {:>13} {:>7} {:>11}",
+        "guest",
         "accel",
         "machine",
         "reads",
@@ -71,35 +87,41 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
         "ratio",
         "first (s)"
     );
+    // Verified MB/s and first-sample time per (accel, shape, guest), for the comparison.
+    let mut figures: Vec<(Accel, u32, u32, GuestKind, f64, f64)> = Vec::new();
     for accel in accels {
         for (reads, buffer) in [(8u32, 4096u32), (8, 65536), (64, 4096), (64, 65536)] {
-            let run = configuration(
-                &args.common,
-                args.duration,
-                1_000_000,
-                ClockMode::FreeRunning,
-                buffer,
-                reads,
-                1,
-            );
-            if INTERRUPTED.load(Ordering::Acquire) {
-                return Ok(false);
-            }
-            let mut config = run.run_config(&tools, accel, false);
-            config.guest_args.push("vdaq.consume_only=1".into());
-            let outcome = session::run(&config)?;
-            let Some(r) = outcome.report() else {
-                summary::print(&config, &outcome);
-                all_passed = false;
-                continue;
-            };
-            all_passed &= r.pass && outcome.guest_passed();
-            let seconds = r.guest_time_ns as f64 / 1e9;
-            let mb = |bytes: f64| bytes / 1e6;
-            let verified = mb(r.bytes as f64) / seconds;
-            let consume = r.consume_only_mib_s * 1.048_576;
-            println!(
-                "{:>5} {:>7} {:>6} {:>11} {:>13.1} {:>12.0} {:>9.0} {:>9} {:>12} {:>13.1} {:>6.0}% {:>11.3}",
+            for (common, tools) in &guests {
+                let run = configuration(
+                    common,
+                    args.duration,
+                    1_000_000,
+                    ClockMode::FreeRunning,
+                    buffer,
+                    reads,
+                    1,
+                );
+                if INTERRUPTED.load(Ordering::Acquire) {
+                    return Ok(false);
+                }
+                let mut config = run.run_config(tools, accel, false);
+                config.guest_args.push("vdaq.consume_only=1".into());
+                let outcome = session::run(&config)?;
+                let Some(r) = outcome.report() else {
+                    summary::print(&config, &outcome);
+                    all_passed = false;
+                    continue;
+                };
+                all_passed &= r.pass && outcome.guest_passed();
+                let seconds = r.guest_time_ns as f64 / 1e9;
+                let mb = |bytes: f64| bytes / 1e6;
+                let verified = mb(r.bytes as f64) / seconds;
+                let consume = r.consume_only_mib_s * 1.048_576;
+                let first = outcome.first_sample.map_or(f64::NAN, |d| d.as_secs_f64());
+                figures.push((accel, reads, buffer, common.guest, verified, first));
+                println!(
+                "{:>10} {:>5} {:>7} {:>6} {:>11} {:>13.1} {:>12.0} {:>9.0} {:>9} {:>12} {:>13.1} {:>6.0}% {:>11.3}",
+                common.guest.name(),
                 accel.name(),
                 args.common.machine.name(),
                 reads,
@@ -111,8 +133,43 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
                 r.latency_p99_us,
                 consume,
                 if consume > 0.0 { 100.0 * verified / consume } else { 0.0 },
-                outcome.first_sample.map_or(f64::NAN, |d| d.as_secs_f64()),
+                first,
             );
+            }
+        }
+    }
+    if args.compare_guests {
+        // The same shapes, the same run: Linux (kernel module + io_uring) against bare metal.
+        println!();
+        println!(
+            "{:>5} {:>6} {:>11} {:>18} {:>13} {:>12} {:>13}",
+            "accel",
+            "reads",
+            "buffer",
+            "bare metal MB/s",
+            "Linux MB/s",
+            "Linux ÷ bm",
+            "Linux first"
+        );
+        for &(accel, reads, buffer, kind, bare, _) in &figures {
+            if kind != GuestKind::BareMetal {
+                continue;
+            }
+            if let Some(&(.., linux, first)) = figures
+                .iter()
+                .find(|f| f.0 == accel && f.1 == reads && f.2 == buffer && f.3 == GuestKind::Linux)
+            {
+                println!(
+                    "{:>5} {:>6} {:>11} {:>18.1} {:>13.1} {:>12.2} {:>12.3}s",
+                    accel.name(),
+                    reads,
+                    buffer,
+                    bare,
+                    linux,
+                    if bare > 0.0 { linux / bare } else { 0.0 },
+                    first
+                );
+            }
         }
     }
     // Interrupt coalescing at a high paced rate: same throughput, far fewer interrupts.
@@ -123,7 +180,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
     );
     for coalesce in [1u16, 16] {
         let run = configuration(
-            &args.common,
+            &guests[0].0,
             args.duration,
             4_000_000,
             ClockMode::Paced,
@@ -134,7 +191,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
         if INTERRUPTED.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let config = run.run_config(&tools, Accel::Tcg, false);
+        let config = run.run_config(tools, Accel::Tcg, false);
         let outcome = session::run(&config)?;
         let Some(r) = outcome.report() else {
             summary::print(&config, &outcome);

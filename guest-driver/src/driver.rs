@@ -793,8 +793,17 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         for slot in &mut self.event_slots {
             slot.take();
         }
-        // Initialise again, as after power-on.
+        // Initialise again, as after power-on. (A failure from here on leaves the device
+        // initialising and the driver in NEEDS_RESET; dropping the driver resets the device.)
         let features = self.transport.begin_init(Features(self.features)).0;
+        if !self
+            .transport
+            .get_status()
+            .contains(DeviceStatus::FEATURES_OK)
+        {
+            self.transport.set_status(DeviceStatus::FAILED);
+            return Err(DriverError::FeaturesRefused(features));
+        }
         let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
         self.data = VirtQueue::new(&mut self.transport, queue::DATA, false, event_idx)?;
         self.control = VirtQueue::new(&mut self.transport, queue::CONTROL, false, event_idx)?;

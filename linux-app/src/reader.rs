@@ -48,7 +48,8 @@ impl PageBuffer {
         self.layout.size()
     }
 
-    /// The bytes; only while no read of this buffer is in flight (the kernel writes them then).
+    /// The bytes. Callers hold no read in flight on this buffer (the kernel writes it then):
+    /// `Reader` calls it only for buffers whose completion it has taken.
     fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `len` initialised (zeroed, then written by the kernel) bytes
         // owned by this buffer; callers hold no read in flight on it (see `Reader`).
@@ -461,8 +462,10 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
                     cancel_late = reader.cancel_targets.len();
                     cancel_done = true;
                     println!(
-                        "vdaq-app: cancelled {targets} reads in flight, FLUSH returned {}; \
-                         {} back within {CANCEL_WINDOW:?}, {} cancelled",
+                        "vdaq-app: cancelled {targets} reads in flight ({} cancel requests \
+                         answered), FLUSH returned {}; {} back within {CANCEL_WINDOW:?}, {} \
+                         cancelled",
+                        reader.cancels_answered,
                         flushed.buffers_returned.get(),
                         targets - cancel_late,
                         reader.cancelled

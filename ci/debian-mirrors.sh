@@ -101,3 +101,24 @@ write_private_apt() {
             grep -E '^Acquire::((https?|ftp)::Proxy|Check-Valid-Until |Check-Date )' || true
     } >"$apt/apt.conf"
 }
+
+# write_debian_sources DIR SUITES...: DIR/etc/sources.list.d/debian.sources naming SUITES (main) on
+# $MIRROR and $SUITE-security on $SECURITY_MIRROR, both checked against $KEYRING (see
+# find_mirrors and write_private_apt).
+write_debian_sources() {
+    local apt=$1
+    shift
+    cat >"$apt/etc/sources.list.d/debian.sources" <<EOF
+Types: deb
+URIs: $MIRROR
+Suites: $*
+Components: main
+Signed-By: $KEYRING
+
+Types: deb
+URIs: $SECURITY_MIRROR
+Suites: $SUITE-security
+Components: main
+Signed-By: $KEYRING
+EOF
+}

@@ -111,19 +111,7 @@ provision() {
     mkdir -p "$prefix"
     chmod 755 "$work" # mktemp's 0700 would keep apt's sandbox user out
     write_private_apt "$apt" ci/provision-qemu.sh
-    cat >"$apt/etc/sources.list.d/$SUITE.sources" <<EOF
-Types: deb
-URIs: $MIRROR
-Suites: $SUITE $SUITE-updates $SUITE-backports
-Components: main
-Signed-By: $KEYRING
-
-Types: deb
-URIs: $SECURITY_MIRROR
-Suites: $SUITE-security
-Components: main
-Signed-By: $KEYRING
-EOF
+    write_debian_sources "$apt" "$SUITE" "$SUITE-updates" "$SUITE-backports"
 
     export APT_CONFIG=$apt/apt.conf DEBIAN_FRONTEND=noninteractive
     log "apt-get update (private state in $work)"

@@ -49,19 +49,7 @@ private_apt() {
     find_mirrors || die "no Debian archive entry in /etc/apt/sources.list(.d) to fetch $SUITE's kernel from"
     rm -rf "$apt"
     write_private_apt "$apt" images/build-linux.sh
-    cat >"$apt/etc/sources.list.d/$SUITE.sources" <<EOF
-Types: deb
-URIs: $MIRROR
-Suites: $SUITE $SUITE-updates
-Components: main
-Signed-By: $KEYRING
-
-Types: deb
-URIs: $SECURITY_MIRROR
-Suites: $SUITE-security
-Components: main
-Signed-By: $KEYRING
-EOF
+    write_debian_sources "$apt" "$SUITE" "$SUITE-updates"
     export APT_CONFIG=$apt/apt.conf DEBIAN_FRONTEND=noninteractive
 }
 

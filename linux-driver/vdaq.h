@@ -188,4 +188,18 @@ int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
 int vdaq_flush_locked(struct vdaq_dev *vd, u32 *returned);
 void vdaq_ctrl_complete(struct vdaq_dev *vd, unsigned int used);
 
+/* Bytes per sample of a format code; 0 for a code the driver does not know. */
+static inline unsigned int vdaq_sample_bytes(u8 format)
+{
+	switch (format) {
+	case VDAQ_FORMAT_S16:
+		return 2;
+	case VDAQ_FORMAT_S32:
+	case VDAQ_FORMAT_F32:
+		return 4;
+	default:
+		return 0;
+	}
+}
+
 #endif /* _VDAQ_H */

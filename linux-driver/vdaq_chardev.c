@@ -38,19 +38,6 @@
 /* A read of this size from a page-aligned buffer always fits one chain. */
 #define VDAQ_MAX_READ_BYTES	(VDAQ_MAX_CHAIN_DESCRIPTORS * PAGE_SIZE)
 
-static unsigned int vdaq_sample_bytes(u8 format)
-{
-	switch (format) {
-	case VDAQ_FORMAT_S16:
-		return 2;
-	case VDAQ_FORMAT_S32:
-	case VDAQ_FORMAT_F32:
-		return 4;
-	default:
-		return 0;
-	}
-}
-
 /*
  * Checks a returned buffer (vd->lock held): used length, then the header
  * the device wrote into the caller's pages. Sets req->result.

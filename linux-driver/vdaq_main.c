@@ -103,19 +103,6 @@ void vdaq_read_config(struct vdaq_dev *vd, struct vdaq_config *cfg)
 	} while (gen != old);
 }
 
-static unsigned int vdaq_sample_bytes(u8 format)
-{
-	switch (format) {
-	case VDAQ_FORMAT_S16:
-		return 2;
-	case VDAQ_FORMAT_S32:
-	case VDAQ_FORMAT_F32:
-		return 4;
-	default:
-		return 0;
-	}
-}
-
 /* Re-reads channels and format; caller holds ctrl_mutex (or probes). */
 void vdaq_refresh_frame_bytes(struct vdaq_dev *vd)
 {

@@ -480,6 +480,27 @@ static int write_file(const char *path, const char *text)
 }
 
 /*
+ * After a removal: waits up to @tries * 100 ms for /dev/vdaq0 to come back,
+ * opens it and reads one buffer from the new device.
+ */
+static void read_again(size_t len, int tries, const char *what)
+{
+	int i, r;
+
+	for (i = 0; i < tries && access("/dev/vdaq0", F_OK); i++)
+		usleep(100000);
+	fd = open("/dev/vdaq0", O_RDWR);
+	CHECK(fd >= 0, "open when %s: %s", what, strerror(errno));
+	if (fd < 0)
+		return;
+	cmd(VDAQ_IOC_START, NULL, "START");
+	r = read(fd, bufs[0], len);
+	CHECK(r > VDAQ_HEADER_SIZE, "read when %s: %d", what, r);
+	cmd(VDAQ_IOC_STOP, NULL, "STOP");
+	printf("vdaqtest: %s, read %d bytes\n", what, r);
+}
+
+/*
  * Device removal with reads in flight (sysfs unbind = what module unload
  * and hot-unplug run): every read must come back, the open file must get
  * ENODEV/POLLHUP; then bind again and read once more.
@@ -540,17 +561,7 @@ static int do_unbind(int reads, size_t len)
 
 	r = write_file("/sys/bus/virtio/drivers/vdaq/bind", name);
 	CHECK(!r, "bind %s: %d", name, r);
-	for (i = 0; i < 50 && access("/dev/vdaq0", F_OK); i++)
-		usleep(100000);
-	fd = open("/dev/vdaq0", O_RDWR);
-	CHECK(fd >= 0, "open after re-bind: %s", strerror(errno));
-	if (fd >= 0) {
-		cmd(VDAQ_IOC_START, NULL, "START");
-		r = read(fd, bufs[0], len);
-		CHECK(r > VDAQ_HEADER_SIZE, "read after re-bind: %d", r);
-		cmd(VDAQ_IOC_STOP, NULL, "STOP");
-		printf("vdaqtest: re-bound, read %d bytes\n", r);
-	}
+	read_again(len, 50, "re-bound");
 	printf("result completions=%d shutdown_in_flight=%d shutdown_returned=%d\n",
 	       got, reads, got);
 	return failures ? 1 : 0;
@@ -601,17 +612,7 @@ static int do_unplug(int reads, size_t len)
 	/* the host plugs a card in again (a restarted backend): it binds and streams */
 	printf("vdaqtest: waiting for the card to come back\n");
 	fflush(stdout);
-	for (i = 0; i < 600 && access("/dev/vdaq0", F_OK); i++)
-		usleep(100000);
-	fd = open("/dev/vdaq0", O_RDWR);
-	CHECK(fd >= 0, "open after re-plug: %s", strerror(errno));
-	if (fd >= 0) {
-		cmd(VDAQ_IOC_START, NULL, "START");
-		r = read(fd, bufs[0], len);
-		CHECK(r > VDAQ_HEADER_SIZE, "read after re-plug: %d", r);
-		cmd(VDAQ_IOC_STOP, NULL, "STOP");
-		printf("vdaqtest: re-plugged, read %d bytes\n", r);
-	}
+	read_again(len, 600, "re-plugged");
 	printf("result completions=%d shutdown_in_flight=%d shutdown_returned=%d\n",
 	       data + cancelled, reads, data + cancelled);
 	return failures ? 1 : 0;

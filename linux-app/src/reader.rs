@@ -521,9 +521,6 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
         // Reads resubmitted in the last pass go to the kernel first, so the FLUSH below
         // finds them in the device.
         reader.ring.submit().map_err(io_error)?;
-        // Reads resubmitted in the last pass go to the kernel first, so the FLUSH below
-        // finds them in the device.
-        reader.ring.submit().map_err(io_error)?;
         device
             .stop()
             .map_err(|e| Fatal("VDAQ_IOC_STOP failed", e))?;

@@ -118,9 +118,9 @@ void vdaq_complete_req(struct vdaq_req *req)
 
 /*
  * Pins the caller's buffer and builds its scatterlist. With @nowait
- * (IOCB_NOWAIT: io_uring's inline issue, RWF_NOWAIT) nothing may sleep: the
- * pages must already be present (fast GUP only) and allocations are
- * GFP_NOWAIT; otherwise -EAGAIN, and io_uring retries from a worker.
+ * (IOCB_NOWAIT: io_uring's inline issue, RWF_NOWAIT) allocations are
+ * GFP_NOWAIT (failing with -EAGAIN, and io_uring retries from a worker);
+ * pinning may still fault the caller's pages in (see below).
  */
 static struct vdaq_req *vdaq_prepare(struct vdaq_dev *vd, struct iov_iter *to,
 				     bool nowait)
@@ -165,19 +165,19 @@ static struct vdaq_req *vdaq_prepare(struct vdaq_dev *vd, struct iov_iter *to,
 		err = nowait ? -EAGAIN : -ENOMEM;
 		goto err_free;
 	}
-	if (nowait)
-		pinned = pin_user_pages_fast_only(addr & PAGE_MASK,
-						  req->nr_pages,
-						  FOLL_WRITE | FOLL_LONGTERM,
-						  req->pages);
-	else
-		pinned = pin_user_pages_fast(addr & PAGE_MASK, req->nr_pages,
-					     FOLL_WRITE | FOLL_LONGTERM,
-					     req->pages);
+	/*
+	 * Pinning may fault the pages in, also under IOCB_NOWAIT, as block
+	 * devices' O_DIRECT does: -EAGAIN from a pollable file makes io_uring
+	 * wait for EPOLLIN, which says frames are ready, not that the pages
+	 * are, so a fast-only pin of pages not yet faulted in kept a read
+	 * bouncing between poll and retry.
+	 */
+	pinned = pin_user_pages_fast(addr & PAGE_MASK, req->nr_pages,
+				     FOLL_WRITE | FOLL_LONGTERM, req->pages);
 	if (pinned != req->nr_pages) {
 		if (pinned > 0)
 			unpin_user_pages(req->pages, pinned);
-		err = nowait ? -EAGAIN : pinned < 0 ? pinned : -EFAULT;
+		err = pinned < 0 ? pinned : -EFAULT;
 		goto err_free;
 	}
 	err = sg_alloc_table_from_pages_segment(&req->sgt, req->pages,

@@ -400,8 +400,19 @@ fn qemu_command(config: &RunConfig, socket: &Path, qmp: &Path) -> Command {
                 .arg("-initrd")
                 .arg(initrd);
             // `cryptomgr.notests`: the kernel's crypto self-tests take ~1.4 s of a TCG boot here
-            // and test nothing this guest uses.
-            append.extend(["console=ttyS0", "quiet", "cryptomgr.notests"].map(String::from));
+            // and test nothing this guest uses. `mitigations=off`: the speculative-execution
+            // mitigations (page-table isolation's two address-space switches per syscall above
+            // all, each a full TLB flush in TCG) guard against nothing in a throwaway test VM,
+            // and TCG does not speculate.
+            append.extend(
+                [
+                    "console=ttyS0",
+                    "quiet",
+                    "cryptomgr.notests",
+                    "mitigations=off",
+                ]
+                .map(String::from),
+            );
             if config.machine == Machine::Microvm {
                 if let Some(khz) = crate::tools::host_tsc_khz() {
                     append.push(format!("tsc_early_khz={khz}"));

@@ -4,6 +4,8 @@
 //! (`VDAQ_MODE`, `VDAQ_DURATION_MS`, … — the image's `/init` exports the kernel command line's
 //! `vdaq.*`); see `params.rs`.
 
+mod buffers;
+mod cpu;
 mod device;
 mod params;
 mod reader;

@@ -62,6 +62,8 @@ pub struct Params {
     pub consume_delay_us: u64,
     /// Progress line period.
     pub progress_ms: u64,
+    /// Also measure the consume-only rate (benchmark), as the bare-metal guest does.
+    pub consume_only: bool,
 }
 
 /// A parameter with a value the application cannot use.
@@ -124,6 +126,7 @@ impl Params {
                 1_000_000,
             )?,
             progress_ms: number("PROGRESS_MS", 500, 10, 60_000)?,
+            consume_only: number("CONSUME_ONLY", 0, 0, 1)? == 1,
         })
     }
 }
@@ -152,6 +155,7 @@ mod tests {
         assert_eq!(p.device, "/dev/vdaq0");
         assert_eq!((p.duration_ms, p.reads, p.buffer), (3000, 16, 65536));
         assert!(!p.crc);
+        assert!(!p.consume_only);
     }
 
     #[test]

@@ -2,10 +2,8 @@
 //! counterpart), completions consumed in order of arrival, every sample verified with the wire
 //! crate's verifier, and the same report as the bare-metal guest.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::ptr::NonNull;
 use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
@@ -16,6 +14,8 @@ use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREF
 use vdaq_wire::zerocopy::FromBytes;
 use vdaq_wire::SampleFormat;
 
+use crate::buffers::BufferPool;
+use crate::cpu::CpuTimes;
 use crate::device::Device;
 use crate::params::{Mode, Params};
 use crate::uapi;
@@ -26,43 +26,6 @@ const CANCEL_TAG: u64 = 1 << 63;
 const CANCEL_WINDOW: Duration = Duration::from_millis(500);
 /// How long shutdown waits for every read to come back.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A page-aligned read buffer: a buffer of up to 256 KiB then spans at most 64 pages, which
-/// the driver can always map as one descriptor chain.
-struct PageBuffer {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-impl PageBuffer {
-    fn new(len: usize) -> io::Result<Self> {
-        let layout = Layout::from_size_align(len.max(1), 4096)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(PageBuffer { ptr, layout })
-    }
-
-    fn len(&self) -> usize {
-        self.layout.size()
-    }
-
-    /// The bytes. Callers hold no read in flight on this buffer (the kernel writes it then):
-    /// `Reader` calls it only for buffers whose completion it has taken.
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed, then written by the kernel) bytes
-        // owned by this buffer; callers hold no read in flight on it (see `Reader`).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
-    }
-}
-
-impl Drop for PageBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
 
 /// Nanoseconds on `clock`.
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -88,7 +51,7 @@ struct Reader<'p> {
     params: &'p Params,
     ring: IoUring,
     fd: types::Fd,
-    buffers: Vec<PageBuffer>,
+    buffers: BufferPool,
     /// Channels per frame of the stream.
     channels: u16,
     /// Reads in flight, by buffer index: their buffers belong to the kernel.
@@ -116,8 +79,7 @@ struct Reader<'p> {
 
 impl Reader<'_> {
     fn submit(&mut self, index: usize) -> io::Result<()> {
-        let buffer = &self.buffers[index];
-        let read = opcode::Read::new(self.fd, buffer.ptr.as_ptr(), buffer.len() as u32)
+        let read = opcode::Read::new(self.fd, self.buffers.ptr(index), self.buffers.len() as u32)
             .offset(0)
             .build()
             .user_data(index as u64);
@@ -180,8 +142,7 @@ impl Reader<'_> {
                 .ok()
                 .filter(|&used| used >= HEADER_SIZE)
                 .and_then(|_| {
-                    BufferHeader::read_from_bytes(&self.buffers[index].as_slice()[..HEADER_SIZE])
-                        .ok()
+                    BufferHeader::read_from_bytes(&self.buffers.slice(index)[..HEADER_SIZE]).ok()
                 })
                 .map(|header| header.sequence.get());
             match sequence {
@@ -251,7 +212,7 @@ impl Reader<'_> {
             return;
         };
         let now = now_ns();
-        match self.verifier.check(self.buffers[index].as_slice(), used) {
+        match self.verifier.check(self.buffers.slice(index), used) {
             Ok(header) if header.frame_count.get() > 0 => {
                 if !self.first_sample_logged {
                     self.first_sample_logged = true;
@@ -307,7 +268,7 @@ impl Drop for Reader<'_> {
                 "vdaq-app: {} reads never came back; keeping their buffers",
                 self.in_flight.len()
             );
-            std::mem::forget(std::mem::take(&mut self.buffers));
+            self.buffers.leak();
         }
     }
 }
@@ -377,10 +338,14 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         .build(entries)
         .or_else(|_| IoUring::new(entries))
         .map_err(|e| Fatal("io_uring_setup failed", e))?;
-    let buffers = (0..params.reads)
-        .map(|_| PageBuffer::new(params.buffer))
-        .collect::<io::Result<Vec<_>>>()
+    let buffers = BufferPool::new(params.reads, params.buffer)
         .map_err(|e| Fatal("cannot allocate read buffers", e))?;
+    if let Some(kib) = BufferPool::huge_page_kib() {
+        println!(
+            "vdaq-app: {} KiB of buffers, {kib} KiB on huge pages",
+            params.reads * params.buffer / 1024
+        );
+    }
     let mut reader = Reader {
         params,
         ring,
@@ -399,7 +364,19 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         cancel_targets: BTreeSet::new(),
         cancels_answered: 0,
     };
-    stream(&mut reader, device, &mut report).map(|()| report)
+    stream(&mut reader, device, &mut report)?;
+    if params.consume_only {
+        let mut ring = vec![0u8; params.reads * params.buffer];
+        report.consume_only_mib_s = vdaq_wire::check::consume_only_rate(
+            format,
+            channels,
+            &mut ring,
+            params.buffer,
+            500_000_000,
+            now_ns,
+        );
+    }
+    Ok(report)
 }
 
 fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> Result<(), Fatal> {
@@ -412,6 +389,7 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
             .submit(index)
             .map_err(|e| Fatal("cannot queue reads", e))?;
     }
+    let cpu_at_start = CpuTimes::now();
     let start = now_ns();
     let stream_ns = params.duration_ms * 1_000_000;
     let deadline = start + stream_ns;
@@ -480,6 +458,9 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
         }
     }
     let stream_end = now_ns();
+    if let (Some(before), Some(after)) = (cpu_at_start, CpuTimes::now()) {
+        println!("vdaq-app: CPU while streaming: {}", after.since(before));
+    }
 
     // Shutdown: every read in flight must come back.
     let mut in_flight_at_start = reader.in_flight.len() as u64;

@@ -48,6 +48,26 @@ pub fn s16_counter_window(first_sample: u64, samples: usize) -> &'static [u8] {
     &S16_TABLE[2 * start..2 * (start + samples)]
 }
 
+/// Whether two equally long slices differ, compared eight bytes at a time without an early
+/// exit. Not `!=` on the slices: that is a `memcmp` call, and musl's (the Linux guest's libc)
+/// walks byte by byte, which made the Linux application's verification ten times slower than
+/// the bare-metal guest's under TCG.
+fn differs(a: &[u8], b: &[u8]) -> bool {
+    fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+        bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+    }
+    if a.len() != b.len() {
+        return true;
+    }
+    let tail = a.len() - a.len() % 8;
+    let word_diff = words(a)
+        .zip(words(b))
+        .fold(0u64, |acc, (x, y)| acc | (x ^ y));
+    word_diff != 0 || a[tail..] != b[tail..]
+}
+
 /// Fills `out` with the counter pattern starting at sample number `first_sample`.
 /// `out.len()` must be a multiple of the sample size; a trailing partial sample is left alone.
 pub fn fill_counter(format: SampleFormat, first_sample: u64, out: &mut [u8]) {
@@ -84,7 +104,7 @@ pub fn verify_counter(format: SampleFormat, first_sample: u64, samples: &[u8]) -
     for (block_index, block) in samples[..whole].chunks(BLOCK_SAMPLES * size).enumerate() {
         let first = first_sample.wrapping_add((block_index * BLOCK_SAMPLES) as u64);
         let mismatch = match format {
-            SampleFormat::S16 => block != s16_counter_window(first, block.len() / 2),
+            SampleFormat::S16 => differs(block, s16_counter_window(first, block.len() / 2)),
             SampleFormat::S32 => {
                 let base = first as u32;
                 block.chunks_exact(4).enumerate().fold(0u32, |acc, (i, b)| {
@@ -118,6 +138,18 @@ pub fn verify_counter(format: SampleFormat, first_sample: u64, samples: &[u8]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differs_sees_every_byte_and_the_length() {
+        let a: [u8; 21] = core::array::from_fn(|i| i as u8);
+        assert!(!differs(&a, &a));
+        for i in 0..a.len() {
+            let mut b = a;
+            b[i] ^= 0x40;
+            assert!(differs(&a, &b), "byte {i}");
+        }
+        assert!(differs(&a, &a[..20]));
+    }
 
     #[test]
     fn counter_wraps_at_the_sample_width() {

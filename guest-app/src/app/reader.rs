@@ -454,7 +454,7 @@ pub fn run<T: Transport>(
     latencies_us.sort_unstable();
     report.record_timing(&latencies_us);
     if params.consume_only {
-        report.consume_only_mib_s = consume_only_rate(params, format, channels, counter);
+        report.consume_only_mib_s = consume_only_rate(params, format, channels);
     }
 
     // The verdict.
@@ -469,43 +469,16 @@ pub fn run<T: Transport>(
     Outcome { report }
 }
 
-/// The consume-only rate: the same verification pass over buffers already in memory (filled
-/// with the stream a device would produce), no device involved. MiB/s of guest time.
-fn consume_only_rate(params: &Params, format: SampleFormat, channels: u16, counter: bool) -> f64 {
-    let frame_bytes = format.sample_bytes() * usize::from(channels);
-    let frames = (params.buffer - HEADER_SIZE) / frame_bytes;
-    let mut buffers: Vec<Vec<u8>> = Vec::new();
-    let mut first_frame = 0u64;
-    for sequence in 0..params.reads as u64 {
-        let mut bytes = alloc::vec![0u8; params.buffer];
-        let header = BufferHeader {
-            sequence: sequence.into(),
-            first_frame: first_frame.into(),
-            frame_count: (frames as u32).into(),
-            format: format as u8,
-            channels: channels.into(),
-            ..BufferHeader::default()
-        };
-        bytes[..HEADER_SIZE].copy_from_slice(header.as_bytes());
-        vdaq_wire::pattern::fill_counter(
-            format,
-            first_frame * u64::from(channels),
-            &mut bytes[HEADER_SIZE..HEADER_SIZE + frames * frame_bytes],
-        );
-        first_frame += frames as u64;
-        buffers.push(bytes);
-    }
-    let used = HEADER_SIZE + frames * frame_bytes;
-    let start = time::now_ns();
-    let mut verified = 0u64;
-    while time::now_ns() - start < 500_000_000 {
-        // A fresh verifier per pass over the ring of buffers: the same checks, same order.
-        let mut verifier = StreamVerifier::new(format, channels, counter);
-        for buffer in &buffers {
-            if verifier.check(buffer, used).is_ok() {
-                verified += (used - HEADER_SIZE) as u64;
-            }
-        }
-    }
-    verified as f64 / (1024.0 * 1024.0) / ((time::now_ns() - start) as f64 / 1e9)
+/// The consume-only rate: the same verification pass over buffers already in memory, no device
+/// involved (the wire crate's benchmark, shared with the Linux application). MiB/s of guest time.
+fn consume_only_rate(params: &Params, format: SampleFormat, channels: u16) -> f64 {
+    let mut ring = alloc::vec![0u8; params.reads * params.buffer];
+    vdaq_wire::check::consume_only_rate(
+        format,
+        channels,
+        &mut ring,
+        params.buffer,
+        500_000_000,
+        time::now_ns,
+    )
 }

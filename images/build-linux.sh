@@ -2,10 +2,11 @@
 # Builds the Linux guest: Debian bookworm's kernel, the vdaq kernel module (linux-driver/) and a
 # busybox initramfs that loads the virtio modules and vdaq.ko and runs the application.
 #
-#   images/build-linux.sh [APP]         APP (or $VDAQ_LINUX_APP): a static binary installed as
-#                                       /bin/vdaq-app; default: linux-app/ built here (Rust,
-#                                       musl); "none": no application, /init runs the C test tool
-#                                       (linux-driver/tools/vdaqtest) as a smoke check
+#   images/build-linux.sh [--libiio] [APP]
+#       APP (or $VDAQ_LINUX_APP): a static binary installed as /bin/vdaq-app; default: linux-app/
+#       built here (Rust, musl); "none": no application, /init runs the C test tool
+#       (linux-driver/tools/vdaqtest) as a smoke check.
+#       --libiio: also build initramfs-libiio.cpio.gz (printed instead of initramfs.cpio.gz).
 #
 # Outputs (the last two stdout lines are their absolute paths):
 #   build/images/linux/vmlinux              Debian's kernel, decompressed: QEMU boots it through its
@@ -13,6 +14,13 @@
 #                                           bzImage's self-decompression, ~6 s under TCG here
 #   build/images/linux/bzImage              Debian's vmlinuz as shipped
 #   build/images/linux/initramfs.cpio.gz    busybox, virtio modules, vdaq.ko, /init, tools
+#   build/images/linux/initramfs-libiio.cpio.gz   (--libiio) the same with Debian's libiio tools
+#                                           (iio_info, iio_attr, iio_readdev, iiod), the shared
+#                                           libraries they load and virtio-net: a second cpio
+#                                           appended to the first (the kernel unpacks both), so
+#                                           the default image stays small (libxml2 brings ICU's
+#                                           30 MB of data)
+#   build/linux/userland/bin/iio_*          (--libiio) the same libiio tools for the host
 #
 # Nothing on the host changes: the packages are fetched with `apt-get download` through a private
 # apt configuration (own state and cache, bookworm sources with the mirror taken from the
@@ -32,7 +40,17 @@ readonly ROOT
 readonly PREFIX=$ROOT/build/linux
 readonly PKGS=$PREFIX/pkgs
 readonly OUT=$ROOT/build/images/linux
+LIBIIO=false
+if [[ ${1:-} == --libiio ]]; then
+    LIBIIO=true
+    shift
+fi
 APP=${1:-${VDAQ_LINUX_APP:-}}
+readonly USERLAND=$PREFIX/userland
+# Debian's libiio tools and iiod; their shared libraries come with them (dependency closure).
+readonly LIBIIO_PACKAGES="libiio-utils iiod"
+# Alternatives apt-cache lists beside the one used (libdbus: libsystemd0 | libelogind0).
+readonly LIBIIO_SKIP="libelogind0"
 
 # shellcheck source=../ci/debian-mirrors.sh
 . "$ROOT/ci/debian-mirrors.sh"
@@ -115,6 +133,109 @@ fetch_packages() {
     KABI=$abi
 }
 
+# Fetches and unpacks $LIBIIO_PACKAGES and their dependency closure into $USERLAND/root, once.
+fetch_userland() {
+    local logf pkgs deb
+    [[ -f $USERLAND/.complete ]] && return
+    exec 8>"$PREFIX/.userland.lock"
+    flock 8 || die "cannot lock $PREFIX/.userland.lock"
+    [[ -f $USERLAND/.complete ]] && return
+    private_apt
+    logf=$PREFIX/apt/log/build-linux-userland.log
+    apt-get -q --error-on=any update >"$logf" 2>&1 || {
+        tail -n 20 "$logf" >&2
+        die "apt-get update failed"
+    }
+    # shellcheck disable=SC2086 # package lists
+    pkgs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+        --no-replaces --no-enhances $LIBIIO_PACKAGES 2>>"$logf" | grep -v '^ ' | grep -v '^<' |
+        grep -vxF -f <(tr ' ' '\n' <<<"$LIBIIO_SKIP") | sort -u)
+    [[ -n $pkgs ]] || die "cannot resolve the dependencies of $LIBIIO_PACKAGES"
+    log "libiio: $(wc -w <<<"$pkgs") packages"
+    rm -rf "$USERLAND"
+    mkdir -p "$USERLAND/debs" "$USERLAND/root"
+    chmod 777 "$USERLAND/debs"
+    # shellcheck disable=SC2086
+    (cd "$USERLAND/debs" && apt-get -q download $pkgs) >>"$logf" 2>&1 || {
+        tail -n 20 "$logf" >&2
+        die "apt-get download of the libiio packages failed"
+    }
+    for deb in "$USERLAND"/debs/*.deb; do
+        dpkg-deb -x "$deb" "$USERLAND/root" || die "dpkg-deb -x $deb failed"
+    done
+    rm -rf "$USERLAND/debs"
+    touch "$USERLAND/.complete"
+}
+
+# Prints the shared libraries (paths inside $USERLAND/root) that the ELF files $@ load,
+# transitively, by their DT_NEEDED entries: what the dynamic loader will open.
+needed_libs() {
+    local root=$USERLAND/root queue=("$@") seen=" " f lib path dir
+    while ((${#queue[@]})); do
+        f=${queue[0]}
+        queue=("${queue[@]:1}")
+        for lib in $(readelf -d "$root/$f" 2>/dev/null | sed -nE 's/.*\(NEEDED\).*\[(.*)\]/\1/p'); do
+            [[ $seen == *" $lib "* ]] && continue
+            seen+="$lib "
+            path=
+            for dir in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
+                [[ -e $root/$dir/$lib ]] && path=$dir/$lib && break
+            done
+            [[ -n $path ]] || die "$lib (needed by $f) is in none of the fetched packages"
+            echo "$path"
+            queue+=("$path")
+        done
+    done
+}
+
+# Builds initramfs-libiio.cpio.gz: the default initramfs with a second archive appended that
+# adds the libiio tools, iiod, their libraries, the dynamic loader and virtio-net.
+build_libiio_initramfs() {
+    local stage=$USERLAND/stage root=$USERLAND/root kmods=$PKGS/lib/modules/$KABI f found m
+    local bins=(usr/bin/iio_info usr/bin/iio_attr usr/bin/iio_readdev usr/bin/iio_writedev usr/sbin/iiod)
+    rm -rf "$stage"
+    mkdir -p "$stage/lib64" "$stage/lib/modules"
+    for f in "${bins[@]}" $(needed_libs "${bins[@]}") lib/x86_64-linux-gnu/ld-linux-x86-64.so.2; do
+        mkdir -p "$stage/$(dirname "$f")"
+        cp -L "$root/$f" "$stage/$f"
+    done
+    ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$stage/lib64/ld-linux-x86-64.so.2"
+    # virtio-net for iiod's TCP port (QEMU user networking); /init loads these after the rest.
+    for m in failover net_failover virtio_net; do
+        found=$(find "$kmods/kernel" -name "$m.ko*" | head -n 1)
+        [[ -n $found ]] || continue
+        case $found in
+        *.ko.xz) xz -dc "$found" >"$stage/lib/modules/$m.ko" ;;
+        *.ko.zst) zstd -dqc "$found" >"$stage/lib/modules/$m.ko" ;;
+        *) cp "$found" "$stage/lib/modules/$m.ko" ;;
+        esac
+        echo "$m" >>"$stage/lib/modules/load-order.libiio"
+    done
+    (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | "$PKGS/bin/busybox" cpio -o -H newc 2>/dev/null) |
+        gzip -6 >"$USERLAND/libiio.cpio.gz"
+    cat "$OUT/initramfs.cpio.gz" "$USERLAND/libiio.cpio.gz" >"$OUT/initramfs-libiio.cpio.gz.$$"
+    mv -f "$OUT/initramfs-libiio.cpio.gz.$$" "$OUT/initramfs-libiio.cpio.gz"
+}
+
+# Writes build/linux/userland/bin/{iio_info,iio_attr,iio_readdev,iio_writedev}: the same Debian
+# libiio tools for the host, run through the fetched dynamic loader and libraries (as
+# ci/provision-qemu.sh runs its QEMU), so the host needs no libiio package to reach iiod.
+write_host_tools() {
+    local tool
+    mkdir -p "$USERLAND/bin"
+    for tool in iio_info iio_attr iio_readdev iio_writedev; do
+        cat >"$USERLAND/bin/$tool" <<EOF
+#!/bin/sh
+# Written by images/build-linux.sh --libiio: Debian bookworm's $tool with its own libraries.
+root=\$(dirname "\$(dirname "\$(readlink -f "\$0")")")/root
+exec "\$root/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --argv0 "\$0" \\
+    --library-path "\$root/lib/x86_64-linux-gnu:\$root/usr/lib/x86_64-linux-gnu" \\
+    "\$root/usr/bin/$tool" "\$@"
+EOF
+        chmod 755 "$USERLAND/bin/$tool"
+    done
+}
+
 # Builds vdaq.ko from a copy of linux-driver/ (so the source folder stays clean) and the tools.
 build_module() {
     local src=$ROOT/linux-driver mod=$PREFIX/module kdir=$PKGS/usr/src/linux-headers-$KABI
@@ -156,7 +277,9 @@ build_initramfs() {
         mkdir -p "$stage/$(dirname "$f")"
         ln -sf /bin/busybox "$stage/$f"
     done
-    for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio; do
+    # The virtio transports, and IIO with its kfifo buffer for vdaq.ko's IIO device.
+    for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio \
+        industrialio kfifo_buf; do
         found=$(find "$kmods/kernel" -name "$m.ko*" | head -n 1)
         [[ -n $found ]] || {
             log "  $m is not a module in $KABI (built in or absent)"
@@ -170,7 +293,8 @@ build_initramfs() {
         esac
     done
     # insmod has no dependency resolution: /init loads them in this (dependency) order.
-    printf '%s\n' virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio |
+    printf '%s\n' virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio \
+        industrialio kfifo_buf |
         while read -r m; do [[ -f $stage/lib/modules/$m.ko ]] && echo "$m"; done >"$stage/lib/modules/load-order"
     cp "$PREFIX/module/vdaq.ko" "$stage/lib/modules/vdaq.ko"
     for f in "$PREFIX"/tools/*; do
@@ -262,7 +386,15 @@ main() {
     build_initramfs
     log "kernel $KABI, initramfs $(du -h "$OUT/initramfs.cpio.gz" | cut -f1)"
     echo "$OUT/vmlinux"
-    echo "$OUT/initramfs.cpio.gz"
+    if $LIBIIO; then
+        fetch_userland
+        build_libiio_initramfs
+        write_host_tools
+        log "with libiio: $(du -h "$OUT/initramfs-libiio.cpio.gz" | cut -f1)"
+        echo "$OUT/initramfs-libiio.cpio.gz"
+    else
+        echo "$OUT/initramfs.cpio.gz"
+    fi
 }
 
 main "$@"

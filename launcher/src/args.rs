@@ -39,6 +39,12 @@ pub enum GuestMismatch {
         "--mode unplug needs --machine q35 (microvm's virtio-mmio devices are not hot-pluggable)"
     )]
     UnplugNeedsQ35,
+    /// An option only the Linux guest has.
+    #[error("{0} needs the Linux guest; add --guest linux")]
+    LinuxOption(&'static str),
+    /// Port 0 would be whatever the host picks, and nobody would know it.
+    #[error("--iiod 0: give the host port to forward (e.g. --iiod 30431)")]
+    IiodPort,
     /// An option only the bare-metal guest carries out.
     #[error("{0} is carried out by the bare-metal guest only; drop it or use --guest bare-metal")]
     BareMetalOnly(&'static str),
@@ -86,6 +92,12 @@ pub enum Mode {
     /// Linux guest on q35: hot-unplug the card (QMP device_del) with reads in flight, restart
     /// the backend, plug a card in again; every read must come back and the new card stream.
     Unplug,
+    /// Linux guest: capture through the driver's IIO device (sysfs scan elements and
+    /// /dev/iio:deviceN, no libiio), verify every sample, change the rate through sysfs.
+    IioRaw,
+    /// Linux guest: capture with libiio's tools (iio_info, iio_attr, iio_readdev), verify every
+    /// sample.
+    Iio,
 }
 
 impl Mode {
@@ -99,6 +111,8 @@ impl Mode {
             Mode::ClosePending => "close-pending",
             Mode::Unbind => "unbind",
             Mode::Unplug => "unplug",
+            Mode::IioRaw => "iio-raw",
+            Mode::Iio => "iio",
         }
     }
 }
@@ -204,8 +218,9 @@ pub struct Common {
 }
 
 impl Common {
-    /// QEMU, backend and guest image: as given, or found, built or provisioned.
-    pub fn tools(&self) -> Result<Tools, vdaq_launcher::tools::ToolError> {
+    /// QEMU, backend and guest image: as given, or found, built or provisioned; `libiio`: a
+    /// Linux image with the libiio tools.
+    pub fn tools(&self, libiio: bool) -> Result<Tools, vdaq_launcher::tools::ToolError> {
         Tools::find(
             self.qemu.as_deref(),
             self.backend.as_deref(),
@@ -214,6 +229,7 @@ impl Common {
             self.linux_kernel
                 .as_deref()
                 .zip(self.linux_initrd.as_deref()),
+            libiio,
         )
     }
 
@@ -280,6 +296,11 @@ pub struct RunArgs {
     /// Hash every consumed buffer (report field stream_hash).
     #[arg(long)]
     pub hash: bool,
+    /// Linux guest: serve the card with iiod on this host port (QEMU user networking,
+    /// 127.0.0.1 only) instead of running a test; the VM runs until Ctrl-C. Then e.g.
+    /// `iio_info -u ip:127.0.0.1:PORT`.
+    #[arg(long, value_name = "PORT", conflicts_with_all = ["mode", "json", "scenario"])]
+    pub iiod: Option<u16>,
     /// Signal source.
     // `file` needs a --source the launcher does not pass on, so it is not offered.
     #[arg(long, value_parser = WireValue::new(SignalKind::name).except(SignalKind::File),
@@ -294,10 +315,16 @@ impl RunArgs {
     /// Refuses options the chosen guest would silently ignore.
     pub fn check_guest(&self) -> Result<(), GuestMismatch> {
         match self.common.guest {
+            GuestKind::BareMetal if self.iiod.is_some() => {
+                Err(GuestMismatch::LinuxOption("--iiod"))
+            }
             GuestKind::BareMetal => match self.mode {
-                Mode::Cancel | Mode::ClosePending | Mode::Unbind | Mode::Unplug => {
-                    Err(GuestMismatch::LinuxMode(self.mode.name()))
-                }
+                Mode::Cancel
+                | Mode::ClosePending
+                | Mode::Unbind
+                | Mode::Unplug
+                | Mode::IioRaw
+                | Mode::Iio => Err(GuestMismatch::LinuxMode(self.mode.name())),
                 _ => Ok(()),
             },
             GuestKind::Linux
@@ -307,6 +334,7 @@ impl RunArgs {
             }
             GuestKind::Linux if self.frames > 0 => Err(GuestMismatch::BareMetalOnly("--frames")),
             GuestKind::Linux if self.hash => Err(GuestMismatch::BareMetalOnly("--hash")),
+            GuestKind::Linux if self.iiod == Some(0) => Err(GuestMismatch::IiodPort),
             GuestKind::Linux => Ok(()),
         }
     }
@@ -353,8 +381,13 @@ impl RunArgs {
                 "64".into(),
             ]);
         }
+        let mode = if self.iiod.is_some() {
+            "iiod"
+        } else {
+            self.mode.name()
+        };
         let guest_args = vec![
-            format!("vdaq.mode={}", self.mode.name()),
+            format!("vdaq.mode={mode}"),
             format!("vdaq.duration_ms={}", (self.duration * 1000.0) as u64),
             format!("vdaq.reads={}", self.reads),
             format!("vdaq.buffer={}", self.buffer_size),
@@ -371,10 +404,15 @@ impl RunArgs {
             memory_mib: self.common.memory_mib(),
             backend_args,
             guest_args,
-            timeout: Duration::from_secs_f64(self.timeout.unwrap_or(self.duration + 60.0)),
+            timeout: match self.iiod {
+                // Serving until Ctrl-C.
+                Some(_) => Duration::from_secs(u64::from(u32::MAX)),
+                None => Duration::from_secs_f64(self.timeout.unwrap_or(self.duration + 60.0)),
+            },
             progress,
             verbose: self.common.verbose,
             replug: self.mode == Mode::Unplug,
+            iiod_port: self.iiod,
         }
     }
 }

@@ -38,6 +38,7 @@ fn configuration(
         deterministic: false,
         frames: 0,
         hash: false,
+        iiod: None,
         signal: SignalKind::Counter,
         seed: 0x5eed,
     }
@@ -57,7 +58,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
             guest: kind,
             ..args.common.clone()
         };
-        let tools = common.tools()?;
+        let tools = common.tools(false)?;
         guests.push((common, tools));
     }
     let tools = &guests[0].1;

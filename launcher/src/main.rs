@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use thiserror::Error;
 
-use args::{Cli, Cmd, GuestMismatch, KvmUnavailable, RunArgs};
+use args::{Cli, Cmd, GuestMismatch, KvmUnavailable, Mode, RunArgs};
 use vdaq_launcher::session::{self, SessionError, INTERRUPTED};
 use vdaq_launcher::tools::{self, ToolError};
 
@@ -39,9 +39,19 @@ pub enum Error {
 fn run(args: &RunArgs) -> Result<bool, Error> {
     args.check_guest()?;
     let accel = args.common.accel.resolve(tools::kvm())?;
-    let tools = args.common.tools()?;
+    let tools = args
+        .common
+        .tools(args.mode == Mode::Iio || args.iiod.is_some())?;
     let config = args.run_config(&tools, accel, true);
     let outcome = session::run(&config)?;
+    if args.iiod.is_some() {
+        // A serving session ends with Ctrl-C; anything else ended it early.
+        let interrupted = INTERRUPTED.load(Ordering::Acquire);
+        if !interrupted {
+            summary::print(&config, &outcome);
+        }
+        return Ok(interrupted);
+    }
     summary::print(&config, &outcome);
     if args.json {
         summary::print_json(&outcome);

@@ -138,7 +138,16 @@ pub struct RunConfig {
     /// Hot-unplug the card when the guest asks ([`REPLUG_TRIGGER`]), restart the backend, and
     /// plug a card in again (q35: the card sits behind a hot-pluggable PCIe root port).
     pub replug: bool,
+    /// Forward this host port (127.0.0.1) to the guest's iiod (QEMU user networking, a
+    /// virtio-net card).
+    pub iiod_port: Option<u16>,
 }
+
+/// Port iiod listens on in the guest (libiio's default).
+pub const IIOD_GUEST_PORT: u16 = 30431;
+
+/// Console line the Linux guest prints once iiod serves the card.
+pub const IIOD_READY: &str = "vdaq-init: iiod is serving";
 
 /// Console line on which a `replug` run unplugs the card (the Linux guest's test tool prints it
 /// once its reads are in flight).
@@ -379,6 +388,21 @@ fn qemu_command(config: &RunConfig, socket: &Path, qmp: &Path) -> Command {
             ]);
         }
     }
+    if let Some(port) = config.iiod_port {
+        command.args([
+            "-netdev",
+            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:{IIOD_GUEST_PORT}"),
+        ]);
+        command.args([
+            "-device",
+            match config.machine {
+                // No option ROM: qboot boots the kernel directly, and the ROM file is not
+                // part of every QEMU package.
+                Machine::Q35 => "virtio-net-pci,netdev=net0,romfile=",
+                Machine::Microvm => "virtio-net-device,netdev=net0",
+            },
+        ]);
+    }
     match config.accel {
         Accel::Tcg => {
             command.args(["-accel", "tcg", "-cpu", "max"]);
@@ -558,6 +582,12 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
                         outcome.aborted = Some(err.to_string());
                         break;
                     }
+                } else if config.iiod_port.is_some() && line.starts_with(IIOD_READY) {
+                    outcome.console_tail.push(line.clone());
+                    eprintln!(
+                        "vdaq: iiod serves the card: iio_info -u ip:127.0.0.1:{}  (Ctrl-C stops the VM)",
+                        config.iiod_port.unwrap_or(IIOD_GUEST_PORT)
+                    );
                 } else if line == FIRST_SAMPLE_LINE {
                     outcome.first_sample.get_or_insert(started.elapsed());
                 } else if let Some(progress) = line.strip_prefix(PROGRESS_PREFIX) {

@@ -125,7 +125,11 @@ pub fn guest_image(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
 /// The Linux guest's kernel and initramfs: `explicit` if given, else built by
 /// `images/build-linux.sh` (Debian's kernel, the vdaq module, busybox and the application;
 /// quick when current). Its last two stdout lines are the two paths.
-pub fn linux_image(explicit: Option<(&Path, &Path)>) -> Result<GuestImage, ToolError> {
+/// `libiio`: the image with Debian's libiio tools and iiod (`images/build-linux.sh --libiio`).
+pub fn linux_image(
+    explicit: Option<(&Path, &Path)>,
+    libiio: bool,
+) -> Result<GuestImage, ToolError> {
     if let Some((kernel, initrd)) = explicit {
         return Ok(GuestImage::Linux {
             kernel: existing(kernel)?,
@@ -136,7 +140,7 @@ pub fn linux_image(explicit: Option<(&Path, &Path)>) -> Result<GuestImage, ToolE
     let mut lines = run_lines(
         "building the Linux guest image",
         &repo_root().join("images/build-linux.sh"),
-        &[],
+        if libiio { &["--libiio"] } else { &[] },
     )?;
     let initrd = lines.pop().unwrap_or_default();
     let kernel = lines.pop().unwrap_or_default();
@@ -180,13 +184,14 @@ impl Tools {
         guest: GuestKind,
         image: Option<&Path>,
         linux: Option<(&Path, &Path)>,
+        libiio: bool,
     ) -> Result<Self, ToolError> {
         Ok(Tools {
             qemu: self::qemu(qemu)?,
             backend: self::backend(backend)?,
             guest: match guest {
                 GuestKind::BareMetal => GuestImage::BareMetal(guest_image(image)?),
-                GuestKind::Linux => linux_image(linux)?,
+                GuestKind::Linux => linux_image(linux, libiio)?,
             },
         })
     }

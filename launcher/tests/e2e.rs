@@ -430,7 +430,7 @@ fn e2e_set_signal_switches_the_stream_without_mixing_signals() {
 /// launcher's own `tools::linux_image`).
 fn linux_image() -> &'static (String, String) {
     static IMAGE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    IMAGE.get_or_init(|| match tools::linux_image(None) {
+    IMAGE.get_or_init(|| match tools::linux_image(None, false) {
         Ok(vdaq_launcher::session::GuestImage::Linux { kernel, initrd }) => {
             (kernel.display().to_string(), initrd.display().to_string())
         }

@@ -9,6 +9,7 @@ mod cpu;
 mod device;
 mod params;
 mod reader;
+mod scans;
 mod uapi;
 
 use std::process::ExitCode;
@@ -23,6 +24,18 @@ fn print_report(report: &Report<'_>) {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("verify-scans") {
+        use clap::Parser;
+        let args = scans::ScanArgs::parse_from(std::env::args().skip(1));
+        return match scans::run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                println!("vdaq-app verify-scans: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let params = match params::Params::from_lookup(|name| std::env::var(name).ok()) {
         Ok(params) => params,
         Err(err) => {

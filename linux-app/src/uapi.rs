@@ -173,6 +173,10 @@ mod tests {
                 u(offset_of!(DaqConfig, model)),
             ),
             (
+                "offsetof(struct vdaq_config, full_scale_uv)",
+                u(offset_of!(DaqConfig, full_scale_uv)),
+            ),
+            (
                 "sizeof(struct vdaq_buffer_header)",
                 u(size_of::<BufferHeader>()),
             ),

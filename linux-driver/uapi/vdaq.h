@@ -22,7 +22,7 @@
 /* Virtio device ID the card presents (borrowed, see docs/spec.md 5.x.1). */
 #define VDAQ_VIRTIO_ID			21
 #define VDAQ_FIRMWARE_MAJOR		1
-#define VDAQ_CONFIG_SIZE		128
+#define VDAQ_CONFIG_SIZE		136
 #define VDAQ_MODEL_LEN			24
 #define VDAQ_HEADER_SIZE		64
 #define VDAQ_EVENT_SIZE			32
@@ -81,7 +81,7 @@
 #define VDAQ_TRIGGER_RISING		3
 #define VDAQ_TRIGGER_FALLING		4
 
-/* The device configuration space (wire: config::DaqConfig), 128 bytes. */
+/* The device configuration space (wire: config::DaqConfig), 136 bytes. */
 struct vdaq_config {
 	__le16 max_channels;
 	__le16 channels;
@@ -109,6 +109,8 @@ struct vdaq_config {
 	__le32 firmware_version;
 	__le32 events_lost;
 	__u8 model[VDAQ_MODEL_LEN];
+	__le32 full_scale_uv;		/* uV of full scale (S16 2^15, S32 2^31); 0 unknown */
+	__le32 reserved;		/* zero */
 };
 
 /* Header at offset 0 of every completed read (wire: buffer::BufferHeader). */

@@ -236,6 +236,12 @@ struct Args {
     #[arg(long, default_value_t = CARD_LIMITS.fifo_frames)]
     fifo_frames: u32,
 
+    /// Input range in mV: the voltage the full-scale sample value stands for (config space
+    /// `full_scale_uv`; drivers scale samples by it). 0 = not stated.
+    #[arg(long, default_value_t = CARD_LIMITS.full_scale_uv / 1000,
+          value_parser = clap::value_parser!(u32).range(0..=4_294_967))]
+    full_scale_mv: u32,
+
     /// FIFO watermark in frames (data moves into buffers at this level).
     #[arg(long, default_value_t = POWER_ON.watermark_frames)]
     watermark: u32,
@@ -356,6 +362,7 @@ where
     let limits = Limits {
         max_channels: args.max_channels,
         fifo_frames: args.fifo_frames,
+        full_scale_uv: args.full_scale_mv * 1000,
         ..Limits::default()
     };
     if args.fifo_frames == 0 {
@@ -470,6 +477,16 @@ mod tests {
         );
         assert_eq!(config.device.settings.rate_hz, 100_000);
         assert_eq!(config.device.settings.signal, SignalKind::Counter);
+    }
+
+    #[test]
+    fn the_input_range_reaches_the_config_space() {
+        assert_eq!(config(&["-s", "x"]).device.limits.full_scale_uv, 10_000_000);
+        let config = config(&["-s", "x", "--full-scale-mv", "2500"]);
+        assert_eq!(config.device.limits.full_scale_uv, 2_500_000);
+        let message =
+            parse_args(&["-s", "x", "--full-scale-mv", "5000000"]).expect_err("µV overflow");
+        assert!(message.contains("full-scale-mv"), "{message}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Size of the configuration space in bytes.
-pub const CONFIG_SIZE: usize = 128;
+pub const CONFIG_SIZE: usize = 136;
 
 /// Length of the NUL-padded model name field.
 pub const MODEL_LEN: usize = 24;
@@ -71,6 +71,12 @@ pub struct DaqConfig {
     pub events_lost: U32,
     /// Device model name, NUL-padded ASCII.
     pub model: [u8; MODEL_LEN],
+    /// Input range: the voltage, in µV, that the full-scale value stands for (S16 sample
+    /// 2^15, S32 sample 2^31, F32 1.0); 0 if the card does not say. Drivers scale raw samples
+    /// by it (IIO's `scale`).
+    pub full_scale_uv: U32,
+    /// Reserved, 0.
+    pub reserved: U32,
 }
 
 #[cfg(test)]
@@ -107,5 +113,7 @@ mod tests {
         assert_eq!(offset_of!(DaqConfig, firmware_version), 96);
         assert_eq!(offset_of!(DaqConfig, events_lost), 100);
         assert_eq!(offset_of!(DaqConfig, model), 104);
+        assert_eq!(offset_of!(DaqConfig, full_scale_uv), 128);
+        assert_eq!(offset_of!(DaqConfig, reserved), 132);
     }
 }

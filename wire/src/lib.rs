@@ -23,6 +23,7 @@ pub mod control;
 pub mod event;
 pub mod pattern;
 pub mod report;
+pub mod scan;
 
 pub use zerocopy;
 

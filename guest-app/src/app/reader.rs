@@ -5,11 +5,10 @@ use alloc::vec::Vec;
 
 use vdaq_driver::irq::IrqState;
 use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
-use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
+use vdaq_wire::buffer::BufferHeader;
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
 use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
-use vdaq_wire::zerocopy::IntoBytes;
 use vdaq_wire::SampleFormat;
 use virtio_drivers::transport::Transport;
 

@@ -62,5 +62,7 @@ pub fn config(format: SampleFormat, channels: u16) -> DaqConfig {
         firmware_version: FIRMWARE_VERSION.into(),
         events_lost: 0.into(),
         model,
+        full_scale_uv: 10_000_000.into(),
+        reserved: 0.into(),
     }
 }

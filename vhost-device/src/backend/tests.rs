@@ -587,7 +587,11 @@ fn config_reads_are_bounded_to_the_config_space() {
         CONFIG_SIZE
     );
     assert_eq!(rig.backend.get_config(104, 8), b"vdaq-sim".to_vec());
-    assert!(rig.backend.get_config(120, 16).is_empty());
+    assert_eq!(
+        rig.backend.get_config(128, 4),
+        10_000_000u32.to_le_bytes().to_vec()
+    );
+    assert!(rig.backend.get_config(128, 16).is_empty());
     assert!(rig.backend.get_config(u32::MAX, 2).is_empty());
 }
 

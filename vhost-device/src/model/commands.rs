@@ -253,6 +253,8 @@ impl<B: ReadBuffer> Card<B> {
             firmware_version: vdaq_wire::FIRMWARE_VERSION.into(),
             events_lost: self.live.counters.events_lost.into(),
             model,
+            full_scale_uv: self.kept.limits.full_scale_uv.into(),
+            reserved: 0.into(),
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Limits {
     pub max_rate_hz: u32,
     /// FIFO depth (frames).
     pub fifo_frames: u32,
+    /// Input range: µV the full-scale value stands for.
+    pub full_scale_uv: u32,
 }
 
 impl Settings {
@@ -79,6 +81,8 @@ impl Limits {
         min_rate_hz: 1,
         max_rate_hz: 100_000_000,
         fifo_frames: 65_536,
+        // ±10 V, the most common input range of DAQ cards.
+        full_scale_uv: 10_000_000,
     };
 }
 

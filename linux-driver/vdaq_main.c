@@ -827,7 +827,7 @@ static struct virtio_driver vdaq_driver = {
 /* uapi/vdaq.h mirrors the wire crate: the sizes and offsets of its layout tests. */
 static void __init vdaq_check_layouts(void)
 {
-	BUILD_BUG_ON(sizeof(struct vdaq_config) != 128);
+	BUILD_BUG_ON(sizeof(struct vdaq_config) != 136);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, coalesce_buffers) != 36);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, format) != 40);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, state) != 43);
@@ -837,6 +837,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_config, firmware_version) != 96);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, events_lost) != 100);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, model) != 104);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, full_scale_uv) != 128);
 	BUILD_BUG_ON(sizeof(struct vdaq_buffer_header) != VDAQ_HEADER_SIZE);
 	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, frame_count) != 32);
 	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, flags) != 44);

@@ -296,6 +296,9 @@ pub struct RunArgs {
     /// Hash every consumed buffer (report field stream_hash).
     #[arg(long)]
     pub hash: bool,
+    /// The card's FIFO depth in frames (default: the backend's; 4096 in --mode overrun).
+    #[arg(long)]
+    pub fifo_frames: Option<u32>,
     /// Linux guest: serve the card with iiod on this host port (QEMU user networking,
     /// 127.0.0.1 only) instead of running a test; the VM runs until Ctrl-C. Then e.g.
     /// `iio_info -u ip:127.0.0.1:PORT`.
@@ -376,10 +379,12 @@ impl RunArgs {
             // A FIFO far smaller than the slow application's backlog makes the overrun certain.
             backend_args.extend([
                 "--fifo-frames".into(),
-                "4096".into(),
+                self.fifo_frames.unwrap_or(4096).to_string(),
                 "--watermark".into(),
                 "64".into(),
             ]);
+        } else if let Some(frames) = self.fifo_frames {
+            backend_args.extend(["--fifo-frames".into(), frames.to_string()]);
         }
         let mode = if self.iiod.is_some() {
             "iiod"

@@ -39,6 +39,7 @@ fn configuration(
         frames: 0,
         hash: false,
         iiod: None,
+        fifo_frames: None,
         signal: SignalKind::Counter,
         seed: 0x5eed,
     }

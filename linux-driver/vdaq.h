@@ -6,7 +6,12 @@
  *   vd->ctrl_mutex	one control command at a time; held across device
  *			resets (recovery, teardown) so no command races them
  *   vd->lock		spinlock (irq-safe): the three virtqueues, the request
- *			list, the event ring, the state flags and counters
+ *			list, the event ring, the state flags and counters,
+ *			the IIO capture state (struct vdaq_iio)
+ *
+ * IIO callbacks run under the IIO core's own locks (indio_dev->mlock) and
+ * take ctrl_mutex inside them; the driver never takes an IIO lock while it
+ * holds ctrl_mutex.
  */
 #ifndef _VDAQ_H
 #define _VDAQ_H
@@ -87,6 +92,10 @@ struct vdaq_req {
 	struct list_head node;
 	struct vdaq_dev *vd;
 	struct kiocb *iocb;		/* NULL: synchronous read() */
+	bool iio;			/* an IIO capture buffer (vdaq_iio.c) */
+	bool in_flight;			/* IIO: posted, or being completed */
+	void *kbuf;			/* IIO: the kmalloc'ed buffer */
+	struct scatterlist sg;		/* IIO: the one entry of @sgt */
 	fl_owner_t owner;		/* files of the submitter (for ->flush) */
 	struct completion done;
 	enum vdaq_req_state state;
@@ -131,7 +140,12 @@ struct vdaq_dev {
 	bool removing;
 	bool needs_reset;		/* recovery scheduled */
 	struct list_head posted;	/* struct vdaq_req, oldest first */
-	unsigned int nr_posted;
+	unsigned int nr_posted;		/* all of @posted */
+	unsigned int nr_iio_posted;	/* of which IIO capture buffers */
+	bool chardev_started;		/* START through /dev/vdaqN, no STOP since */
+	bool iio_claimed;		/* the IIO buffer is enabled (vdaq_iio.c) */
+	bool iio_events;		/* an IIO threshold event has the trigger */
+	struct vdaq_iio *iio;		/* NULL: no IIO device */
 	unsigned int frame_bytes;	/* 0: unknown format */
 	unsigned int dataq_size;
 	struct vdaq_counters cnt;
@@ -179,6 +193,16 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 			unsigned int used);
 void vdaq_cancel_work(struct work_struct *work);
 void vdaq_poll_work(struct work_struct *work);
+int vdaq_add_req_locked(struct vdaq_dev *vd, struct vdaq_req *req,
+			bool *notify);
+bool vdaq_chardev_streaming(struct vdaq_dev *vd);
+
+/* vdaq_iio.c */
+void vdaq_iio_register(struct vdaq_dev *vd);
+void vdaq_iio_unregister(struct vdaq_dev *vd);
+void vdaq_iio_complete(struct vdaq_req *req);
+void vdaq_iio_resume(struct vdaq_dev *vd);
+void vdaq_iio_event(struct vdaq_dev *vd, const struct vdaq_event *ev);
 
 /* vdaq_ctrl.c */
 int vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,

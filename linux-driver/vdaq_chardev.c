@@ -211,40 +211,67 @@ static void vdaq_discard_req(struct vdaq_req *req)
 	vdaq_free_req(req);
 }
 
+/*
+ * Puts @req (its sgt) on the data queue and on vd->posted; vd->lock held.
+ * Sets *notify when the device must be notified (after unlocking).
+ */
+int vdaq_add_req_locked(struct vdaq_dev *vd, struct vdaq_req *req,
+			bool *notify)
+{
+	struct virtqueue *vq = vd->vqs[VDAQ_QUEUE_DATA];
+	struct scatterlist *sgs[1] = { req->sgt.sgl };
+	int err;
+
+	lockdep_assert_held(&vd->lock);
+	if (vd->removing)
+		return -ENODEV;
+	if (!vd->ready || vd->needs_reset)
+		return -EIO;
+	err = virtqueue_add_sgs(vq, sgs, 0, 1, req, GFP_ATOMIC);
+	if (err == -ENOSPC)
+		return -EAGAIN;	/* data queue full */
+	if (err)
+		return -EIO;
+	req->state = VDAQ_REQ_POSTED;
+	list_add_tail(&req->node, &vd->posted);
+	vd->nr_posted++;
+	if (req->iio)
+		vd->nr_iio_posted++;
+	if (virtqueue_kick_prepare(vq))
+		*notify = true;
+	if (vd->nr_posted == 1 && vdaq_watchdog_ms)
+		queue_delayed_work(vdaq_wq, &vd->watchdog,
+				   msecs_to_jiffies(vdaq_watchdog_ms));
+	return 0;
+}
+
+/*
+ * Whether /dev/vdaqN holds the stream (vd->lock held): a read of it is
+ * posted, or it STARTed the card and did not STOP it since. The IIO buffer
+ * cannot be enabled then, nor the rate be changed through IIO.
+ */
+bool vdaq_chardev_streaming(struct vdaq_dev *vd)
+{
+	lockdep_assert_held(&vd->lock);
+	return vd->chardev_started || vd->nr_posted != vd->nr_iio_posted;
+}
+
 /* Makes the request available on the data queue. */
 static int vdaq_post(struct vdaq_dev *vd, struct vdaq_req *req)
 {
-	struct virtqueue *vq;
-	struct scatterlist *sgs[1] = { req->sgt.sgl };
 	bool notify = false, cancel;
 	int err;
 
 	spin_lock_irq(&vd->lock);
-	if (vd->removing) {
-		err = -ENODEV;
-	} else if (!vd->ready || vd->needs_reset) {
-		err = -EIO;
-	} else {
-		vq = vd->vqs[VDAQ_QUEUE_DATA];
-		err = virtqueue_add_sgs(vq, sgs, 0, 1, req, GFP_ATOMIC);
-		if (err == -ENOSPC)
-			err = -EAGAIN;	/* data queue full */
-		else if (err)
-			err = -EIO;
-	}
-	if (!err) {
-		req->state = VDAQ_REQ_POSTED;
-		list_add_tail(&req->node, &vd->posted);
-		vd->nr_posted++;
-		notify = virtqueue_kick_prepare(vq);
-		if (vd->nr_posted == 1 && vdaq_watchdog_ms)
-			queue_delayed_work(vdaq_wq, &vd->watchdog,
-					   msecs_to_jiffies(vdaq_watchdog_ms));
-	}
+	/* one user of the stream at a time: the IIO buffer has it */
+	if (vd->iio_claimed && !vd->removing)
+		err = -EBUSY;
+	else
+		err = vdaq_add_req_locked(vd, req, &notify);
 	cancel = !err && req->cancel;
 	spin_unlock_irq(&vd->lock);
 	if (notify)
-		virtqueue_notify(vq);
+		virtqueue_notify(vd->vqs[VDAQ_QUEUE_DATA]);
 	if (cancel)
 		queue_work(vdaq_wq, &vd->cancel_work);
 	return err;
@@ -413,6 +440,8 @@ static ssize_t vdaq_read_iter(struct kiocb *iocb, struct iov_iter *to)
 		return 0;
 	if (!user_backed_iter(to))
 		return -EINVAL;
+	if (READ_ONCE(vd->iio_claimed))
+		return -EBUSY;	/* checked again, under the lock, when posting */
 	nonblock = (iocb->ki_flags & IOCB_NOWAIT) ||
 		   (iocb->ki_filp->f_flags & O_NONBLOCK);
 	if (is_sync_kiocb(iocb)) {
@@ -520,14 +549,72 @@ static int vdaq_flush(struct file *file, fl_owner_t id)
 	return 0;
 }
 
+/*
+ * START, STOP, FLUSH from /dev/vdaqN: -EBUSY while the IIO buffer is enabled
+ * (one card, two interfaces, one user of the stream at a time); else the
+ * command, and vd->chardev_started follows START and STOP. @quiet: the STOP
+ * of the last close, skipped (0) while IIO has the stream.
+ */
+static int vdaq_stream_command(struct vdaq_dev *vd, u32 opcode,
+			       const void *payload, size_t payload_len,
+			       void *reply, size_t reply_len, bool quiet)
+{
+	bool claimed;
+	int err;
+
+	if (mutex_lock_killable(&vd->ctrl_mutex))
+		return -EINTR;
+	spin_lock_irq(&vd->lock);
+	claimed = vd->iio_claimed;
+	spin_unlock_irq(&vd->lock);
+	if (claimed) {
+		err = quiet ? 0 : -EBUSY;
+		goto out;
+	}
+	err = __vdaq_command(vd, opcode, payload, payload_len, reply,
+			     reply_len);
+	if (!err && (opcode == VDAQ_CMD_START || opcode == VDAQ_CMD_STOP)) {
+		spin_lock_irq(&vd->lock);
+		vd->chardev_started = opcode == VDAQ_CMD_START;
+		spin_unlock_irq(&vd->lock);
+	}
+out:
+	mutex_unlock(&vd->ctrl_mutex);
+	return err;
+}
+
+/*
+ * TRIGGER, SET_TRIGGER: -EBUSY while an IIO threshold event has the card's
+ * trigger (its TRIGGER event records would be taken for threshold events).
+ */
+static int vdaq_trigger_command(struct vdaq_dev *vd, u32 opcode,
+				const void *payload, size_t payload_len)
+{
+	bool busy;
+	int err;
+
+	if (mutex_lock_killable(&vd->ctrl_mutex))
+		return -EINTR;
+	spin_lock_irq(&vd->lock);
+	busy = vd->iio_events;
+	spin_unlock_irq(&vd->lock);
+	err = busy ? -EBUSY : __vdaq_command(vd, opcode, payload, payload_len,
+					     NULL, 0);
+	mutex_unlock(&vd->ctrl_mutex);
+	return err;
+}
+
 /* Last close: no read of this file can be pending (each holds the file). */
 static int vdaq_release(struct inode *inode, struct file *file)
 {
 	struct vdaq_dev *vd = file->private_data;
 
-	/* the last opener gone: stop acquisition, so the FIFO does not overrun */
+	/*
+	 * The last opener gone: stop acquisition, so the FIFO does not
+	 * overrun, unless the IIO buffer has the stream.
+	 */
 	if (atomic_dec_and_test(&vd->open_count) && vdaq_alive(vd))
-		vdaq_command(vd, VDAQ_CMD_STOP, NULL, 0, NULL, 0);
+		vdaq_stream_command(vd, VDAQ_CMD_STOP, NULL, 0, NULL, 0, true);
 	vdaq_put(vd);
 	return 0;
 }
@@ -570,6 +657,10 @@ static long vdaq_ioctl_configure(struct vdaq_dev *vd, void __user *argp)
 		return -EINTR;
 	if (!vdaq_alive(vd)) {
 		err = -ENODEV;
+		goto out;
+	}
+	if (READ_ONCE(vd->iio_claimed)) {
+		err = -EBUSY;	/* the IIO buffer has the stream */
 		goto out;
 	}
 	err = vdaq_check_configure(vd, &c);
@@ -686,16 +777,18 @@ static long vdaq_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case VDAQ_IOC_CONFIGURE:
 		return vdaq_ioctl_configure(vd, argp);
 	case VDAQ_IOC_START:
-		return vdaq_command(vd, VDAQ_CMD_START, NULL, 0, NULL, 0);
+		return vdaq_stream_command(vd, VDAQ_CMD_START, NULL, 0, NULL, 0,
+					   false);
 	case VDAQ_IOC_STOP:
-		return vdaq_command(vd, VDAQ_CMD_STOP, NULL, 0, NULL, 0);
+		return vdaq_stream_command(vd, VDAQ_CMD_STOP, NULL, 0, NULL, 0,
+					   false);
 	case VDAQ_IOC_RESET_COUNTERS:
 		return vdaq_command(vd, VDAQ_CMD_RESET_COUNTERS, NULL, 0,
 				    NULL, 0);
 	case VDAQ_IOC_TRIGGER:
 		if (!has_trigger)
 			return -EOPNOTSUPP;
-		return vdaq_command(vd, VDAQ_CMD_TRIGGER, NULL, 0, NULL, 0);
+		return vdaq_trigger_command(vd, VDAQ_CMD_TRIGGER, NULL, 0);
 	case VDAQ_IOC_SET_TRIGGER:
 		if (!has_trigger)
 			return -EOPNOTSUPP;
@@ -703,8 +796,8 @@ static long vdaq_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 			return -EFAULT;
 		if (trig.reserved)
 			return -EINVAL;
-		return vdaq_command(vd, VDAQ_CMD_SET_TRIGGER, &trig,
-				    sizeof(trig), NULL, 0);
+		return vdaq_trigger_command(vd, VDAQ_CMD_SET_TRIGGER, &trig,
+					    sizeof(trig));
 	case VDAQ_IOC_STATUS:
 		err = vdaq_command(vd, VDAQ_CMD_GET_STATUS, NULL, 0, &st,
 				   sizeof(st));
@@ -712,8 +805,8 @@ static long vdaq_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 			return err;
 		return copy_to_user(argp, &st, sizeof(st)) ? -EFAULT : 0;
 	case VDAQ_IOC_FLUSH:
-		err = vdaq_command(vd, VDAQ_CMD_FLUSH, NULL, 0, &fr,
-				   sizeof(fr));
+		err = vdaq_stream_command(vd, VDAQ_CMD_FLUSH, NULL, 0, &fr,
+					  sizeof(fr), false);
 		if (err)
 			return err;
 		return copy_to_user(argp, &fr, sizeof(fr)) ? -EFAULT : 0;

@@ -242,6 +242,8 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 			req = token;
 			list_del(&req->node);
 			vd->nr_posted--;
+			if (req->iio)
+				vd->nr_iio_posted--;
 			vdaq_validate_used(vd, req, len);
 			req->state = VDAQ_REQ_DONE;
 			list_add_tail(&req->node, done);
@@ -271,6 +273,7 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 				       VDAQ_EVENT_RING;
 				vd->ring[slot] = *ev;
 				vd->ring_len++;
+				vdaq_iio_event(vd, ev);
 				if (le32_to_cpu(ev->kind) ==
 				    VDAQ_EVENT_NEEDS_RESET) {
 					dev_warn(vd->misc.this_device,
@@ -298,7 +301,10 @@ static void vdaq_complete_list(struct list_head *done)
 
 	list_for_each_entry_safe(req, tmp, done, node) {
 		list_del_init(&req->node);
-		vdaq_complete_req(req);
+		if (req->iio)
+			vdaq_iio_complete(req);
+		else
+			vdaq_complete_req(req);
 	}
 }
 
@@ -447,6 +453,8 @@ static void vdaq_teardown(struct vdaq_dev *vd, int err)
 		req = token;
 		list_del(&req->node);
 		vd->nr_posted--;
+		if (req->iio)
+			vd->nr_iio_posted--;
 		req->state = VDAQ_REQ_DONE;
 		req->result = err;
 		vd->cnt.reclaimed++;
@@ -460,6 +468,8 @@ static void vdaq_teardown(struct vdaq_dev *vd, int err)
 		;
 	WARN_ON(vd->nr_posted || !list_empty(&vd->posted));
 	vd->ctrl_busy = false;
+	/* reset: the card is STOPPED, whoever started it */
+	vd->chardev_started = false;
 	spin_unlock_irq(&vd->lock);
 
 	vdev->config->del_vqs(vdev);
@@ -542,6 +552,7 @@ static void vdaq_reset_work(struct work_struct *work)
 			err);
 	} else {
 		dev_info(&vdev->dev, "device reset and initialised again\n");
+		vdaq_iio_resume(vd);
 	}
 out:
 	mutex_unlock(&vd->ctrl_mutex);
@@ -735,6 +746,8 @@ static int vdaq_probe(struct virtio_device *vdev)
 		 vd->dataq_size,
 		 virtio_has_feature(vdev, VDAQ_F_CRC32) ? " crc32" : "",
 		 virtio_has_feature(vdev, VDAQ_F_TRIGGER) ? " trigger" : "");
+	/* last: its callbacks may use everything above; failure is not fatal */
+	vdaq_iio_register(vd);
 	return 0;
 
 err_ida:
@@ -758,6 +771,13 @@ static void vdaq_remove(struct virtio_device *vdev)
 	struct vdaq_status st;
 	unsigned int before;
 	int tries, err = 0;
+
+	/*
+	 * First the IIO device: unregistering disables its buffer, which
+	 * stops the capture and takes its buffers back while the device is
+	 * still fully usable (docs/linux-driver.md, "IIO device").
+	 */
+	vdaq_iio_unregister(vd);
 
 	spin_lock_irq(&vd->lock);
 	vd->removing = true;
@@ -793,6 +813,10 @@ static void vdaq_remove(struct virtio_device *vdev)
 	if (vd->vqs[VDAQ_QUEUE_DATA])
 		vdaq_teardown(vd, -ECANCELED);
 	mutex_unlock(&vd->ctrl_mutex);
+	/* every IIO buffer is back and freed: the IIO device goes with devres */
+	spin_lock_irq(&vd->lock);
+	vd->iio = NULL;
+	spin_unlock_irq(&vd->lock);
 	/* not re-armed: removing is set, nothing is posted */
 	cancel_delayed_work_sync(&vd->watchdog);
 
@@ -838,6 +862,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_config, events_lost) != 100);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, model) != 104);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, full_scale_uv) != 128);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, reserved) != 132);
 	BUILD_BUG_ON(sizeof(struct vdaq_buffer_header) != VDAQ_HEADER_SIZE);
 	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, frame_count) != 32);
 	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, flags) != 44);
@@ -861,7 +886,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(sizeof(struct vdaq_flush_reply) != 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_event) != VDAQ_EVENT_SIZE);
 	BUILD_BUG_ON(offsetof(struct vdaq_event, arg0) != 16);
-	BUILD_BUG_ON(sizeof(struct vdaq_info) != 160);
+	BUILD_BUG_ON(sizeof(struct vdaq_info) != 168);
 	BUILD_BUG_ON(sizeof(struct vdaq_events) != 8 + VDAQ_EVENTS_MAX * 32);
 	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 17 * 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_cmd_hdr) != 8);

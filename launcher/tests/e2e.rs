@@ -426,11 +426,12 @@ fn e2e_set_signal_switches_the_stream_without_mixing_signals() {
     );
 }
 
-/// The Linux guest's kernel and initramfs, built once for all tests of this binary (the
-/// launcher's own `tools::linux_image`).
-fn linux_image() -> &'static (String, String) {
-    static IMAGE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    IMAGE.get_or_init(|| match tools::linux_image(None, false) {
+/// The Linux guest's kernel and initramfs (`libiio`: the one with the libiio tools), each
+/// built once for all tests of this binary (the launcher's own `tools::linux_image`).
+fn linux_image(libiio: bool) -> &'static (String, String) {
+    static IMAGES: [std::sync::OnceLock<(String, String)>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    IMAGES[usize::from(libiio)].get_or_init(|| match tools::linux_image(None, libiio) {
         Ok(vdaq_launcher::session::GuestImage::Linux { kernel, initrd }) => {
             (kernel.display().to_string(), initrd.display().to_string())
         }
@@ -440,7 +441,16 @@ fn linux_image() -> &'static (String, String) {
 
 /// The Linux guest: `vdaq --guest linux` with `args`.
 fn linux(args: &[&str]) -> (bool, Value) {
-    let (kernel, initrd) = linux_image();
+    linux_with(false, args)
+}
+
+/// The Linux guest with the libiio tools in its image.
+fn linux_libiio(args: &[&str]) -> (bool, Value) {
+    linux_with(true, args)
+}
+
+fn linux_with(libiio: bool, args: &[&str]) -> (bool, Value) {
+    let (kernel, initrd) = linux_image(libiio);
     let mut all = vec![
         "--guest",
         "linux",
@@ -636,4 +646,144 @@ fn e2e_linux_bare_metal_only_options_are_refused_with_one_line() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn e2e_linux_iio_device_through_sysfs_verifies_every_sample_and_follows_the_rate() {
+    let (ok, report) = linux(&["--mode", "iio-raw", "--duration", "2", "--rate", "50000"]);
+    assert!(ok, "guest verdict: {}", report["failure"]);
+    assert_eq!(report["pass"], true);
+    assert!(
+        n(&report, "frames") >= 10_000,
+        "captured through /dev/iio:deviceN"
+    );
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert_eq!(n(&report, "dropped_frames"), 0);
+}
+
+#[test]
+fn e2e_linux_libiio_tools_capture_verify_and_change_the_rate() {
+    let (ok, report) = linux_libiio(&["--mode", "iio", "--duration", "2", "--rate", "50000"]);
+    assert!(ok, "guest verdict: {}", report["failure"]);
+    assert_eq!(report["pass"], true);
+    // The first capture: every channel and the timestamp, half the duration at 50 kHz.
+    assert!(n(&report, "frames") >= 50_000, "iio_readdev captured");
+    assert_eq!(n(&report, "samples"), 4 * n(&report, "frames"));
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert_eq!(n(&report, "dropped_frames"), 0, "no overrun at this rate");
+}
+
+#[test]
+fn e2e_linux_libiio_overrun_is_counted_by_the_driver() {
+    // S32 so a gap of any size is unambiguous; a 200 ms stall with a 4096-frame FIFO.
+    let (ok, report) = linux_libiio(&[
+        "--mode",
+        "iio",
+        "--duration",
+        "2",
+        "--rate",
+        "50000",
+        "--format",
+        "s32",
+        "--fifo-frames",
+        "4096",
+        "--scenario",
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scenarios/stall.toml")
+            .display()
+            .to_string(),
+    ]);
+    assert!(ok, "guest verdict: {}", report["failure"]);
+    assert!(n(&report, "dropped_frames") > 0, "the stall dropped frames");
+    // Every frame missing from the capture is one the driver counted as dropped.
+    assert!(n(&report, "dropped_frames") <= n(&report, "overrun_event_frames"));
+}
+
+/// The host's libiio tools, the ones `images/build-linux.sh --libiio` writes.
+fn host_iio_tool(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../build/linux/userland/bin")
+        .join(name)
+}
+
+#[test]
+fn e2e_linux_iiod_serves_the_card_to_the_hosts_libiio() {
+    use std::io::{BufRead, BufReader};
+    use vdaq_wire::scan::{ScanLayout, ScanVerifier};
+
+    let (kernel, initrd) = linux_image(true);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+        .args(["--guest", "linux", "--accel", "tcg", "--rate", "20000"])
+        .args(["--linux-kernel", kernel, "--linux-initrd", initrd])
+        .args(["--iiod", &port.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vdaq --iiod");
+    let stderr = child.stderr.take().expect("stderr");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("vdaq --iiod: {line}");
+            if line.contains("iiod serves the card") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let ready = ready_rx.recv_timeout(Duration::from_secs(90));
+    let uri = format!("ip:127.0.0.1:{port}");
+    let result = ready
+        .map_err(|_| "iiod never came up".to_string())
+        .and_then(|()| {
+            let info = Command::new(host_iio_tool("iio_info"))
+                .args(["-u", &uri])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let info = String::from_utf8_lossy(&info.stdout).into_owned();
+            eprintln!("{info}");
+            if !info.contains("vdaq") || !info.contains("voltage3") {
+                return Err(format!(
+                    "iio_info lists no vdaq card with 4 channels:\n{info}"
+                ));
+            }
+            let capture = Command::new(host_iio_tool("iio_readdev"))
+                .args(["-u", &uri, "-b", "4096", "-s", "40000", "vdaq"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            Ok(capture.stdout)
+        });
+    // Ctrl-C ends the serving session; the launcher then exits 0.
+    // SAFETY: kill(2) on our own child's pid; no memory involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().expect("vdaq exits");
+    let capture = result.unwrap_or_else(|e| panic!("{e}"));
+    let layout = ScanLayout {
+        format: vdaq_wire::SampleFormat::S16,
+        card_channels: 4,
+        enabled: 0b1111,
+        timestamp: true,
+    };
+    assert_eq!(
+        capture.len(),
+        40_000 * layout.scan_bytes(),
+        "iio_readdev -s 40000"
+    );
+    let mut verifier = ScanVerifier::new(layout);
+    for scan in capture.chunks_exact(layout.scan_bytes()) {
+        verifier
+            .check(scan)
+            .expect("every sample through iiod is the counter's");
+    }
+    let stats = verifier.stats();
+    assert_eq!((stats.scans, stats.gaps), (40_000, 0));
+    let interval = stats.mean_frame_interval_ns().expect("timestamps");
+    assert!(
+        (interval - 50_000.0).abs() < 5_000.0,
+        "20 kHz: {interval} ns per frame"
+    );
+    assert!(status.success(), "vdaq --iiod after Ctrl-C: {status}");
 }

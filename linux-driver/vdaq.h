@@ -202,6 +202,7 @@ void vdaq_iio_register(struct vdaq_dev *vd);
 void vdaq_iio_unregister(struct vdaq_dev *vd);
 void vdaq_iio_complete(struct vdaq_req *req);
 void vdaq_iio_resume(struct vdaq_dev *vd);
+void vdaq_iio_reset_loss(struct vdaq_dev *vd, u64 pending);
 void vdaq_iio_event(struct vdaq_dev *vd, const struct vdaq_event *ev);
 
 /* vdaq_ctrl.c */

@@ -537,7 +537,8 @@ static int vdaq_flush(struct file *file, fl_owner_t id)
 
 	spin_lock_irq(&vd->lock);
 	list_for_each_entry(req, &vd->posted, node) {
-		if (req->owner == id && !req->cancel) {
+		/* the IIO capture buffers (no owner) are not this file's */
+		if (!req->iio && req->owner == id && !req->cancel) {
 			req->cancel = true;
 			vd->cnt.cancellations++;
 			any = true;

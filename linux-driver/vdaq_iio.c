@@ -69,6 +69,7 @@ struct vdaq_iio {
 	bool repost;			/* completed buffers go back to the card */
 	bool push;			/* completed buffers' frames are pushed */
 	bool orphan;			/* buffer disabled, some still posted */
+	unsigned int pushing;		/* completions inside vdaq_iio_push() */
 	unsigned int outstanding;	/* buffers posted or being completed */
 	unsigned int nbufs;
 	struct vdaq_req *bufs[VDAQ_IIO_BUFS];
@@ -260,11 +261,19 @@ void vdaq_iio_complete(struct vdaq_req *req)
 	push = iio->push;
 	if (push && req->result <= 0)
 		iio->invalid_buffers++;
+	if (push)
+		iio->pushing++;
+	else if (req->result > VDAQ_HEADER_SIZE)
+		/* data of a buffer back after the capture ended: lost, counted */
+		iio->dropped_gap += (req->result - VDAQ_HEADER_SIZE) /
+				    (iio->channels * iio->sample_bytes);
 	spin_unlock_irq(&vd->lock);
 	if (push && req->result > 0)
 		vdaq_iio_push(iio, req);
 
 	spin_lock_irq(&vd->lock);
+	if (push && !--iio->pushing)
+		wake_up_all(&vd->wq);
 	if (iio->repost) {
 		err = vdaq_add_req_locked(vd, req, &notify);
 		if (!err) {
@@ -286,8 +295,11 @@ void vdaq_iio_complete(struct vdaq_req *req)
 			if (iio->bufs[i] == req)
 				iio->bufs[i] = NULL;
 		release = true;
-		if (!iio->outstanding)
+		/* the last orphan is back: the stream is free again */
+		if (!iio->outstanding) {
 			iio->orphan = false;
+			vd->iio_claimed = false;
+		}
 	}
 	spin_unlock_irq(&vd->lock);
 	if (release)
@@ -481,6 +493,29 @@ static void vdaq_iio_restart(struct vdaq_iio *iio)
  * progress resumes: CONFIGURE the capture's settings, post, START. The card
  * counts the stream from frame 0 again.
  */
+/*
+ * A reset is about to discard what the card holds (its FIFO and the partly
+ * filled buffer, @pending frames): lost to a running capture, so counted.
+ */
+void vdaq_iio_reset_loss(struct vdaq_dev *vd, u64 pending)
+{
+	struct vdaq_iio *iio = vd->iio;
+
+	lockdep_assert_held(&vd->ctrl_mutex);
+	if (!iio || !pending)
+		return;
+	spin_lock_irq(&vd->lock);
+	if (iio->repost)
+		iio->dropped_card += pending;
+	else
+		pending = 0;
+	spin_unlock_irq(&vd->lock);
+	if (pending)
+		dev_warn_ratelimited(&iio->indio_dev->dev,
+				     "%llu frames lost in the device reset\n",
+				     pending);
+}
+
 void vdaq_iio_resume(struct vdaq_dev *vd)
 {
 	struct vdaq_iio *iio = vd->iio;
@@ -548,6 +583,11 @@ static void vdaq_iio_stop(struct vdaq_iio *iio)
 	spin_lock_irq(&vd->lock);
 	iio->push = false;
 	spin_unlock_irq(&vd->lock);
+	/*
+	 * A completion that saw push set may still be pushing: the IIO core
+	 * takes the buffer off its list after predisable.
+	 */
+	wait_event(vd->wq, !READ_ONCE(iio->pushing));
 }
 
 /*
@@ -713,7 +753,9 @@ static int vdaq_iio_postdisable(struct iio_dev *indio_dev)
 	iio->orphan = left > 0;
 	iio->repost = false;
 	iio->push = false;
-	vd->iio_claimed = false;
+	/* with buffers still posted the stream stays claimed until they are back */
+	if (!left)
+		vd->iio_claimed = false;
 	spin_unlock_irq(&vd->lock);
 	for (i = 0; i < n; i++)
 		vdaq_iio_free_buf(idle[i]);
@@ -976,6 +1018,16 @@ static int __vdaq_iio_register(struct vdaq_dev *vd)
 	if (!alive)
 		return -ENODEV;
 	ch = le16_to_cpu(cfg.channels);
+	/*
+	 * A second read of the config space: an untrusted device may answer
+	 * differently than at the identity check, and a zero frame size would
+	 * be a division by zero later.
+	 */
+	if (!ch || !vdaq_sample_bytes(cfg.format)) {
+		dev_warn(dev, "IIO: %u channels of format %u, no IIO device\n",
+			 ch, cfg.format);
+		return -ENODEV;
+	}
 	if (ch > VDAQ_IIO_MAX_CHANNELS) {
 		dev_warn(dev, "IIO: %u channels, at most %u supported\n", ch,
 			 VDAQ_IIO_MAX_CHANNELS);
@@ -1042,9 +1094,12 @@ static int __vdaq_iio_register(struct vdaq_dev *vd)
 	spin_unlock_irq(&vd->lock);
 	err = iio_device_register(indio_dev);
 	if (err) {
+		/* ctrl_mutex too: reset_work reads vd->iio under it alone */
+		mutex_lock(&vd->ctrl_mutex);
 		spin_lock_irq(&vd->lock);
 		vd->iio = NULL;
 		spin_unlock_irq(&vd->lock);
+		mutex_unlock(&vd->ctrl_mutex);
 		return err;
 	}
 	if (!iio->full_scale_uv)

@@ -510,7 +510,7 @@ static void vdaq_reset_work(struct work_struct *work)
 		goto out;
 	/* GET_STATUS still answers in NEEDS_RESET: log the counters. */
 	if (!dead &&
-	    !__vdaq_command(vd, VDAQ_CMD_GET_STATUS, NULL, 0, &st, sizeof(st)))
+	    !__vdaq_command(vd, VDAQ_CMD_GET_STATUS, NULL, 0, &st, sizeof(st))) {
 		dev_info(&vdev->dev,
 			 "before reset: produced %llu delivered %llu dropped %llu pending %llu held %llu\n",
 			 le64_to_cpu(st.frames_produced),
@@ -518,6 +518,8 @@ static void vdaq_reset_work(struct work_struct *work)
 			 le64_to_cpu(st.frames_dropped),
 			 le64_to_cpu(st.frames_pending),
 			 le64_to_cpu(st.buffers_held));
+		vdaq_iio_reset_loss(vd, le64_to_cpu(st.frames_pending));
+	}
 	vdaq_teardown(vd, -EIO);
 	spin_lock_irq(&vd->lock);
 	vd->cnt.resets++;

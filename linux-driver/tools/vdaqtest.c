@@ -725,6 +725,7 @@ struct iio_cap {
 	uint32_t prev_v;
 	int64_t prev_ts, first_ts, last_ts;
 	uint64_t scans, bytes, gaps, verify_errors, ts_errors;
+	uint64_t ns;	/* from enabling the buffer to the last scan read */
 };
 
 static uint32_t load_sample(const struct iio_cap *c, const uint8_t *p,
@@ -855,7 +856,8 @@ static int iio_capture(struct iio_cap *c, int ms, const char *what,
 	r = iio_write_num("sampling_frequency", (long long)c->rate);
 	CHECK(r == -EBUSY, "%s: sampling_frequency with the buffer on: %d", what, r);
 
-	end = now_ns() + (uint64_t)ms * 1000000;
+	c->ns = now_ns();
+	end = c->ns + (uint64_t)ms * 1000000;
 	while (now_ns() < end) {
 		pfd.fd = iiofd;
 		pfd.events = POLLIN;
@@ -872,6 +874,7 @@ static int iio_capture(struct iio_cap *c, int ms, const char *what,
 	/* a disabled buffer still hands out what it holds */
 	while ((n = read(iiofd, buf, sizeof(buf) - sizeof(buf) % c->scan_bytes)) > 0)
 		iio_parse(c, buf, n);
+	c->ns = now_ns() - c->ns;
 	close(iiofd);
 	scans1 = iio_num("scans");
 	drop1 = iio_num("dropped_frames");
@@ -1130,13 +1133,14 @@ static int do_iio_raw(int ms, int reads, size_t len)
 		iio_capture(&c3, ms / 4 > 0 ? ms / 4 : 1, "after bind", &drop3);
 	}
 
-	printf("result frames=%llu samples=%llu bytes=%llu verify_errors=%llu dropped_frames=%llu\n",
+	printf("result frames=%llu samples=%llu bytes=%llu verify_errors=%llu dropped_frames=%llu guest_time_ns=%llu\n",
 	       (unsigned long long)(c1.scans + c2.scans),
 	       (unsigned long long)(c1.scans + c2.scans) * cf->channels,
 	       (unsigned long long)(c1.bytes + c2.bytes),
 	       (unsigned long long)(c1.verify_errors + c2.verify_errors +
 				    c1.ts_errors + c2.ts_errors + failures),
-	       (unsigned long long)(drop1 + drop2));
+	       (unsigned long long)(drop1 + drop2),
+	       (unsigned long long)(c1.ns + c2.ns));
 	return failures ? 1 : 0;
 }
 

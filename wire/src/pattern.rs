@@ -53,19 +53,20 @@ pub fn s16_counter_window(first_sample: u64, samples: usize) -> &'static [u8] {
 /// walks byte by byte, which made the Linux application's verification ten times slower than
 /// the bare-metal guest's under TCG.
 fn differs(a: &[u8], b: &[u8]) -> bool {
-    fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
-        bytes
-            .chunks_exact(8)
-            .map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-    }
     if a.len() != b.len() {
         return true;
     }
-    let tail = a.len() - a.len() % 8;
-    let word_diff = words(a)
-        .zip(words(b))
-        .fold(0u64, |acc, (x, y)| acc | (x ^ y));
-    word_diff != 0 || a[tail..] != b[tail..]
+    // A plain index loop, no iterator adaptors: a zip of mapped chunks was once compiled to an
+    // out-of-line call per word (codegen-unit placement), 25 times slower under TCG.
+    let mut word_diff = 0u64;
+    let mut at = 0;
+    while at + 8 <= a.len() {
+        let x = u64::from_ne_bytes(a[at..at + 8].try_into().unwrap_or([0; 8]));
+        let y = u64::from_ne_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        word_diff |= x ^ y;
+        at += 8;
+    }
+    word_diff != 0 || a[at..] != b[at..]
 }
 
 /// Fills `out` with the counter pattern starting at sample number `first_sample`.

@@ -1136,7 +1136,8 @@ static int do_iio_raw(int ms, int reads, size_t len)
 	printf("result frames=%llu samples=%llu bytes=%llu verify_errors=%llu dropped_frames=%llu guest_time_ns=%llu\n",
 	       (unsigned long long)(c1.scans + c2.scans),
 	       (unsigned long long)(c1.scans + c2.scans) * cf->channels,
-	       (unsigned long long)(c1.bytes + c2.bytes),
+	       /* sample bytes, as the other modes count (scans also hold the timestamp) */
+	       (unsigned long long)(c1.scans + c2.scans) * cf->channels * c1.ss,
 	       (unsigned long long)(c1.verify_errors + c2.verify_errors +
 				    c1.ts_errors + c2.ts_errors + failures),
 	       (unsigned long long)(drop1 + drop2),

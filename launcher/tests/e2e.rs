@@ -625,6 +625,9 @@ fn e2e_linux_bare_metal_only_options_are_refused_with_one_line() {
     for (args, needle) in [
         (&["--mode", "cancel"][..], "--guest linux"),
         (&["--mode", "unbind"][..], "--guest linux"),
+        (&["--mode", "iio"][..], "--guest linux"),
+        (&["--iiod", "30431"][..], "--guest linux"),
+        (&["--guest", "linux", "--iiod", "0"][..], "--iiod 30431"),
         (
             &[
                 "--guest",

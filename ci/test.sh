@@ -3,13 +3,15 @@
 # toolchain pieces, finds or provisions QEMU >= 10.2, builds the bare-metal guest image and the
 # Linux guest image (Debian's kernel fetched into build/linux, the vdaq module, the io_uring
 # application), then runs formatting and lint checks and every test of the workspace (unit,
-# queue-level, loopback, guest driver on the host, and end to end in QEMU with both guests).
+# queue-level, loopback, guest driver on the host, and end to end in QEMU with both guests),
+# and checkpatch.pl over the kernel module.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
 ci/provision-qemu.sh >/dev/null
 images/build.sh >/dev/null
 images/build-linux.sh >/dev/null
+ci/checkpatch.sh
 cargo fmt --all --check
 (cd guest-app && cargo fmt --check && cargo clippy --release --locked -- -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings

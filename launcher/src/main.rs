@@ -6,6 +6,7 @@
 
 mod args;
 mod bench;
+mod man;
 mod summary;
 
 use std::process::ExitCode;

@@ -437,6 +437,11 @@ fn one_line(err: &clap::Error) -> String {
     format!("{first}; run with --help for the valid options")
 }
 
+/// The command-line definition, for tools that render it (the man pages, docs/man/).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
 /// The `--print-capabilities` document (docs/interop/vhost-user.json in QEMU).
 pub fn capabilities_json() -> String {
     serde_json::json!({

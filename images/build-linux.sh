@@ -191,7 +191,7 @@ needed_libs() {
 # Builds initramfs-libiio.cpio.gz: the default initramfs with a second archive appended that
 # adds the libiio tools, iiod, their libraries, the dynamic loader and virtio-net.
 build_libiio_initramfs() {
-    local stage=$USERLAND/stage root=$USERLAND/root kmods=$PKGS/lib/modules/$KABI f found m
+    local stage=$USERLAND/stage root=$USERLAND/root f
     local bins=(usr/bin/iio_info usr/bin/iio_attr usr/bin/iio_readdev usr/bin/iio_writedev usr/sbin/iiod)
     rm -rf "$stage"
     mkdir -p "$stage/lib64" "$stage/lib/modules"
@@ -201,16 +201,7 @@ build_libiio_initramfs() {
     done
     ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$stage/lib64/ld-linux-x86-64.so.2"
     # virtio-net for iiod's TCP port (QEMU user networking); /init loads these after the rest.
-    for m in failover net_failover virtio_net; do
-        found=$(find "$kmods/kernel" -name "$m.ko*" | head -n 1)
-        [[ -n $found ]] || continue
-        case $found in
-        *.ko.xz) xz -dc "$found" >"$stage/lib/modules/$m.ko" ;;
-        *.ko.zst) zstd -dqc "$found" >"$stage/lib/modules/$m.ko" ;;
-        *) cp "$found" "$stage/lib/modules/$m.ko" ;;
-        esac
-        echo "$m" >>"$stage/lib/modules/load-order.libiio"
-    done
+    install_modules "$stage/lib/modules" load-order.libiio failover net_failover virtio_net
     (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | "$PKGS/bin/busybox" cpio -o -H newc 2>/dev/null) |
         gzip -6 >"$USERLAND/libiio.cpio.gz"
     cat "$OUT/initramfs.cpio.gz" "$USERLAND/libiio.cpio.gz" >"$OUT/initramfs-libiio.cpio.gz.$$"
@@ -264,9 +255,33 @@ build_module() {
     done
 }
 
+# install_modules DIR LIST MODULE...: Debian's MODULE.ko files (decompressed) into DIR, and their
+# names, in the order given, into DIR/LIST: insmod has no dependency resolution, so /init loads
+# them in that order, which must be the dependency order. A module built into the kernel (or
+# absent) is skipped.
+install_modules() {
+    local dir=$1 list=$2 m found
+    shift 2
+    : >"$dir/$list"
+    for m in "$@"; do
+        found=$(find "$PKGS/lib/modules/$KABI/kernel" -name "$m.ko*" | head -n 1)
+        [[ -n $found ]] || {
+            log "  $m is not a module in $KABI (built in or absent)"
+            continue
+        }
+        case $found in
+        *.ko.xz) xz -dc "$found" >"$dir/$m.ko" ;;
+        *.ko.zst) zstd -dqc "$found" >"$dir/$m.ko" ;;
+        *.ko.gz) gzip -dc "$found" >"$dir/$m.ko" ;;
+        *) cp "$found" "$dir/$m.ko" ;;
+        esac
+        echo "$m" >>"$dir/$list"
+    done
+}
+
 # Assembles the initramfs.
 build_initramfs() {
-    local stage=$PREFIX/initramfs kmods=$PKGS/lib/modules/$KABI m f found bb
+    local stage=$PREFIX/initramfs f bb
     rm -rf "$stage"
     mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,lib/modules,etc}
     bb=$PKGS/bin/busybox
@@ -278,24 +293,8 @@ build_initramfs() {
         ln -sf /bin/busybox "$stage/$f"
     done
     # The virtio transports, and IIO with its kfifo buffer for vdaq.ko's IIO device.
-    for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio \
-        industrialio kfifo_buf; do
-        found=$(find "$kmods/kernel" -name "$m.ko*" | head -n 1)
-        [[ -n $found ]] || {
-            log "  $m is not a module in $KABI (built in or absent)"
-            continue
-        }
-        case $found in
-        *.ko.xz) xz -dc "$found" >"$stage/lib/modules/$m.ko" ;;
-        *.ko.zst) zstd -dqc "$found" >"$stage/lib/modules/$m.ko" ;;
-        *.ko.gz) gzip -dc "$found" >"$stage/lib/modules/$m.ko" ;;
-        *) cp "$found" "$stage/lib/modules/$m.ko" ;;
-        esac
-    done
-    # insmod has no dependency resolution: /init loads them in this (dependency) order.
-    printf '%s\n' virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio \
-        industrialio kfifo_buf |
-        while read -r m; do [[ -f $stage/lib/modules/$m.ko ]] && echo "$m"; done >"$stage/lib/modules/load-order"
+    install_modules "$stage/lib/modules" load-order virtio_ring virtio virtio_pci_modern_dev \
+        virtio_pci_legacy_dev virtio_pci virtio_mmio industrialio kfifo_buf
     cp "$PREFIX/module/vdaq.ko" "$stage/lib/modules/vdaq.ko"
     for f in "$PREFIX"/tools/*; do
         [[ -x $f ]] && cp "$f" "$stage/bin/"

@@ -167,6 +167,12 @@ static unsigned int vdaq_iio_post_idle(struct vdaq_iio *iio, bool *notify)
 	return n;
 }
 
+/* Every frame lost to the IIO buffer: the dropped_frames attribute. Under vd->lock. */
+static u64 vdaq_iio_dropped(const struct vdaq_iio *iio)
+{
+	return iio->dropped_card + iio->dropped_gap + iio->dropped_full;
+}
+
 /*
  * Pushes the frames of a valid completion (the bottom half or a reset's
  * teardown, never both at once, so iio->scan needs no lock).
@@ -239,7 +245,7 @@ static void vdaq_iio_push(struct vdaq_iio *iio, struct vdaq_req *req)
 	iio->dropped_gap += gap;
 	iio->dropped_full += full;
 	iio->scans += frames - full;
-	total = iio->dropped_card + iio->dropped_gap + iio->dropped_full;
+	total = vdaq_iio_dropped(iio);
 	spin_unlock_irq(&vd->lock);
 	/* never silently: every lost frame is counted and logged */
 	if (dropped || gap || full)
@@ -933,7 +939,7 @@ static ssize_t vdaq_iio_counter_show(struct device *dev,
 	spin_lock_irq(&vd->lock);
 	switch (to_iio_dev_attr(attr)->address) {
 	case VDAQ_IIO_DROPPED:
-		v = iio->dropped_card + iio->dropped_gap + iio->dropped_full;
+		v = vdaq_iio_dropped(iio);
 		break;
 	case VDAQ_IIO_DROPPED_CARD:
 		v = iio->dropped_card;

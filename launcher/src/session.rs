@@ -585,11 +585,11 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
                         outcome.aborted = Some(err.to_string());
                         break;
                     }
-                } else if config.iiod_port.is_some() && line.starts_with(IIOD_READY) {
+                } else if let Some(port) = config.iiod_port.filter(|_| line.starts_with(IIOD_READY))
+                {
                     outcome.console_tail.push(line.clone());
                     eprintln!(
-                        "vdaq: iiod serves the card: iio_info -u ip:127.0.0.1:{}  (Ctrl-C stops the VM)",
-                        config.iiod_port.unwrap_or(IIOD_GUEST_PORT)
+                        "vdaq: iiod serves the card: iio_info -u ip:127.0.0.1:{port}  (Ctrl-C stops the VM)"
                     );
                 } else if line == FIRST_SAMPLE_LINE {
                     outcome.first_sample.get_or_insert(started.elapsed());

@@ -170,23 +170,20 @@ impl ScanVerifier {
                 v as u64
             }
         };
-        // value ≡ frame × stride + first (mod period): frame = (value − first) / stride, plus
-        // multiples of period / gcd where the division wraps.
+        // Solve frame × stride ≡ value − first (mod period). With g = gcd(period, stride) it
+        // has solutions only when g divides the right side; they repeat every period / g
+        // frames.
         let period = self.period();
         let stride = u64::from(self.layout.card_channels);
         let target = (value + period - u64::from(first) % period) % period;
-        // Frames repeat their counter values every `period / gcd(period, stride)` frames.
-        let repeat = period / gcd(period, stride);
-        // The candidate nearest above `from`: try the frames `from .. from + repeat` whose
-        // value matches. Solving the congruence directly: stride × k ≡ target (mod period).
         let g = gcd(period, stride);
         if target % g != 0 {
             return None;
         }
-        let modulus = period / g;
-        let inverse = mod_inverse((stride / g) % modulus, modulus)?;
-        let k = ((target / g) % modulus) * inverse % modulus;
-        // Smallest frame ≥ from congruent to k modulo `repeat`.
+        let repeat = period / g;
+        let inverse = mod_inverse((stride / g) % repeat, repeat)?;
+        let k = (target / g) % repeat * inverse % repeat;
+        // The smallest solution ≥ `from`.
         let base = from - from % repeat + k;
         Some(if base < from { base + repeat } else { base })
     }

@@ -12,6 +12,7 @@ ci/provision-qemu.sh >/dev/null
 images/build.sh >/dev/null
 images/build-linux.sh >/dev/null
 ci/checkpatch.sh
+ci/check-install.sh
 cargo fmt --all --check
 (cd guest-app && cargo fmt --check && cargo clippy --release --locked -- -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings

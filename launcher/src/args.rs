@@ -50,6 +50,11 @@ pub enum GuestMismatch {
     BareMetalOnly(&'static str),
 }
 
+/// `--record FILE` where FILE exists.
+#[derive(Debug, Error)]
+#[error("--record {}: the file exists; remove it or name a new one", .0.display())]
+pub struct RecordExists(pub PathBuf);
+
 /// `--accel kvm` on a host without a usable /dev/kvm.
 #[derive(Debug, Error)]
 #[error("--accel kvm: /dev/kvm is missing or not accessible; use --accel tcg")]
@@ -312,6 +317,15 @@ pub struct RunArgs {
     /// Seed of the noise signal.
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
+    /// Have the backend record every buffer it delivers to FILE (a new .vdaqrec: replayable
+    /// with `vhost-device-daq --signal file --source FILE`, drawn by `vhost-device-daq plot`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// After the run, write charts into DIR: latency.png (the guest's latency histogram),
+    /// throughput.png (verified throughput over guest time), waveform.png with --record, and
+    /// plots.json (what each shows).
+    #[arg(long, value_name = "DIR", conflicts_with = "iiod")]
+    pub plot: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -344,6 +358,15 @@ impl RunArgs {
 
     /// The run these options describe, with `tools` on `accel`; `progress` shows live
     /// progress.
+    /// `--record` must name a new file: the backend appends to an existing one, and a plot
+    /// of it would mix two runs.
+    pub fn check_files(&self) -> Result<(), RecordExists> {
+        match &self.record {
+            Some(path) if path.exists() => Err(RecordExists(path.clone())),
+            _ => Ok(()),
+        }
+    }
+
     pub fn run_config(&self, tools: &Tools, accel: Accel, progress: bool) -> RunConfig {
         let mut backend_args = vec![
             "--rate".to_string(),
@@ -365,6 +388,11 @@ impl RunArgs {
         ];
         if self.deterministic {
             backend_args.push("--deterministic".into());
+        }
+        if let Some(record) = &self.record {
+            // The backend may run from another directory: give it an absolute path.
+            let absolute = std::path::absolute(record).unwrap_or_else(|_| record.clone());
+            backend_args.extend(["--record".into(), absolute.display().to_string()]);
         }
         if let Some(scenario) = &self.scenario {
             backend_args.push("--scenario".into());
@@ -391,7 +419,7 @@ impl RunArgs {
         } else {
             self.mode.name()
         };
-        let guest_args = vec![
+        let mut guest_args = vec![
             format!("vdaq.mode={mode}"),
             format!("vdaq.duration_ms={}", (self.duration * 1000.0) as u64),
             format!("vdaq.reads={}", self.reads),
@@ -400,6 +428,9 @@ impl RunArgs {
             format!("vdaq.frames={}", self.frames),
             format!("vdaq.hash={}", u8::from(self.hash)),
         ];
+        if self.plot.is_some() {
+            guest_args.push(format!("vdaq.progress_ms={}", crate::plots::PROGRESS_MS));
+        }
         RunConfig {
             qemu: tools.qemu.clone(),
             backend: tools.backend.clone(),
@@ -435,6 +466,10 @@ pub struct BenchArgs {
     /// Linux's throughput as a share of the bare-metal guest's.
     #[arg(long)]
     pub compare_guests: bool,
+    /// Also draw the sweep as DIR/bench.png (verified MB/s per shape and guest, the
+    /// consume-only rate as a tick), with DIR/plots.json.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Subcommands (without one, `vdaq` runs once).
@@ -443,11 +478,24 @@ pub enum Cmd {
     /// Sweep reads in flight × buffer sizes, free-running clock; print throughput, completion
     /// and interrupt rates, latency, boot-to-first-sample, and the guest's consume-only rate.
     Bench(BenchArgs),
+    /// Print a shell completion script on stdout, e.g.
+    /// `vdaq completions bash > ~/.local/share/bash-completion/completions/vdaq`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Run the vdaq virtual DAQ card end to end: vhost-device-daq + QEMU + bare-metal guest.
 #[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "vdaq",
+    version,
+    propagate_version = true,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// `bench`, or none for one run.
     #[command(subcommand)]

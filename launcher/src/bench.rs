@@ -8,7 +8,9 @@ use vdaq_launcher::tools::{self, Kvm, Tools};
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
 use crate::args::{BenchArgs, Common, Mode, RunArgs};
-use crate::{summary, Error};
+use vdaq_plot::sweep::Bar;
+
+use crate::{plots, summary, Error};
 
 /// One benchmark configuration: 4 ch × s16 counter stream, verified, no scenario.
 fn configuration(
@@ -42,6 +44,8 @@ fn configuration(
         fifo_frames: None,
         signal: SignalKind::Counter,
         seed: 0x5eed,
+        record: None,
+        plot: None,
     }
 }
 
@@ -96,6 +100,9 @@ fn iio_versus_chardev(common: &Common, tools: &Tools, duration: f64) -> Result<b
 
 /// Runs the benchmark; `Ok(false)` if a run failed or Ctrl-C cut the sweep short.
 pub fn run(args: &BenchArgs) -> Result<bool, Error> {
+    if let Some(dir) = &args.plot {
+        plots::prepare(dir)?;
+    }
     // The guests to sweep, each with its tools (images built once here).
     let kinds = if args.compare_guests {
         vec![GuestKind::BareMetal, GuestKind::Linux]
@@ -140,6 +147,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
     );
     // Verified MB/s and first-sample time per (accel, shape, guest), for the comparison.
     let mut figures: Vec<(Accel, u32, u32, GuestKind, f64, f64)> = Vec::new();
+    let mut bars = Vec::new();
     for accel in accels {
         for (reads, buffer) in [(8u32, 4096u32), (8, 65536), (64, 4096), (64, 65536)] {
             for (common, tools) in &guests {
@@ -170,6 +178,12 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
                 let consume = r.consume_only_mib_s * 1.048_576;
                 let first = outcome.first_sample.map_or(f64::NAN, |d| d.as_secs_f64());
                 figures.push((accel, reads, buffer, common.guest, verified, first));
+                bars.push(Bar {
+                    group: format!("{reads} × {} KiB", buffer / 1024),
+                    series: format!("{} {}", common.guest.name(), accel.name()),
+                    value: verified,
+                    baseline: consume,
+                });
                 println!(
                 "{:>10} {:>5} {:>7} {:>6} {:>11} {:>13.1} {:>12.0} {:>9.0} {:>9} {:>12} {:>13.1} {:>6.0}% {:>11.3}",
                 common.guest.name(),
@@ -188,6 +202,9 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
             );
             }
         }
+    }
+    if let Some(dir) = &args.plot {
+        plots::sweep_chart(dir, &bars)?;
     }
     if args.compare_guests {
         // The same shapes, the same run: Linux (kernel module + io_uring) against bare metal.

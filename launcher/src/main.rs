@@ -7,6 +7,7 @@
 mod args;
 mod bench;
 mod man;
+mod plots;
 mod summary;
 
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use thiserror::Error;
 
-use args::{Cli, Cmd, GuestMismatch, KvmUnavailable, Mode, RunArgs};
+use args::{Cli, Cmd, GuestMismatch, KvmUnavailable, Mode, RecordExists, RunArgs};
 use vdaq_launcher::session::{self, SessionError, INTERRUPTED};
 use vdaq_launcher::tools::{self, ToolError};
 
@@ -34,11 +35,21 @@ pub enum Error {
     /// The backend or QEMU could not be started.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// `--record` names a file that exists.
+    #[error(transparent)]
+    Record(#[from] RecordExists),
+    /// The charts could not be drawn.
+    #[error(transparent)]
+    Plots(#[from] plots::PlotsError),
 }
 
 /// One run: summary on stderr, `--json` report on stdout; whether it passed.
 fn run(args: &RunArgs) -> Result<bool, Error> {
     args.check_guest()?;
+    args.check_files()?;
+    if let Some(dir) = &args.plot {
+        plots::prepare(dir)?;
+    }
     let accel = args.common.accel.resolve(tools::kvm())?;
     let tools = args
         .common
@@ -57,6 +68,9 @@ fn run(args: &RunArgs) -> Result<bool, Error> {
     if args.json {
         summary::print_json(&outcome);
     }
+    if let Some(dir) = &args.plot {
+        plots::run_charts(dir, &outcome, &tools.backend, args.record.as_deref())?;
+    }
     let passed = outcome.aborted.is_none()
         && outcome.guest_passed()
         && outcome.report().is_some_and(|r| r.pass);
@@ -70,6 +84,11 @@ fn main() -> ExitCode {
     }
     let result = match &cli.command {
         Some(Cmd::Bench(args)) => bench::run(args),
+        Some(Cmd::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "vdaq", &mut std::io::stdout());
+            Ok(true)
+        }
         None => run(&cli.run),
     };
     match result {

@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vdaq_wire::latency::{parse_buckets, BucketCount, LATENCY_PREFIX};
 use vdaq_wire::report::{Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX, REPORT_PREFIX};
 use vdaq_wire::VIRTIO_ID_DAQ;
 
@@ -168,12 +169,32 @@ pub struct RunOutcome {
     pub aborted: Option<String>,
     /// Last guest console lines (for diagnosing failures).
     pub console_tail: Vec<String>,
+    /// The guest's progress lines: (guest ms since streaming began, payload bytes verified).
+    pub progress: Vec<(u64, u64)>,
+    /// The guest's latency histogram (non-empty buckets), if it printed one.
+    pub latency: Vec<BucketCount>,
 }
 
 impl RunOutcome {
     /// The parsed report.
     pub fn report(&self) -> Option<Report<'_>> {
         serde_json::from_str(self.report_json.as_deref()?).ok()
+    }
+
+    /// Takes the report or the latency histogram from a console line; whether it was one.
+    fn take_result_line(&mut self, line: &str) -> bool {
+        if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
+            self.report_json = Some(json.to_string());
+        } else if let Some(body) = line
+            .strip_prefix(LATENCY_PREFIX)
+            .or_else(|| (line == LATENCY_PREFIX.trim_end()).then_some(""))
+        {
+            // A malformed pair is skipped: the chart shows what could be read.
+            self.latency = parse_buckets(body).flatten().collect();
+        } else {
+            return false;
+        }
+        true
     }
 
     /// Whether the guest exited through isa-debug-exit with code 0 (QEMU status 1).
@@ -567,6 +588,8 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
         wall: Duration::ZERO,
         aborted: None,
         console_tail: Vec::new(),
+        progress: Vec::new(),
+        latency: Vec::new(),
     };
     let deadline = started + config.timeout;
     let mut progress_shown = false;
@@ -574,8 +597,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
         match lines.recv_timeout(Duration::from_millis(50)) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
-                if let Some(json) = line.strip_prefix(REPORT_PREFIX) {
-                    outcome.report_json = Some(json.to_string());
+                if outcome.take_result_line(&line) {
                 } else if config.replug && line.contains(REPLUG_TRIGGER) {
                     outcome.console_tail.push(line.clone());
                     eprintln!(
@@ -594,6 +616,9 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
                 } else if line == FIRST_SAMPLE_LINE {
                     outcome.first_sample.get_or_insert(started.elapsed());
                 } else if let Some(progress) = line.strip_prefix(PROGRESS_PREFIX) {
+                    if let Some((ms, bytes)) = progress_point(progress) {
+                        outcome.progress.push((ms, bytes));
+                    }
                     if config.progress {
                         show_progress(progress);
                         progress_shown = true;
@@ -618,9 +643,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
         if let Some(status) = qemu.try_wait() {
             // Drain what the console still holds.
             while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
-                if let Some(json) = line.trim_end().strip_prefix(REPORT_PREFIX) {
-                    outcome.report_json = Some(json.to_string());
-                } else {
+                if !outcome.take_result_line(line.trim_end()) {
                     outcome.console_tail.push(line);
                 }
             }
@@ -652,6 +675,15 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
     drop(backend);
     drop(dir);
     Ok(outcome)
+}
+
+/// (guest ms, payload bytes) of a progress line's body.
+fn progress_point(progress: &str) -> Option<(u64, u64)> {
+    let mut fields = progress.split_ascii_whitespace().map(str::parse::<u64>);
+    let ms = fields.next()?.ok()?;
+    let _frames = fields.next()?.ok()?;
+    let bytes = fields.next()?.ok()?;
+    Some((ms, bytes))
 }
 
 fn show_progress(progress: &str) {

@@ -32,23 +32,53 @@ pub enum ToolError {
     /// A path given on the command line does not exist.
     #[error("{0} does not exist")]
     Missing(PathBuf),
+    /// The source tree (guest image builds, QEMU provisioning) is not where it was.
+    #[error(
+        "{} is not a vdaq source tree (no images/build.sh){}; set VDAQ_HOME to a clone, or \
+         pass --qemu and --guest-image (or --linux-kernel and --linux-initrd)",
+        root.display(),
+        if *from_var { " as VDAQ_HOME says" } else { "" }
+    )]
+    NoSourceTree {
+        /// Where it was looked for.
+        root: PathBuf,
+        /// Whether VDAQ_HOME named it.
+        from_var: bool,
+    },
 }
 
-/// The repository root (where this crate was built from).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+/// The environment variable naming the vdaq source tree, for an installed `vdaq` whose
+/// build tree has moved.
+pub const SOURCE_TREE_VAR: &str = "VDAQ_HOME";
+
+/// The vdaq source tree, where the guest images are built and QEMU is provisioned:
+/// `$VDAQ_HOME` if set, else the tree this binary was built from (also when installed with
+/// `cargo install --path launcher`, which builds from the clone in place).
+pub fn source_tree() -> Result<PathBuf, ToolError> {
+    let built_from = || {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    };
+    let (root, from_var) = match std::env::var_os(SOURCE_TREE_VAR).filter(|v| !v.is_empty()) {
+        Some(dir) => (PathBuf::from(dir), true),
+        None => (built_from(), false),
+    };
+    if root.join("images/build.sh").is_file() {
+        Ok(root)
+    } else {
+        Err(ToolError::NoSourceTree { root, from_var })
+    }
 }
 
-/// Runs `program args` in the repository root with stdout captured (stderr passes through,
-/// so build progress shows) and returns the last stdout line.
+/// Runs `program args` in the source tree with stdout captured (stderr passes through, so
+/// build progress shows) and returns the stdout lines.
 fn run_lines(what: &'static str, program: &Path, args: &[&str]) -> Result<Vec<String>, ToolError> {
     let command = format!("{} {}", program.display(), args.join(" "));
     let output = Command::new(program)
         .args(args)
-        .current_dir(repo_root())
+        .current_dir(source_tree()?)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -75,7 +105,8 @@ fn run_last_line(what: &'static str, program: &Path, args: &[&str]) -> Result<St
 }
 
 /// The backend binary: `explicit` if given; else next to this executable (cargo puts all of a
-/// workspace's binaries in one directory); else built with cargo.
+/// workspace's binaries in one directory, and `cargo install` both into one bin/); else on
+/// PATH; else built with cargo in the source tree.
 pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     if let Some(path) = explicit {
         return existing(path);
@@ -86,6 +117,14 @@ pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
         .filter(|path| path.exists())
     {
         return Ok(beside);
+    }
+    // Installed on its own (`cargo install --path vhost-device` into another root).
+    if let Some(on_path) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("vhost-device-daq"))
+            .find(|path| path.is_file())
+    }) {
+        return Ok(on_path);
     }
     eprintln!("vdaq: building vhost-device-daq (release)…");
     let cargo = std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
@@ -103,9 +142,10 @@ pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     )?;
     // Where cargo put it: CARGO_TARGET_DIR when set (relative to the directory cargo ran in,
     // the repository root), else the workspace's target/.
+    let root = source_tree()?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .filter(|dir| !dir.is_empty())
-        .map_or_else(|| repo_root().join("target"), |dir| repo_root().join(dir));
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
     existing(&target_dir.join("release/vhost-device-daq"))
 }
 
@@ -116,7 +156,7 @@ pub fn guest_image(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     }
     let path = run_last_line(
         "building the guest image",
-        &repo_root().join("images/build.sh"),
+        &source_tree()?.join("images/build.sh"),
         &[],
     )?;
     existing(Path::new(&path))
@@ -139,7 +179,7 @@ pub fn linux_image(
     eprintln!("vdaq: building the Linux guest image if needed (images/build-linux.sh)…");
     let mut lines = run_lines(
         "building the Linux guest image",
-        &repo_root().join("images/build-linux.sh"),
+        &source_tree()?.join("images/build-linux.sh"),
         if libiio { &["--libiio"] } else { &[] },
     )?;
     let initrd = lines.pop().unwrap_or_default();
@@ -157,7 +197,7 @@ pub fn qemu(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     }
     let path = run_last_line(
         "finding or provisioning QEMU >= 10.2",
-        &repo_root().join("ci/provision-qemu.sh"),
+        &source_tree()?.join("ci/provision-qemu.sh"),
         &[],
     )?;
     existing(Path::new(&path))

@@ -531,6 +531,10 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     report.guest_time_ns = stream_end - start;
     reader.latencies_us.sort_unstable();
     report.record_timing(&reader.latencies_us);
+    println!(
+        "{}",
+        vdaq_wire::latency::HistogramLine(&reader.latencies_us)
+    );
 
     let trailing = trailing_drops(
         report.device_produced,

@@ -141,6 +141,8 @@ pub enum Action {
         /// The request line (JSON).
         request: String,
     },
+    /// Draw a recording or source file as a PNG.
+    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -155,6 +157,16 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         request: Vec<String>,
     },
+    /// Draw a recording (--record) or a source file as a PNG waveform: channels stacked,
+    /// min/max envelopes, buffer boundaries, overrun gaps, triggers and discontinuities marked.
+    Plot(crate::plot::PlotArgs),
+    /// Print a shell completion script on stdout, e.g.
+    /// `vhost-device-daq completions bash > /etc/bash_completion.d/vhost-device-daq`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The card's power-on settings and limits: the defaults of the options below.
@@ -163,7 +175,8 @@ const CARD_LIMITS: Limits = Limits::STANDARD;
 
 /// vhost-user backend for vdaq, a virtual data-acquisition card.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = BINARY, version, propagate_version = true, about, long_about = None,
+          args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
@@ -302,9 +315,17 @@ where
             };
         }
     };
-    if let Some(Command::Ctl { socket, request }) = args.command {
-        let request = crate::control::request_from_words(&request)?;
-        return Ok(Action::Control { socket, request });
+    match args.command {
+        Some(Command::Ctl { socket, request }) => {
+            let request = crate::control::request_from_words(&request)?;
+            return Ok(Action::Control { socket, request });
+        }
+        Some(Command::Plot(plot)) => return Ok(Action::Plot(plot)),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut command(), BINARY, &mut std::io::stdout());
+            return Ok(Action::Exit(ExitCode::SUCCESS));
+        }
+        None => {}
     }
     if args.print_capabilities {
         println!("{}", capabilities_json());
@@ -436,6 +457,9 @@ fn one_line(err: &clap::Error) -> String {
         .trim_start_matches("error: ");
     format!("{first}; run with --help for the valid options")
 }
+
+/// The program's name, in completions and man pages.
+const BINARY: &str = "vhost-device-daq";
 
 /// The command-line definition, for tools that render it (the man pages, docs/man/).
 pub fn command() -> clap::Command {

@@ -4,10 +4,12 @@
 //! - [`backend`]: vrings and descriptors ⇄ model calls;
 //! - [`cli`]: command-line options → device options;
 //! - [`daemon`]: sockets, connections, reconnection;
-//! - [`control`]: the runtime control socket (statistics, parameters, fault injection).
+//! - [`control`]: the runtime control socket (statistics, parameters, fault injection);
+//! - [`plot`]: `plot`, a recording or source file drawn as a PNG waveform.
 
 pub mod backend;
 pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod model;
+pub mod plot;

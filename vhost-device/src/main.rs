@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use vhost_device_daq::{cli, control, daemon};
+use vhost_device_daq::{cli, control, daemon, plot};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -23,6 +23,25 @@ fn main() -> ExitCode {
                     eprintln!(
                         "vhost-device-daq: {err}; is the backend running with --control-socket?"
                     );
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Ok(cli::Action::Plot(args)) => {
+            return match plot::run(&args) {
+                Ok((output, summary)) => {
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "png": output, "waveform": summary })
+                        );
+                    } else {
+                        eprintln!("vhost-device-daq: wrote {}: {summary}", output.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("vhost-device-daq: plot: {err}");
                     ExitCode::from(2)
                 }
             };

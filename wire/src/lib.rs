@@ -21,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod event;
+pub mod latency;
 pub mod pattern;
 pub mod report;
 pub mod scan;

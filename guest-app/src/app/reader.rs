@@ -452,6 +452,7 @@ pub fn run<T: Transport>(
     report.guest_time_ns = stream_end - start;
     latencies_us.sort_unstable();
     report.record_timing(&latencies_us);
+    crate::println!("{}", vdaq_wire::latency::HistogramLine(&latencies_us));
     if params.consume_only {
         report.consume_only_mib_s = consume_only_rate(params, format, channels);
     }

@@ -68,6 +68,43 @@ pub fn decode(format: SampleFormat, bytes: &[u8]) -> f64 {
     }
 }
 
+/// The buffers of a recording (`bytes` is the whole file), each header with its payload, in
+/// order; an error names the byte offset where the file stops making sense.
+pub fn recording_buffers(
+    bytes: &[u8],
+) -> Result<impl Iterator<Item = Result<(BufferHeader, &[u8]), String>> + '_, String> {
+    let body = bytes
+        .strip_prefix(RECORDING_MAGIC.as_slice())
+        .ok_or("not a vdaq recording (magic VDAQREC1 missing)")?;
+    let mut offset = 0;
+    Ok(std::iter::from_fn(move || {
+        if offset >= body.len() {
+            return None;
+        }
+        let at = offset + RECORDING_MAGIC.len();
+        let buffer = (|| {
+            let header = body
+                .get(offset..offset + HEADER_SIZE)
+                .and_then(|h| BufferHeader::read_from_bytes(h).ok())
+                .ok_or_else(|| format!("truncated buffer header at byte {at}"))?;
+            let payload = header
+                .payload_bytes()
+                .filter(|_| header.status == status::OK)
+                .ok_or_else(|| format!("bad buffer header at byte {at}"))?;
+            let data = body
+                .get(offset + HEADER_SIZE..offset + HEADER_SIZE + payload)
+                .ok_or_else(|| format!("truncated payload at byte {at}"))?;
+            Ok((header, data))
+        })();
+        // After an error nothing further can be located: stop there.
+        offset = match &buffer {
+            Ok((_, data)) => offset + HEADER_SIZE + data.len(),
+            Err(_) => body.len(),
+        };
+        Some(buffer)
+    }))
+}
+
 impl FileSource {
     /// Loads `path`; `format` and `channels` are the device's (used for raw files).
     pub fn load(path: &Path, format: SampleFormat, channels: u16) -> Result<Self, SourceError> {
@@ -120,33 +157,18 @@ impl FileSource {
     }
 
     fn from_recording(bytes: &[u8]) -> Result<Self, String> {
-        let body = bytes
-            .strip_prefix(RECORDING_MAGIC.as_slice())
-            .ok_or("not a vdaq recording (magic VDAQREC1 missing)")?;
         let mut samples = Vec::new();
         let mut channels = None;
-        let mut offset = 0;
-        while offset < body.len() {
-            let header = body
-                .get(offset..offset + HEADER_SIZE)
-                .and_then(|h| BufferHeader::read_from_bytes(h).ok())
-                .ok_or_else(|| format!("truncated buffer header at byte {}", offset + 8))?;
-            let payload = header
-                .payload_bytes()
-                .filter(|_| header.status == status::OK)
-                .ok_or_else(|| format!("bad buffer header at byte {}", offset + 8))?;
-            let format = SampleFormat::from_code(header.format).ok_or("unknown format")?;
-            let data = body
-                .get(offset + HEADER_SIZE..offset + HEADER_SIZE + payload)
-                .ok_or_else(|| format!("truncated payload at byte {}", offset + 8))?;
+        for buffer in recording_buffers(bytes)? {
+            let (header, data) = buffer?;
             if *channels.get_or_insert(header.channels.get()) != header.channels.get() {
                 return Err("the channel count changes within the recording".into());
             }
+            let format = SampleFormat::from_code(header.format).ok_or("unknown format")?;
             samples.extend(
                 data.chunks_exact(format.sample_bytes())
                     .map(|s| decode(format, s)),
             );
-            offset += HEADER_SIZE + payload;
         }
         Ok(FileSource {
             channels: channels.ok_or("empty recording")?,

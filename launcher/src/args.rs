@@ -45,6 +45,12 @@ pub enum GuestMismatch {
     /// Port 0 would be whatever the host picks, and nobody would know it.
     #[error("--iiod 0: give the host port to forward (e.g. --iiod 30431)")]
     IiodPort,
+    /// The IIO modes capture through the IIO device, which reports no per-buffer latency or
+    /// progress to draw.
+    #[error(
+        "--plot draws the stream modes' reports; --mode {0} has no latency or progress to draw"
+    )]
+    PlotMode(&'static str),
     /// An option only the bare-metal guest carries out.
     #[error("{0} is carried out by the bare-metal guest only; drop it or use --guest bare-metal")]
     BareMetalOnly(&'static str),
@@ -331,6 +337,9 @@ pub struct RunArgs {
 impl RunArgs {
     /// Refuses options the chosen guest would silently ignore.
     pub fn check_guest(&self) -> Result<(), GuestMismatch> {
+        if self.plot.is_some() && matches!(self.mode, Mode::Iio | Mode::IioRaw) {
+            return Err(GuestMismatch::PlotMode(self.mode.name()));
+        }
         match self.common.guest {
             GuestKind::BareMetal if self.iiod.is_some() => {
                 Err(GuestMismatch::LinuxOption("--iiod"))
@@ -588,5 +597,50 @@ mod tests {
             AccelArg::Auto.resolve(Kvm::SoftwareNested).ok(),
             Some(Accel::Tcg)
         );
+    }
+
+    #[test]
+    fn options_the_guest_cannot_carry_out_are_refused_before_anything_starts() {
+        let check = |args: &[&str]| run_args(args).check_guest();
+        assert_eq!(check(&["--plot", "d"]), Ok(()));
+        assert_eq!(
+            check(&["--guest", "linux", "--mode", "iio", "--plot", "d"]),
+            Err(GuestMismatch::PlotMode("iio"))
+        );
+        assert_eq!(
+            check(&["--guest", "linux", "--mode", "iio-raw", "--plot", "d"]),
+            Err(GuestMismatch::PlotMode("iio-raw"))
+        );
+        assert_eq!(
+            check(&["--mode", "cancel"]),
+            Err(GuestMismatch::LinuxMode("cancel"))
+        );
+        assert_eq!(
+            check(&["--guest", "linux", "--hash"]),
+            Err(GuestMismatch::BareMetalOnly("--hash"))
+        );
+    }
+
+    #[test]
+    fn plot_asks_the_guest_for_frequent_progress_and_record_reaches_the_backend() {
+        let tools = Tools {
+            qemu: "qemu".into(),
+            backend: "backend".into(),
+            guest: vdaq_launcher::session::GuestImage::BareMetal("guest.elf".into()),
+        };
+        let run = run_args(&["--plot", "d", "--record", "/tmp/x.vdaqrec"]);
+        let config = run.run_config(&tools, Accel::Tcg, false);
+        assert!(config
+            .guest_args
+            .contains(&"vdaq.progress_ms=100".to_string()));
+        let at = config
+            .backend_args
+            .iter()
+            .position(|a| a == "--record")
+            .expect("--record passed on");
+        assert_eq!(config.backend_args[at + 1], "/tmp/x.vdaqrec");
+        let plain = run_args(&[]).run_config(&tools, Accel::Tcg, false);
+        assert!(!plain.guest_args.iter().any(|a| a.contains("progress_ms")));
+        assert!(!plain.backend_args.iter().any(|a| a == "--record"));
     }
 }

@@ -351,20 +351,27 @@ static int vdaq_aio_cancel(struct kiocb *iocb)
 /*
  * kiocb_set_cancel_fn() is only valid for Linux AIO kiocbs (6.1 does not
  * check; 6.8 added IOCB_AIO_RW). AIO's completion function is the only
- * thing that tells them apart from io_uring's here: learn its address once.
+ * thing that tells them apart from io_uring's here: learn its address, and
+ * that of the last other one seen, so that the symbol lookup (a kallsyms
+ * search, a few percent of a TCG guest's time when done per read) runs once
+ * per kind of caller, not once per read.
  */
 static bool vdaq_is_aio(struct kiocb *iocb)
 {
-	static void *aio_complete;
+	static void *aio_complete, *other_complete;
+	void *fn = (void *)iocb->ki_complete;
 	char name[KSYM_SYMBOL_LEN];
-	void *fn = READ_ONCE(aio_complete);
 
-	if (fn)
-		return (void *)iocb->ki_complete == fn;
-	sprint_symbol_no_offset(name, (unsigned long)iocb->ki_complete);
-	if (strcmp(name, "aio_complete_rw"))
+	if (fn == READ_ONCE(aio_complete))
+		return true;
+	if (fn == READ_ONCE(other_complete))
 		return false;
-	WRITE_ONCE(aio_complete, (void *)iocb->ki_complete);
+	sprint_symbol_no_offset(name, (unsigned long)fn);
+	if (strcmp(name, "aio_complete_rw")) {
+		WRITE_ONCE(other_complete, fn);
+		return false;
+	}
+	WRITE_ONCE(aio_complete, fn);
 	return true;
 }
 

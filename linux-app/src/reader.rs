@@ -46,6 +46,59 @@ fn now_ns() -> u64 {
 #[derive(Debug)]
 pub struct Fatal(pub &'static str, pub io::Error);
 
+/// The buffer indices with a read in flight, one flag per buffer: the streaming loop's
+/// inserts and removes allocate nothing (a `BTreeSet` allocated and freed nodes per read).
+#[derive(Debug)]
+struct InFlight {
+    flags: Vec<bool>,
+    count: usize,
+}
+
+impl InFlight {
+    fn new(buffers: usize) -> Self {
+        InFlight {
+            flags: vec![false; buffers],
+            count: 0,
+        }
+    }
+
+    fn insert(&mut self, index: usize) {
+        if let Some(flag) = self.flags.get_mut(index).filter(|f| !**f) {
+            *flag = true;
+            self.count += 1;
+        }
+    }
+
+    /// Whether `index` was in flight.
+    fn remove(&mut self, index: &usize) -> bool {
+        match self.flags.get_mut(*index).filter(|f| **f) {
+            Some(flag) => {
+                *flag = false;
+                self.count -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The indices in flight, ascending.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.flags
+            .iter()
+            .enumerate()
+            .filter(|(_, &f)| f)
+            .map(|(i, _)| i)
+    }
+}
+
 /// The reads, their buffers and what came back.
 struct Reader<'p> {
     params: &'p Params,
@@ -55,7 +108,9 @@ struct Reader<'p> {
     /// Channels per frame of the stream.
     channels: u16,
     /// Reads in flight, by buffer index: their buffers belong to the kernel.
-    in_flight: BTreeSet<usize>,
+    in_flight: InFlight,
+    /// The completions of one drain, kept from drain to drain.
+    done: Vec<(u64, i32)>,
     /// Reads that came back with data, by the sequence number in their header, until the
     /// stream reaches them: io_uring posts completions in the order its task work runs, not
     /// in the order the device completed the reads.
@@ -118,13 +173,15 @@ impl Reader<'_> {
     /// sequence order; resubmits consumed reads when `resubmit`. Returns how many reads came
     /// back.
     fn drain(&mut self, report: &mut Report<'_>, resubmit: bool) -> io::Result<usize> {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
+        done.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
         let mut reads = 0;
-        for (user_data, result) in done {
+        for &(user_data, result) in &done {
             if user_data & CANCEL_TAG != 0 {
                 // 0: cancelled while still queued in io-wq; -EALREADY: the driver holds it;
                 // -ENOENT: it completed already. The read's own completion follows either way.
@@ -146,6 +203,12 @@ impl Reader<'_> {
                 })
                 .map(|header| header.sequence.get());
             match sequence {
+                // The read the stream continues with, none parked: consumed at once (the
+                // common case, which so allocates nothing).
+                Some(sequence) if sequence == self.next_sequence && self.waiting.is_empty() => {
+                    self.next_sequence = sequence + 1;
+                    self.consume_now(index, result, report, resubmit, cancel_aimed)?;
+                }
                 // Ahead of the stream: parked until the stream reaches it.
                 Some(sequence)
                     if sequence >= self.next_sequence && !self.waiting.contains_key(&sequence) =>
@@ -157,6 +220,7 @@ impl Reader<'_> {
                 _ => self.consume_now(index, result, report, resubmit, cancel_aimed)?,
             }
         }
+        self.done = done;
         self.release(report, resubmit)?;
         Ok(reads)
     }
@@ -352,7 +416,8 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         fd: types::Fd(device.raw_fd()),
         buffers,
         channels,
-        in_flight: BTreeSet::new(),
+        in_flight: InFlight::new(params.reads),
+        done: Vec::with_capacity(2 * params.reads),
         waiting: BTreeMap::new(),
         next_sequence: 0,
         verifier,
@@ -421,7 +486,7 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
                 Mode::Cancel if !cancel_done => {
                     // Cancel every other read in flight; FLUSH hands the ones the device holds
                     // back (io_uring cannot cancel a read the driver posted).
-                    let targets: Vec<usize> = reader.in_flight.iter().copied().step_by(2).collect();
+                    let targets: Vec<usize> = reader.in_flight.iter().step_by(2).collect();
                     for index in targets {
                         reader.cancel(index).map_err(io_error)?;
                     }
@@ -580,5 +645,26 @@ fn fill_driver_stats(device: &Device, report: &mut Report<'_>) {
         report.rejected = stats.rejected;
         report.invalid = stats.invalid;
         report.watchdog_recoveries = stats.watchdog_recoveries;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+
+    #[test]
+    fn in_flight_counts_each_index_once_and_lists_them_in_order() {
+        let mut set = InFlight::new(8);
+        assert!(set.is_empty());
+        for index in [5, 1, 5, 7, 9] {
+            set.insert(index); // 5 twice, 9 beyond the buffers: ignored
+        }
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![1, 5, 7]);
+        assert!(set.remove(&5));
+        assert!(!set.remove(&5), "not in flight any more");
+        assert!(!set.remove(&9));
+        assert_eq!(set.iter().step_by(2).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(set.len(), 2);
     }
 }

@@ -6,7 +6,7 @@
 //! process-wide singleton; concurrent tests share it and each backend sees all of it.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::{Mutex, OnceLock};
 
@@ -72,13 +72,31 @@ pub fn arena() -> &'static Arena {
 impl Arena {
     fn create() -> std::io::Result<Self> {
         // SAFETY: memfd_create reads the NUL-terminated name and returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(c"vdaq-loopback-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vdaq-loopback-guest".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: fd was just created by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(ARENA_SIZE as u64)?;
+        // Sealed at its size, as QEMU's memory-backend-memfd is (seal=on): the backend can
+        // rely on the memory staying there.
+        // SAFETY: F_ADD_SEALS with a seal mask only changes the seals of our own memfd.
+        if unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
         let memory = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(GUEST_BASE),
             ARENA_SIZE,

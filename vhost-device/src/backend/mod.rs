@@ -15,6 +15,7 @@
 //! | `notify.rs` | used-buffer notifications and NEEDS_RESET notification |
 //! | `recorder.rs` | recording delivered buffers |
 //! | `guest_errors.rs` | rate-limited reporting of guest errors |
+//! | `memory_table.rs` | the frontend's memory regions checked against their files |
 //! | `vhost_user.rs` | the `VhostUserBackendMut` implementation |
 
 mod chain;
@@ -22,6 +23,7 @@ mod control_queue;
 mod data_queue;
 mod event_queue;
 mod guest_errors;
+mod memory_table;
 mod notify;
 mod recorder;
 mod vhost_user;

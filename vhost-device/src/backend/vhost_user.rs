@@ -3,17 +3,18 @@
 
 use std::io;
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use vdaq_wire::config::CONFIG_SIZE;
 use vdaq_wire::zerocopy::IntoBytes;
 use vdaq_wire::{feature, queue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::{DaqBackend, GuestMemoryHandle, TIMER_EVENT};
+use super::{memory_table, DaqBackend, GuestMemoryHandle, TIMER_EVENT};
 
 pub(super) fn to_io(err: virtio_queue::Error) -> io::Error {
     io::Error::other(err.to_string())
@@ -94,8 +95,27 @@ impl VhostUserBackendMut for DaqBackend {
     }
 
     fn update_memory(&mut self, mem: GuestMemoryHandle) -> io::Result<()> {
-        self.mem = Some(mem);
-        Ok(())
+        // Refusing fails the SET_MEM_TABLE request (a NACK with REPLY_ACK) and ends the
+        // connection; the daemon resets the card and serves the next one.
+        match memory_table::check(&mem.memory()) {
+            Ok(report) => {
+                if report.shrinkable > 0 {
+                    warn!(
+                        "{} of {} memory regions are in files the frontend can still shrink \
+                         (not sealed); truncating one while the device uses it would kill \
+                         this process",
+                        report.shrinkable, report.regions
+                    );
+                }
+                self.mem = Some(mem);
+                Ok(())
+            }
+            Err(err) => {
+                error!("memory table refused: {err}");
+                self.mem = None;
+                Err(io::Error::new(io::ErrorKind::InvalidInput, err))
+            }
+        }
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) {

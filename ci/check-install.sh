@@ -14,11 +14,16 @@ done
 export PATH="$root/bin:$PATH"
 cd "$root"
 for command in "vdaq" "vdaq bench" "vhost-device-daq" "vhost-device-daq plot" "vhost-device-daq ctl"; do
-    $command --version | grep -q ' 0\.' || { echo "check-install: '$command --version' printed no version" >&2; exit 1; }
+    version=$($command --version)
+    [[ $version == *" 0."* ]] || { echo "check-install: '$command --version' printed no version" >&2; exit 1; }
 done
+# Into files first: `grep -q` stops reading at the first match, and under pipefail the writer's
+# broken pipe would fail the check.
 for shell in bash zsh fish; do
-    vdaq completions "$shell" | grep -q 'bench' || { echo "check-install: vdaq completions $shell lacks bench" >&2; exit 1; }
-    vhost-device-daq completions "$shell" | grep -q 'plot' || { echo "check-install: vhost-device-daq completions $shell lacks plot" >&2; exit 1; }
+    vdaq completions "$shell" >vdaq.$shell
+    grep -q 'bench' vdaq.$shell || { echo "check-install: vdaq completions $shell lacks bench" >&2; exit 1; }
+    vhost-device-daq completions "$shell" >vhost-device-daq.$shell
+    grep -q 'plot' vhost-device-daq.$shell || { echo "check-install: vhost-device-daq completions $shell lacks plot" >&2; exit 1; }
 done
 vdaq --accel tcg --duration 0.5 --json >run.json 2>run.log || { cat run.log >&2; exit 1; }
 grep -q '"pass":true' run.json || { cat run.log >&2; exit 1; }

@@ -10,11 +10,12 @@ use clap::{error::ErrorKind, Parser};
 use thiserror::Error;
 use vdaq_wire::{ClockMode, SampleFormat, SignalKind};
 
-use crate::backend::DeviceOptions;
+use crate::backend::{DeviceOptions, Recorder};
 use crate::control::RequestError;
 use crate::model::scenario::{Scenario, ScenarioError};
 use crate::model::source::{FileSource, SourceError};
 use crate::model::{Limits, Settings};
+use crate::sandbox::SeccompMode;
 
 /// Why the command line cannot be served. Each message is one line that names the fix; `main`
 /// prints it and exits 2.
@@ -45,6 +46,14 @@ pub enum CliError {
     /// The source file cannot be replayed.
     #[error("--source: {0}")]
     Source(#[from] SourceError),
+    /// The recording file cannot be opened.
+    #[error("cannot open --record {}: {source}", path.display())]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The source file has another channel count than the device.
     #[error("--source {} has {found} channels; pass --channels {found}", path.display())]
     SourceChannels {
@@ -79,6 +88,8 @@ pub struct DaemonConfig {
     pub control_sockets: Vec<PathBuf>,
     /// Per-device options.
     pub device: DeviceOptions,
+    /// What the sandbox does with a system call outside its allowlist.
+    pub seccomp: SeccompMode,
 }
 
 /// A daemon configuration from the command line whose files (scenario, source) are named but
@@ -91,6 +102,8 @@ pub struct ServeOptions {
     pub scenario: Option<PathBuf>,
     /// `--source`.
     pub source: Option<PathBuf>,
+    /// `--record`.
+    pub record: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -122,6 +135,13 @@ impl ServeOptions {
                 }
                 config.device.source = Some(std::sync::Arc::new(source));
             }
+        }
+        if let Some(path) = self.record {
+            let file = Recorder::open_file(&path).map_err(|source| CliError::Record {
+                path: path.clone(),
+                source,
+            })?;
+            config.device.record = Some(std::sync::Arc::new(file));
         }
         Ok(config)
     }
@@ -290,6 +310,12 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     scenario: Option<PathBuf>,
 
+    /// What happens to a thread that makes a system call outside the sandbox's allowlist once
+    /// the daemon is set up (seccomp): `kill` the process, `log` it and let it through (to
+    /// find what a new feature needs), or `none` (no sandbox).
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    seccomp: SeccompMode,
+
     /// Period of the device's clock tick, in µs.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
     tick_us: u32,
@@ -419,11 +445,13 @@ where
                 scenario: None,
                 deterministic: args.deterministic,
                 source: None,
-                record: args.record,
+                record: None,
             },
+            seccomp: args.seccomp,
         },
         scenario: args.scenario,
         source: args.source,
+        record: args.record,
     }))
 }
 

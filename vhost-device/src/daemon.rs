@@ -48,17 +48,25 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(crate::control::ControlError),
+    /// The sandbox could not be entered.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// A device thread panicked (a bug).
     #[error("device thread for {0} panicked")]
     ThreadPanic(String),
 }
 
 /// Serves every configured socket until the process is stopped.
+///
+/// Once its sockets are bound and its files open, the daemon enters the sandbox
+/// ([`crate::sandbox`]) before it takes the first connection.
 pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
+    let seccomp = config.seccomp;
     match config.endpoint {
         Endpoint::Connect(path) => {
             remove_sockets_on_termination(config.control_sockets.clone());
             let slot = control_slot(config.control_sockets.first())?;
+            crate::sandbox::enter(seccomp)?;
             let name = path.display().to_string();
             serve_connections(Connections::Connect(path), name, config.device, slot)
         }
@@ -66,22 +74,29 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
             remove_sockets_on_termination(config.control_sockets.clone());
             let listener = inherited_listener(fd)?;
             let slot = control_slot(config.control_sockets.first())?;
+            crate::sandbox::enter(seccomp)?;
             serve_listener(Listener::from(listener), "fd".into(), config.device, slot)
         }
         Endpoint::Paths(paths) => {
             let mut owned = paths.clone();
             owned.extend(config.control_sockets.iter().cloned());
             remove_sockets_on_termination(owned);
-            let mut threads = Vec::new();
+            // Bind every socket before serving any, so a bad path fails the daemon at once
+            // and the sandbox is entered with all of them open.
+            let mut listeners = Vec::new();
             for (index, path) in paths.into_iter().enumerate() {
                 let slot = control_slot(config.control_sockets.get(index))?;
-                // Bind before spawning, so a bad path fails the daemon at once.
                 let listener =
                     Listener::new(&path, true).map_err(|source| DaemonError::Listen {
                         path: path.clone(),
                         source,
                     })?;
                 info!("listening on {}", path.display());
+                listeners.push((path, listener, slot));
+            }
+            crate::sandbox::enter(seccomp)?;
+            let mut threads = Vec::new();
+            for (path, listener, slot) in listeners {
                 let device = config.device.clone();
                 let name = path.display().to_string();
                 threads.push((

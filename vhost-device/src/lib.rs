@@ -5,7 +5,8 @@
 //! - [`cli`]: command-line options → device options;
 //! - [`daemon`]: sockets, connections, reconnection;
 //! - [`control`]: the runtime control socket (statistics, parameters, fault injection);
-//! - [`plot`]: `plot`, a recording or source file drawn as a PNG waveform.
+//! - [`plot`]: `plot`, a recording or source file drawn as a PNG waveform;
+//! - [`sandbox`]: the seccomp allowlist the daemon enters once it is set up.
 
 pub mod backend;
 pub mod cli;
@@ -13,3 +14,4 @@ pub mod control;
 pub mod daemon;
 pub mod model;
 pub mod plot;
+pub mod sandbox;

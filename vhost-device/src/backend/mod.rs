@@ -51,7 +51,7 @@ use crate::model::{Card, Completion, Limits, Settings, SettingsError};
 pub use chain::{ChainError, GuestBuffer};
 use event_queue::EventSlot;
 use guest_errors::GuestErrorLog;
-use recorder::Recorder;
+pub use recorder::Recorder;
 use vhost_user::to_io;
 
 /// Guest memory as the backend sees it.
@@ -95,8 +95,8 @@ pub struct DeviceOptions {
     pub deterministic: bool,
     /// Samples for the `file` signal.
     pub source: Option<std::sync::Arc<crate::model::source::FileSource>>,
-    /// Where to record every delivered buffer.
-    pub record: Option<std::path::PathBuf>,
+    /// The recording every delivered buffer is appended to ([`Recorder::open_file`]).
+    pub record: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// The vhost-user backend of one vdaq device.
@@ -153,7 +153,7 @@ impl DaqBackend {
         }
         let recorder = match &options.record {
             None => None,
-            Some(path) => Some(Recorder::open(path).map_err(|source| BackendError::Fd {
+            Some(file) => Some(Recorder::new(file).map_err(|source| BackendError::Fd {
                 what: "recording file",
                 source,
             })?),

@@ -11,7 +11,7 @@ use super::chain::{read_segments, GuestBuffer};
 
 /// Appends delivered buffers (header and payload, exactly as the driver got them) to a
 /// recording file: `VDAQREC1` then the buffers back to back (`model::source` reads it).
-pub(super) struct Recorder {
+pub struct Recorder {
     file: std::io::BufWriter<std::fs::File>,
     scratch: Vec<u8>,
     failed: bool,
@@ -24,7 +24,9 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
-    pub(super) fn open(path: &std::path::Path) -> io::Result<Self> {
+    /// Opens (or creates) the recording at `path` for appending, with the magic written if
+    /// the file is new. Done once at start-up: the sandbox lets no file be opened later.
+    pub fn open_file(path: &std::path::Path) -> io::Result<std::fs::File> {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -33,6 +35,13 @@ impl Recorder {
         if file.metadata()?.len() == 0 {
             file.write_all(crate::model::source::RECORDING_MAGIC)?;
         }
+        Ok(file)
+    }
+
+    /// A recorder appending to `file` (from [`Recorder::open_file`]; each connection gets its
+    /// own descriptor of it).
+    pub(super) fn new(file: &std::fs::File) -> io::Result<Self> {
+        let file = file.try_clone()?;
         Ok(Recorder {
             file: std::io::BufWriter::new(file),
             scratch: Vec::new(),

@@ -68,12 +68,19 @@ fn run(args: &RunArgs) -> Result<bool, Error> {
     if args.json {
         summary::print_json(&outcome);
     }
-    if let Some(dir) = &args.plot {
-        plots::run_charts(dir, &outcome, &tools.backend, args.record.as_deref())?;
-    }
     let passed = outcome.aborted.is_none()
         && outcome.guest_passed()
         && outcome.report().is_some_and(|r| r.pass);
+    if let Some(dir) = &args.plot {
+        // The run's verdict comes first: charts that cannot be drawn after a failed run are
+        // reported, and the exit says the run failed.
+        if let Err(err) = plots::run_charts(dir, &outcome, &tools.backend, args.record.as_deref()) {
+            if passed {
+                return Err(err.into());
+            }
+            eprintln!("vdaq: {err}");
+        }
+    }
     Ok(passed)
 }
 

@@ -56,7 +56,9 @@ fn write_summary(dir: &Path, summary: &Value) -> Result<(), PlotsError> {
 }
 
 /// Charts of one run into `dir`; `recording` is the backend's `--record` file, drawn by the
-/// backend's own `plot` command. Prints one line per chart on stderr.
+/// backend's own `plot` command. Prints one line per chart on stderr. Each chart is drawn on
+/// its own: one that cannot be drawn does not keep the others (or plots.json) from being
+/// written; the first failure is returned at the end.
 pub fn run_charts(
     dir: &Path,
     outcome: &RunOutcome,
@@ -64,6 +66,7 @@ pub fn run_charts(
     recording: Option<&Path>,
 ) -> Result<(), PlotsError> {
     let mut summary = serde_json::Map::new();
+    let mut first_error: Option<PlotsError> = None;
     let report = outcome.report();
     let buckets: Vec<Bucket> = outcome
         .latency
@@ -82,72 +85,95 @@ pub fn run_charts(
         )
     });
     let latency_png = dir.join("latency.png");
-    let latency = latency_histogram(
+    match latency_histogram(
         &buckets,
         p50,
         p99,
         "latency: device timestamp of a buffer's first frame to its consumption",
         LATENCY_SIZE,
         &latency_png,
-    )?;
-    eprintln!(
-        "vdaq: wrote {} ({} buffers in {} buckets)",
-        latency_png.display(),
-        latency.buffers,
-        latency.buckets
-    );
-    summary.insert("latency".into(), json!(latency));
+    ) {
+        Ok(latency) => {
+            eprintln!(
+                "vdaq: wrote {} ({} buffers in {} buckets)",
+                latency_png.display(),
+                latency.buffers,
+                latency.buckets
+            );
+            summary.insert("latency".into(), json!(latency));
+        }
+        Err(err) => {
+            first_error.get_or_insert(err.into());
+        }
+    }
     let points: Vec<Progress> = outcome
         .progress
         .iter()
         .map(|&(guest_ms, bytes)| Progress { guest_ms, bytes })
         .collect();
     let throughput_png = dir.join("throughput.png");
-    let rate = throughput(
+    match throughput(
         &points,
         mb_s,
         "verified throughput over guest time",
         THROUGHPUT_SIZE,
         &throughput_png,
-    )?;
-    eprintln!(
-        "vdaq: wrote {} ({} intervals, peak {:.1} MB/s)",
-        throughput_png.display(),
-        rate.intervals,
-        rate.peak_mb_s
-    );
-    summary.insert("throughput".into(), json!(rate));
-    if let Some(recording) = recording {
-        let waveform_png = dir.join("waveform.png");
-        let output = Command::new(backend)
-            .arg("plot")
-            .arg(recording)
-            .arg("-o")
-            .arg(&waveform_png)
-            .arg("--json")
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|_| PlotsError::Waveform(recording.to_path_buf()))?;
-        let drawn: Option<Value> = output
-            .status
-            .success()
-            .then(|| serde_json::from_slice(&output.stdout).ok())
-            .flatten();
-        let Some(drawn) = drawn else {
-            return Err(PlotsError::Waveform(recording.to_path_buf()));
-        };
-        let waveform = drawn.get("waveform").cloned().unwrap_or(Value::Null);
-        eprintln!(
-            "vdaq: wrote {} ({} overrun(s), {} trigger(s), {} buffer boundaries)",
-            waveform_png.display(),
-            waveform["overruns"],
-            waveform["triggers"],
-            waveform["buffer_boundaries"]
-        );
-        summary.insert("waveform".into(), waveform);
+    ) {
+        Ok(rate) => {
+            eprintln!(
+                "vdaq: wrote {} ({} intervals, peak {:.1} MB/s)",
+                throughput_png.display(),
+                rate.intervals,
+                rate.peak_mb_s
+            );
+            summary.insert("throughput".into(), json!(rate));
+        }
+        Err(err) => {
+            first_error.get_or_insert(err.into());
+        }
     }
-    write_summary(dir, &Value::Object(summary))
+    if let Some(recording) = recording {
+        match waveform_chart(dir, backend, recording) {
+            Ok(waveform) => {
+                summary.insert("waveform".into(), waveform);
+            }
+            Err(err) => {
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    write_summary(dir, &Value::Object(summary))?;
+    first_error.map_or(Ok(()), Err)
+}
+
+/// `dir/waveform.png` of `recording`, drawn by the backend's `plot`; what it shows.
+fn waveform_chart(dir: &Path, backend: &Path, recording: &Path) -> Result<Value, PlotsError> {
+    let waveform_png = dir.join("waveform.png");
+    let output = Command::new(backend)
+        .arg("plot")
+        .arg(recording)
+        .arg("-o")
+        .arg(&waveform_png)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|_| PlotsError::Waveform(recording.to_path_buf()))?;
+    let drawn: Value = output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).ok())
+        .flatten()
+        .ok_or_else(|| PlotsError::Waveform(recording.to_path_buf()))?;
+    let waveform = drawn.get("waveform").cloned().unwrap_or(Value::Null);
+    eprintln!(
+        "vdaq: wrote {} ({} overrun(s), {} trigger(s), {} buffer boundaries)",
+        waveform_png.display(),
+        waveform["overruns"],
+        waveform["triggers"],
+        waveform["buffer_boundaries"]
+    );
+    Ok(waveform)
 }
 
 /// The benchmark sweep as `dir/bench.png`.

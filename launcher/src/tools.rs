@@ -35,7 +35,7 @@ pub enum ToolError {
     /// The source tree (guest image builds, QEMU provisioning) is not where it was.
     #[error(
         "{} is not a vdaq source tree (no images/build.sh){}; set VDAQ_HOME to a clone, or \
-         pass --qemu and --guest-image (or --linux-kernel and --linux-initrd)",
+         pass --qemu, --backend and --guest-image (or --linux-kernel and --linux-initrd)",
         root.display(),
         if *from_var { " as VDAQ_HOME says" } else { "" }
     )]
@@ -120,10 +120,13 @@ pub fn backend(explicit: Option<&Path>) -> Result<PathBuf, ToolError> {
     }
     // Installed on its own (`cargo install --path vhost-device` into another root).
     if let Some(on_path) = std::env::var_os("PATH").and_then(|paths| {
+        // Absolute entries only: an empty or relative one would mean the current directory.
         std::env::split_paths(&paths)
+            .filter(|dir| dir.is_absolute())
             .map(|dir| dir.join("vhost-device-daq"))
             .find(|path| path.is_file())
     }) {
+        eprintln!("vdaq: using {} (found on PATH)", on_path.display());
         return Ok(on_path);
     }
     eprintln!("vdaq: building vhost-device-daq (release)…");

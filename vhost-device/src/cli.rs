@@ -310,6 +310,12 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     scenario: Option<PathBuf>,
 
+    /// Accept guest memory in files the frontend can still shrink (not sealed against it, as
+    /// QEMU's memory-backend-file is; its memory-backend-memfd is sealed). A frontend that
+    /// truncates such a file under the running device kills the backend with SIGBUS.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
+
     /// What happens to a thread that makes a system call outside the sandbox's allowlist once
     /// the daemon is set up (seccomp): `kill` the process, `log` it and let it through (to
     /// find what a new feature needs), or `none` (no sandbox).
@@ -446,6 +452,7 @@ where
                 deterministic: args.deterministic,
                 source: None,
                 record: None,
+                allow_unsealed_memory: args.allow_unsealed_memory,
             },
             seccomp: args.seccomp,
         },

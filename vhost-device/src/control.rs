@@ -335,6 +335,7 @@ mod tests {
             deterministic: false,
             source: None,
             record: None,
+            allow_unsealed_memory: false,
         })
         .expect("backend");
         Arc::new(Mutex::new(Some(Arc::new(RwLock::new(backend)))))

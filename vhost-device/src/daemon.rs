@@ -66,7 +66,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
         Endpoint::Connect(path) => {
             remove_sockets_on_termination(config.control_sockets.clone());
             let slot = control_slot(config.control_sockets.first())?;
-            crate::sandbox::enter(seccomp)?;
+            crate::sandbox::enter(seccomp, true)?;
             let name = path.display().to_string();
             serve_connections(Connections::Connect(path), name, config.device, slot)
         }
@@ -74,7 +74,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
             remove_sockets_on_termination(config.control_sockets.clone());
             let listener = inherited_listener(fd)?;
             let slot = control_slot(config.control_sockets.first())?;
-            crate::sandbox::enter(seccomp)?;
+            crate::sandbox::enter(seccomp, false)?;
             serve_listener(Listener::from(listener), "fd".into(), config.device, slot)
         }
         Endpoint::Paths(paths) => {
@@ -94,7 +94,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
                 info!("listening on {}", path.display());
                 listeners.push((path, listener, slot));
             }
-            crate::sandbox::enter(seccomp)?;
+            crate::sandbox::enter(seccomp, false)?;
             let mut threads = Vec::new();
             for (path, listener, slot) in listeners {
                 let device = config.device.clone();

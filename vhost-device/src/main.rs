@@ -33,7 +33,7 @@ fn main() -> ExitCode {
                     if args.json {
                         println!(
                             "{}",
-                            serde_json::json!({ "png": output, "waveform": summary })
+                            serde_json::json!({ "png": output.display().to_string(), "waveform": summary })
                         );
                     } else {
                         eprintln!("vhost-device-daq: wrote {}: {summary}", output.display());

@@ -234,17 +234,15 @@ fn view(args: &PlotArgs, contents: &Contents) -> Result<Range<u64>, PlotCommandE
 
 /// Draws the plot `args` asks for; what was drawn.
 pub fn run(args: &PlotArgs) -> Result<(PathBuf, WaveformSummary), PlotCommandError> {
-    let is_recording = args
-        .input
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("vdaqrec"));
-    let contents = if is_recording {
-        let bytes = std::fs::read(&args.input).map_err(|source| SourceError::Read {
-            path: args.input.display().to_string(),
-            source,
-        })?;
+    let bytes = std::fs::read(&args.input).map_err(|source| SourceError::Read {
+        path: args.input.display().to_string(),
+        source,
+    })?;
+    // A recording by its magic, whatever its name (`--record` takes any file name).
+    let contents = if bytes.starts_with(crate::model::source::RECORDING_MAGIC) {
         read_recording(&args.input, &bytes)?
     } else {
+        drop(bytes);
         read_source(args)?
     };
     let channels: Vec<u16> = if args.channels.is_empty() {

@@ -69,9 +69,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
-    // Connections: accepting, connecting (--connect), ending them.
+    // Connections: accepting and ending them (`--connect` adds socket and connect).
     libc::SYS_accept4,
-    libc::SYS_connect,
     libc::SYS_getsockopt,
     libc::SYS_shutdown,
     // Guest memory (SET_MEM_TABLE maps, a reset unmaps) and the heap.
@@ -103,29 +102,38 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+    // A sleep, timed wait or poll interrupted by SIGSTOP/SIGCONT (a paused container, a
+    // debugger attaching) resumes through this one.
+    libc::SYS_restart_syscall,
     libc::SYS_gettimeofday,
     libc::SYS_getrandom,
     // Removing the sockets at SIGINT/SIGTERM.
     libc::SYS_unlink,
 ];
 
-/// How many system calls the sandbox allows (`socket` counts once, for AF_UNIX only).
-pub fn allowlist_size() -> usize {
+/// How many system calls the sandbox allows; `connects`: the daemon dials its frontend
+/// (`--connect`), which adds `connect` and `socket` (AF_UNIX only).
+pub fn allowlist_size(connects: bool) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        ALLOWED.len() + 1
+        ALLOWED.len() + if connects { 2 } else { 0 }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = connects;
         0
     }
 }
 
-/// The compiled filter for `mode` (`None` for [`SeccompMode::None`]).
-pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
+/// The compiled filter for `mode` (`None` for [`SeccompMode::None`]); `connects` as for
+/// [`allowlist_size`]. Only a daemon that dials its frontend may open sockets at all: a
+/// compromised one could otherwise reach any Unix socket the process can (a container
+/// runtime's, a QMP monitor).
+pub fn filter(mode: SeccompMode, connects: bool) -> Result<Option<BpfProgram>, SandboxError> {
     let mismatch = match mode {
         SeccompMode::None => return Ok(None),
-        SeccompMode::Kill => SeccompAction::KillProcess,
+        // Trap, not kill outright: the SIGSYS handler names the call, then ends the process.
+        SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
     #[cfg(target_arch = "x86_64")]
@@ -133,16 +141,20 @@ pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
         let build = |e: seccompiler::BackendError| SandboxError::Build(e.to_string());
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
             ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-        // New sockets only of the Unix family (--connect dials the frontend's socket again).
-        let unix_only = SeccompRule::new(vec![SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            libc::AF_UNIX as u64,
-        )
-        .map_err(build)?])
-        .map_err(build)?;
-        rules.insert(libc::SYS_socket, vec![unix_only]);
+        if connects {
+            // New sockets only of the Unix family: --connect dials the frontend again after
+            // every disconnect.
+            let unix_only = SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )
+            .map_err(build)?])
+            .map_err(build)?;
+            rules.insert(libc::SYS_socket, vec![unix_only]);
+            rules.insert(libc::SYS_connect, Vec::new());
+        }
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
             .map_err(build)?;
         BpfProgram::try_from(filter)
@@ -151,19 +163,68 @@ pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SandboxError> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = mismatch;
+        let _ = (mismatch, connects);
         Err(SandboxError::Architecture)
     }
 }
 
+/// The SIGSYS handler of `kill` mode: says which system call was stopped (so a missing
+/// allowlist entry is found from the log), then ends the process as SIGSYS would.
+extern "C" fn forbidden_call(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
+    /// Offset of `si_syscall` in a SIGSYS siginfo on Linux/x86_64 (after si_signo, si_errno,
+    /// si_code, padding and si_call_addr): the libc crate has no accessor for it.
+    const SI_SYSCALL: usize = 24;
+    let mut line = *b"vhost-device-daq: sandbox: forbidden system call          \n";
+    let field = info.cast::<u8>().wrapping_add(SI_SYSCALL).cast::<i32>();
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS (128 bytes); the 4 bytes at
+    // offset 24 are inside it.
+    let number = unsafe { field.read_unaligned() };
+    // Decimal digits without allocating (only async-signal-safe work here).
+    let mut value = number.unsigned_abs();
+    let mut end = line.len() - 2;
+    loop {
+        line[end] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 || end == 49 {
+            break;
+        }
+        end -= 1;
+    }
+    // SAFETY: write(2) is async-signal-safe and in the allowlist; the buffer is a live local.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    // SAFETY: _exit(2) is async-signal-safe; nothing may run after a forbidden call.
+    unsafe { libc::_exit(128 + libc::SIGSYS) }
+}
+
+fn install_sigsys_handler() -> Result<(), SandboxError> {
+    // SAFETY: an all-zero sigaction is a valid value (no flags, empty mask, default handler).
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = forbidden_call as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installs a handler for SIGSYS only, from a fully initialised action.
+    if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(SandboxError::Install(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// Enters the sandbox: every thread of the process, now and later, is filtered.
-pub fn enter(mode: SeccompMode) -> Result<(), SandboxError> {
-    if let Some(program) = filter(mode)? {
+pub fn enter(mode: SeccompMode, connects: bool) -> Result<(), SandboxError> {
+    if mode == SeccompMode::Kill {
+        install_sigsys_handler()?;
+    }
+    if let Some(program) = filter(mode, connects)? {
         seccompiler::apply_filter_all_threads(&program)
             .map_err(|e| SandboxError::Install(e.to_string()))?;
         log::info!(
             "sandbox: seccomp allowlist of {} system calls, others {}",
-            allowlist_size(),
+            allowlist_size(connects),
             match mode {
                 SeccompMode::Kill => "kill the process",
                 _ => "are logged",
@@ -177,9 +238,9 @@ pub fn enter(mode: SeccompMode) -> Result<(), SandboxError> {
 mod tests {
     use super::*;
 
-    /// Runs `body` in a forked child that entered the sandbox in `mode`; the child's wait status.
-    fn in_sandboxed_child(mode: SeccompMode, body: fn() -> i32) -> libc::c_int {
-        let program = filter(mode).expect("filter").expect("a program");
+    /// Runs `body` in a forked child that entered the sandbox; the child's wait status.
+    fn in_sandboxed_child(mode: SeccompMode, connects: bool, body: fn() -> i32) -> libc::c_int {
+        let program = filter(mode, connects).expect("filter").expect("a program");
         // SAFETY: the child only installs the prepared filter, makes raw system calls and
         // exits with _exit: nothing that needs the parent's other threads.
         let pid = unsafe { libc::fork() };
@@ -201,18 +262,17 @@ mod tests {
 
     /// A system call the backend never needs: creating a directory.
     fn forbidden_call() -> i32 {
-        // SAFETY: mkdirat with an invalid path pointer would fail with EFAULT; the filter acts
-        // before the kernel looks at the arguments.
+        // SAFETY: mkdirat of "/" only fails (EEXIST), or is stopped by the filter first.
         let rc = unsafe { libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, c"/".as_ptr(), 0) };
         if rc < 0 {
-            7 // ran, and failed as mkdir of / does (EEXIST)
+            7 // ran, and failed as mkdir of / does
         } else {
             8
         }
     }
 
-    fn allowed_calls() -> i32 {
-        // SAFETY: getpid and an AF_UNIX socket are in the allowlist; the socket is closed.
+    fn unix_socket() -> i32 {
+        // SAFETY: socket() only creates a socket (closed at once), or is stopped.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
         if fd < 0 {
             return 9;
@@ -223,7 +283,7 @@ mod tests {
     }
 
     fn inet_socket() -> i32 {
-        // SAFETY: socket() with these arguments only creates a socket, or is stopped.
+        // SAFETY: socket() only creates a socket (closed at once), or is stopped.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         if fd >= 0 {
             // SAFETY: fd was just returned by socket().
@@ -232,26 +292,31 @@ mod tests {
         0
     }
 
+    fn killed_by_sigsys(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
     #[test]
     fn kill_mode_stops_a_forbidden_system_call_with_sigsys() {
-        let status = in_sandboxed_child(SeccompMode::Kill, forbidden_call);
-        assert!(libc::WIFSIGNALED(status), "killed, status {status:#x}");
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
-        let status = in_sandboxed_child(SeccompMode::Kill, inet_socket);
+        let status = in_sandboxed_child(SeccompMode::Kill, true, forbidden_call);
+        assert!(killed_by_sigsys(status), "status {status:#x}");
+        let status = in_sandboxed_child(SeccompMode::Kill, true, inet_socket);
+        assert!(killed_by_sigsys(status), "no AF_INET socket");
+        let status = in_sandboxed_child(SeccompMode::Kill, false, unix_socket);
         assert!(
-            libc::WIFSIGNALED(status),
-            "an AF_INET socket is not allowed"
+            killed_by_sigsys(status),
+            "without --connect no socket at all"
         );
     }
 
     #[test]
     fn allowed_calls_pass_and_log_mode_lets_the_forbidden_one_through() {
-        let status = in_sandboxed_child(SeccompMode::Kill, allowed_calls);
+        let status = in_sandboxed_child(SeccompMode::Kill, true, unix_socket);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "{status:#x}"
         );
-        let status = in_sandboxed_child(SeccompMode::Log, forbidden_call);
+        let status = in_sandboxed_child(SeccompMode::Log, false, forbidden_call);
         assert!(libc::WIFEXITED(status), "{status:#x}");
         assert_eq!(
             libc::WEXITSTATUS(status),
@@ -261,14 +326,32 @@ mod tests {
     }
 
     #[test]
+    fn kill_mode_names_the_call_and_exits_with_sigsys_status() {
+        let status = in_sandboxed_child(SeccompMode::Kill, false, || {
+            if install_sigsys_handler().is_err() {
+                return 101;
+            }
+            forbidden_call_nr()
+        });
+        assert!(libc::WIFEXITED(status), "{status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS);
+    }
+
+    fn forbidden_call_nr() -> i32 {
+        // SAFETY: as in forbidden_call.
+        unsafe { libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, c"/".as_ptr(), 0) };
+        0
+    }
+
+    #[test]
     fn none_mode_builds_no_filter_and_the_allowlist_has_no_duplicates() {
-        assert!(filter(SeccompMode::None).expect("ok").is_none());
+        assert!(filter(SeccompMode::None, true).expect("ok").is_none());
         let unique: std::collections::BTreeSet<_> = ALLOWED.iter().collect();
         assert_eq!(unique.len(), ALLOWED.len());
-        assert!(
-            !ALLOWED.contains(&libc::SYS_socket),
-            "socket has its own rule"
-        );
-        assert_eq!(allowlist_size(), 60, "README states the size");
+        for dial in [libc::SYS_socket, libc::SYS_connect] {
+            assert!(!ALLOWED.contains(&dial), "only with --connect");
+        }
+        assert_eq!(allowlist_size(false), 59, "README states the sizes");
+        assert_eq!(allowlist_size(true), 61);
     }
 }

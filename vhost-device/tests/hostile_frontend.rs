@@ -77,7 +77,11 @@ fn bad_memory_tables_are_refused_and_the_daemon_serves_the_next_frontend() {
         .write(true)
         .open("/dev/zero")
         .expect("/dev/zero");
-    let cases: [(&str, Vec<VhostUserMemoryRegionInfo>); 5] = [
+    let cases: [(&str, Vec<VhostUserMemoryRegionInfo>); 6] = [
+        (
+            "a region in a file the frontend could still shrink",
+            vec![region(0, MIB, 0, &small)],
+        ),
         (
             "a region twice the size of its file",
             vec![region(0, 2 * MIB, 0, &small)],
@@ -180,4 +184,25 @@ fn ring_addresses_outside_the_memory_table_are_refused_and_the_daemon_survives()
         std::thread::sleep(Duration::from_millis(50));
         assert!(backend.is_running(), "{what}: the daemon survived");
     }
+}
+
+#[test]
+fn unsealed_memory_is_taken_when_the_operator_allows_it() {
+    let backend = BackendProcess::spawn(
+        Path::new(env!("CARGO_BIN_EXE_vhost-device-daq")),
+        &["--clock", "free", "--allow-unsealed-memory"],
+    )
+    .expect("backend starts");
+    let unsealed = memfd(MIB);
+    let frontend = frontend(backend.socket());
+    frontend
+        .set_mem_table(&[region(0, MIB, 0, &unsealed)])
+        .expect("taken with --allow-unsealed-memory");
+    // One connection at a time: this one ends before the next is made.
+    drop(frontend);
+    // Still refused past the end of the file.
+    let frontend = self::frontend(backend.socket());
+    assert!(frontend
+        .set_mem_table(&[region(0, 2 * MIB, 0, &unsealed)])
+        .is_err());
 }

@@ -10,7 +10,8 @@
 //!
 //! A file that is not sealed against shrinking could still be truncated by the frontend after
 //! the check; a memfd from QEMU's `memory-backend-memfd` is sealed (`seal=on`, its default).
-//! Such regions are accepted, as QEMU's `memory-backend-file` needs, and reported.
+//! The report counts such regions: the backend refuses them unless the operator allows them
+//! (`--allow-unsealed-memory`, which QEMU's `memory-backend-file` needs).
 
 use std::os::fd::AsRawFd;
 

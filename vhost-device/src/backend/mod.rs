@@ -97,6 +97,8 @@ pub struct DeviceOptions {
     pub source: Option<std::sync::Arc<crate::model::source::FileSource>>,
     /// The recording every delivered buffer is appended to ([`Recorder::open_file`]).
     pub record: Option<std::sync::Arc<std::fs::File>>,
+    /// Accept guest memory in files the frontend could still shrink (not sealed).
+    pub allow_unsealed_memory: bool,
 }
 
 /// The vhost-user backend of one vdaq device.

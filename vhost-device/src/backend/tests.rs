@@ -72,6 +72,7 @@ impl<'a> Rig<'a> {
             deterministic: false,
             source: None,
             record: None,
+            allow_unsealed_memory: false,
         })
         .expect("backend");
         backend.update_memory(atomic.clone()).expect("memory");

@@ -97,23 +97,37 @@ impl VhostUserBackendMut for DaqBackend {
     fn update_memory(&mut self, mem: GuestMemoryHandle) -> io::Result<()> {
         // Refusing fails the SET_MEM_TABLE request (a NACK with REPLY_ACK) and ends the
         // connection; the daemon resets the card and serves the next one.
-        match memory_table::check(&mem.memory()) {
-            Ok(report) => {
-                if report.shrinkable > 0 {
-                    warn!(
-                        "{} of {} memory regions are in files the frontend can still shrink \
-                         (not sealed); truncating one while the device uses it would kill \
-                         this process",
-                        report.shrinkable, report.regions
-                    );
-                }
+        let refused = match memory_table::check(&mem.memory()) {
+            Ok(report) if report.shrinkable == 0 => None,
+            Ok(report) if self.options.allow_unsealed_memory => {
+                warn!(
+                    "{} of {} memory regions are in files the frontend can still shrink (not \
+                     sealed); truncating one while the device uses it would kill this process",
+                    report.shrinkable, report.regions
+                );
+                None
+            }
+            Ok(report) => Some(format!(
+                "{} of {} memory regions are in files the frontend could shrink under the \
+                 device (not sealed with F_SEAL_SHRINK); seal them (QEMU: memory-backend-memfd) \
+                 or pass --allow-unsealed-memory",
+                report.shrinkable, report.regions
+            )),
+            Err(err) => Some(err.to_string()),
+        };
+        match refused {
+            None => {
                 self.mem = Some(mem);
                 Ok(())
             }
-            Err(err) => {
-                error!("memory table refused: {err}");
+            Some(reason) => {
+                error!("memory table refused: {reason}");
+                // vhost-user-backend has already published the table to the rings: drop every
+                // buffer the card holds now, so that no clock tick writes through it before
+                // the connection ends.
                 self.mem = None;
-                Err(io::Error::new(io::ErrorKind::InvalidInput, err))
+                self.reset_device();
+                Err(io::Error::new(io::ErrorKind::InvalidInput, reason))
             }
         }
     }

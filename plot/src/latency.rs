@@ -60,8 +60,12 @@ pub fn latency_histogram(
         .map(|b| edge(b.high_us))
         .fold(0.0, f64::max)
         .max(edge(p99_us) * 1.1);
+    // Counts come from the guest: saturating, so an absurd one cannot overflow.
     let tallest = drawn_buckets.iter().map(|b| b.count).max().unwrap_or(1);
-    let buffers: u64 = drawn_buckets.iter().map(|b| b.count).sum();
+    let top = tallest.saturating_add(tallest / 10).saturating_add(1);
+    let buffers = drawn_buckets
+        .iter()
+        .fold(0u64, |sum, b| sum.saturating_add(b.count));
 
     let root = BitMapBackend::new(out, size).into_drawing_area();
     drawn(out, root.fill(&WHITE))?;
@@ -72,10 +76,7 @@ pub fn latency_histogram(
             .margin(10)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(
-                (low / 1.2..high * 1.2).log_scale(),
-                0u64..tallest + tallest / 10 + 1,
-            ),
+            .build_cartesian_2d((low / 1.2..high * 1.2).log_scale(), 0u64..top),
     )?;
     drawn(
         out,
@@ -107,7 +108,7 @@ pub fn latency_histogram(
             out,
             chart
                 .draw_series(std::iter::once(PathElement::new(
-                    vec![(x, 0), (x, tallest + tallest / 10)],
+                    vec![(x, 0), (x, top - 1)],
                     colour.stroke_width(2),
                 )))
                 .map(|series| {
@@ -178,6 +179,27 @@ mod tests {
         assert_eq!(summary.buckets, 4, "the empty bucket is not drawn");
         assert_eq!(png_size(&out), (640, 400));
         assert!(pixels_of(&out, [0, 150, 0]) > 50, "p50 line drawn");
+    }
+
+    #[test]
+    fn absurd_counts_from_a_guest_saturate_instead_of_overflowing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("latency.png");
+        let bucket = |low_us, count| Bucket {
+            low_us,
+            high_us: low_us + 2,
+            count,
+        };
+        let summary = latency_histogram(
+            &[bucket(10, u64::MAX), bucket(20, u64::MAX)],
+            10,
+            20,
+            "",
+            (640, 400),
+            &out,
+        )
+        .expect("drawn");
+        assert_eq!(summary.buffers, u64::MAX);
     }
 
     #[test]

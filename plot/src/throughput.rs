@@ -60,6 +60,12 @@ pub fn throughput(
             "no progress reported during the run".into(),
         ));
     }
+    // The reported figure comes from the guest: one that is no number is not drawn.
+    let overall_mb_s = if overall_mb_s.is_finite() && overall_mb_s >= 0.0 {
+        overall_mb_s
+    } else {
+        0.0
+    };
     let end = steps.last().map_or(1.0, |s| s.1);
     let peak = steps.iter().map(|s| s.2).fold(0.0, f64::max);
     let top = peak.max(overall_mb_s) * 1.15 + 1e-3;

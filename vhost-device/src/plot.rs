@@ -14,6 +14,9 @@ use vdaq_wire::SampleFormat;
 
 use crate::model::source::{decode, recording_buffers, FileSource, SourceError};
 
+/// Frame numbers a recording may use (see `read_recording`).
+const MAX_FRAME: u64 = 1 << 52;
+
 /// Most channels stacked when `--channels` is not given.
 const DEFAULT_MAX_CHANNELS: u16 = 16;
 
@@ -138,6 +141,17 @@ fn read_recording(path: &Path, bytes: &[u8]) -> Result<Contents, PlotCommandErro
             .ok_or_else(|| bad(format!("buffer {} has an unknown format", header.sequence)))?;
         let first = header.first_frame.get();
         let frames = u64::from(header.frame_count.get());
+        // Frame numbers stay below 2^52, where an f64 axis still tells frames apart (and sums
+        // of them cannot overflow).
+        let buffer_end = first
+            .checked_add(frames)
+            .filter(|&end| end < MAX_FRAME)
+            .ok_or_else(|| {
+                bad(format!(
+                    "buffer {} claims frames {first}.. past 2^52",
+                    header.sequence
+                ))
+            })?;
         let header_flags = header.flags.get();
         contents.buffers += 1;
         contents.channels = contents.channels.max(header.channels.get());
@@ -155,15 +169,15 @@ fn read_recording(path: &Path, bytes: &[u8]) -> Result<Contents, PlotCommandErro
             });
         }
         if header_flags & flags::TRIGGERED != 0 {
-            contents
-                .marks
-                .push(Mark::Trigger(first + u64::from(header.trigger_frame.get())));
+            contents.marks.push(Mark::Trigger(
+                first + u64::from(header.trigger_frame.get()).min(frames),
+            ));
         }
         if header_flags & flags::DISCONTINUITY != 0 {
             contents.marks.push(Mark::Discontinuity(first));
         }
         start = start.min(starts_at);
-        end = end.max(first + frames);
+        end = end.max(buffer_end);
         let samples = payload
             .chunks_exact(format.sample_bytes())
             .map(|s| decode(format, s))
@@ -214,7 +228,7 @@ fn view(args: &PlotArgs, contents: &Contents) -> Result<Range<u64>, PlotCommandE
             })?;
         // A quarter before the trigger, as an oscilloscope shows it.
         let start = at.saturating_sub(args.window / 4);
-        return Ok(start..start + args.window);
+        return Ok(start..start.saturating_add(args.window));
     }
     let span = contents.span.clone();
     let range = match &args.frames {
@@ -379,6 +393,18 @@ mod tests {
         a.channels = vec![2];
         let err = run(&a).expect_err("no channel 2").to_string();
         assert!(err.contains("has channels 0..2, not 2"), "{err}");
+    }
+
+    #[test]
+    fn frame_numbers_that_would_overflow_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let input = dir.path().join("huge.vdaqrec");
+        let mut bytes = recording(&[(0, 4, 0, 0, 0)]);
+        // first_frame (bytes 8..16 of the header, after the magic) near u64::MAX.
+        bytes[8 + 8..8 + 16].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        std::fs::write(&input, bytes).expect("written");
+        let err = run(&args(input)).expect_err("refused").to_string();
+        assert!(err.contains("past 2^52"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,16 @@ pub fn print(config: &RunConfig, outcome: &RunOutcome) {
             }
         }
         None => {
+            // What ended QEMU, when nothing the launcher did (a stop after the report, Ctrl-C,
+            // a timeout) explains it.
+            use std::os::unix::process::ExitStatusExt;
+            if let Some(signal) = outcome
+                .qemu_status
+                .and_then(|status| status.signal())
+                .filter(|_| outcome.aborted.is_none())
+            {
+                eprintln!("  QEMU was killed by signal {signal} before the guest reported");
+            }
             eprintln!("  no report from the guest");
             for line in &outcome.console_tail {
                 eprintln!("  guest: {line}");

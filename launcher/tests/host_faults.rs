@@ -1,0 +1,160 @@
+//! Faults of the host side, end to end: the backend killed mid-stream, QEMU killed, the
+//! backend's socket removed. The launcher says what happened, exits non-zero when the run could
+//! not finish, never hangs, and leaves no process or run directory behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Pids of processes whose command line mentions every one of `needles`.
+fn processes_mentioning(needles: &[&str]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline"))
+            .unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if needles.iter().all(|needle| cmdline.contains(needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A running `vdaq` (bare metal, q35, TCG, a long paced run) whose backend and QEMU are up.
+struct Run {
+    child: Child,
+    run_dir_prefix: String,
+}
+
+impl Run {
+    fn start(duration: &str) -> Run {
+        let child = Command::new(env!("CARGO_BIN_EXE_vdaq"))
+            .args(["--accel", "tcg", "--duration", duration, "--rate", "100000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vdaq");
+        let run = Run {
+            run_dir_prefix: format!("vdaq-run-{}-", child.id()),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while run.backend().is_none() || run.qemu().is_none() {
+            assert!(Instant::now() < deadline, "vdaq never started its children");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Streaming by now (the guest boots in well under a second).
+        std::thread::sleep(Duration::from_secs(1));
+        run
+    }
+
+    fn backend(&self) -> Option<u32> {
+        processes_mentioning(&["vhost-device-daq", &self.run_dir_prefix])
+            .first()
+            .copied()
+    }
+
+    fn qemu(&self) -> Option<u32> {
+        processes_mentioning(&["qemu-system-x86_64", &self.run_dir_prefix])
+            .first()
+            .copied()
+    }
+
+    fn socket(&self) -> PathBuf {
+        std::fs::read_dir(std::env::temp_dir())
+            .expect("tmp")
+            .flatten()
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&self.run_dir_prefix)
+            })
+            .expect("the run directory")
+            .path()
+            .join("daq.sock")
+    }
+
+    /// Waits (bounded) for vdaq to end: (exit code, stderr); then checks nothing is left.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("poll") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "vdaq hung after the fault");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            use std::io::Read;
+            pipe.read_to_string(&mut stderr).expect("stderr");
+        }
+        eprintln!("{stderr}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !processes_mentioning(&[&self.run_dir_prefix]).is_empty() && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            processes_mentioning(&[&self.run_dir_prefix]),
+            Vec::<u32>::new(),
+            "no stray process"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .expect("tmp")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&self.run_dir_prefix)
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "run directory removed: {leftovers:?}");
+        (status.code(), stderr)
+    }
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill() with a valid signal on a process this test found by its command line.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+#[test]
+fn e2e_backend_killed_mid_stream_is_reported_and_everything_is_cleaned_up() {
+    let run = Run::start("60");
+    kill(run.backend().expect("backend"));
+    let (code, stderr) = run.finish();
+    assert_eq!(code, Some(1), "a run cut short fails");
+    assert_eq!(
+        stderr
+            .matches("aborted: the backend exited during the run")
+            .count(),
+        1,
+        "said once, in one line"
+    );
+}
+
+#[test]
+fn e2e_qemu_killed_mid_stream_is_reported_and_everything_is_cleaned_up() {
+    let run = Run::start("60");
+    kill(run.qemu().expect("QEMU"));
+    let (code, stderr) = run.finish();
+    assert_eq!(code, Some(1), "a run cut short fails");
+    assert!(
+        stderr.contains("QEMU was killed by signal 9 before the guest reported"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn e2e_removing_the_backend_socket_mid_stream_does_not_disturb_the_run() {
+    let run = Run::start("4");
+    std::fs::remove_file(run.socket()).expect("socket removed");
+    let (code, stderr) = run.finish();
+    assert_eq!(code, Some(0), "the connection was made; the run passes");
+    assert!(stderr.contains("PASS"), "{stderr}");
+}

@@ -34,6 +34,11 @@ pub struct PlotArgs {
     /// Stream frames to draw: A..B, A.. or ..B [default: the whole file].
     #[arg(long, value_name = "A..B", value_parser = parse_range, conflicts_with = "trigger")]
     pub frames: Option<Range<u64>>,
+    /// The recording session to draw (1 = the first) [default: the last]. A session ends
+    /// where the stream starts over: a device reset, a new connection, a restarted backend
+    /// appending to the same file.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub session: Option<u64>,
     /// Centre the view on the N-th trigger (1 = the first) the headers record.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub trigger: Option<u64>,
@@ -119,12 +124,53 @@ struct Contents {
     /// First frame the file accounts for (a leading overrun gap included) and the end.
     span: Range<u64>,
     buffers: usize,
+    /// Sessions in the file, and the one drawn (1-based); 1 of 1 for files without headers.
+    sessions: (usize, usize),
 }
 
-fn read_recording(path: &Path, bytes: &[u8]) -> Result<Contents, PlotCommandError> {
+/// The buffers of one recording session, each header with its payload.
+type Session<'a> = Vec<(BufferHeader, &'a [u8])>;
+
+/// The buffers of `bytes` cut into sessions: a session ends where the stream starts over
+/// (sequence 0 again, or a first frame before the previous buffer's end).
+fn sessions(bytes: &[u8]) -> Result<Vec<Session<'_>>, String> {
+    let mut sessions: Vec<Session<'_>> = Vec::new();
+    let mut previous_end = 0u64;
+    for buffer in recording_buffers(bytes)? {
+        let (header, payload) = buffer?;
+        let first = header.first_frame.get();
+        let starts_over = header.sequence.get() == 0 || first < previous_end;
+        match sessions.last_mut() {
+            Some(session) if !starts_over => session.push((header, payload)),
+            _ => sessions.push(vec![(header, payload)]),
+        }
+        previous_end = first.saturating_add(u64::from(header.frame_count.get()));
+    }
+    Ok(sessions)
+}
+
+fn read_recording(
+    path: &Path,
+    bytes: &[u8],
+    session: Option<u64>,
+) -> Result<Contents, PlotCommandError> {
     let bad = |reason: String| PlotCommandError::Recording {
         path: path.display().to_string(),
         reason,
+    };
+    let all = sessions(bytes).map_err(bad)?;
+    let count = all.len();
+    let chosen = match session {
+        None => count,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= count)
+            .ok_or_else(|| {
+                PlotCommandError::Option(format!(
+                    "--session {n}: {} holds {count} session(s); pick 1..={count}",
+                    path.display()
+                ))
+            })?,
     };
     let mut contents = Contents {
         channels: 0,
@@ -133,10 +179,14 @@ fn read_recording(path: &Path, bytes: &[u8]) -> Result<Contents, PlotCommandErro
         marks: Vec::new(),
         span: 0..0,
         buffers: 0,
+        sessions: (count, chosen),
     };
     let (mut start, mut end) = (u64::MAX, 0);
-    for buffer in recording_buffers(bytes).map_err(bad)? {
-        let (header, payload): (BufferHeader, &[u8]) = buffer.map_err(bad)?;
+    for (header, payload) in all
+        .into_iter()
+        .nth(chosen.wrapping_sub(1))
+        .unwrap_or_default()
+    {
         let format = SampleFormat::from_code(header.format)
             .ok_or_else(|| bad(format!("buffer {} has an unknown format", header.sequence)))?;
         let first = header.first_frame.get();
@@ -201,6 +251,7 @@ fn read_source(args: &PlotArgs) -> Result<Contents, PlotCommandError> {
         marks: Vec::new(),
         span: 0..frames,
         buffers: 0,
+        sessions: (1, 1),
     })
 }
 
@@ -254,7 +305,7 @@ pub fn run(args: &PlotArgs) -> Result<(PathBuf, WaveformSummary), PlotCommandErr
     })?;
     // A recording by its magic, whatever its name (`--record` takes any file name).
     let contents = if bytes.starts_with(crate::model::source::RECORDING_MAGIC) {
-        read_recording(&args.input, &bytes)?
+        read_recording(&args.input, &bytes, args.session)?
     } else {
         drop(bytes);
         read_source(args)?
@@ -287,10 +338,13 @@ pub fn run(args: &PlotArgs) -> Result<(PathBuf, WaveformSummary), PlotCommandErr
         .input
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let title = if contents.buffers > 0 {
-        format!("{name}: {} buffers", contents.buffers)
-    } else {
-        name
+    let title = match contents.sessions {
+        _ if contents.buffers == 0 => name,
+        (1, _) => format!("{name}: {} buffers", contents.buffers),
+        (count, chosen) => format!(
+            "{name}: session {chosen} of {count} (--session N), {} buffers",
+            contents.buffers
+        ),
     };
     let style = WaveformStyle {
         title,
@@ -313,6 +367,7 @@ mod tests {
             output: None,
             channels: Vec::new(),
             frames: None,
+            session: None,
             trigger: None,
             window: 4000,
             size: None,
@@ -393,6 +448,30 @@ mod tests {
         a.channels = vec![2];
         let err = run(&a).expect_err("no channel 2").to_string();
         assert!(err.contains("has channels 0..2, not 2"), "{err}");
+    }
+
+    #[test]
+    fn a_recording_that_starts_over_is_drawn_one_session_at_a_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let input = dir.path().join("two.vdaqrec");
+        // Two sessions: a reconnect appends a stream that starts again at sequence 0, frame 0.
+        let mut bytes = recording(&[(0, 1000, 0, 0, 0), (1000, 1000, flags::TRIGGERED, 0, 10)]);
+        bytes.extend_from_slice(
+            &recording(&[(0, 500, 0, 0, 0)])[crate::model::source::RECORDING_MAGIC.len()..],
+        );
+        std::fs::write(&input, bytes).expect("written");
+        let (_, last) = run(&args(input.clone())).expect("plotted");
+        assert_eq!(last.frames, 0..500, "the last session by default");
+        assert_eq!((last.samples, last.triggers), (2 * 500, 0));
+        let mut first = args(input.clone());
+        first.session = Some(1);
+        let (_, first) = run(&first).expect("plotted");
+        assert_eq!(first.frames, 0..2000);
+        assert_eq!((first.samples, first.triggers), (2 * 2000, 1));
+        let mut third = args(input);
+        third.session = Some(3);
+        let err = run(&third).expect_err("two sessions").to_string();
+        assert!(err.contains("holds 2 session(s)"), "{err}");
     }
 
     #[test]

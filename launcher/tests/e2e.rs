@@ -10,29 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vdaq_launcher::tools::{self, Kvm};
 
-fn vdaq(args: &[&str]) -> (bool, Value) {
-    let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
-        .args(args)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vdaq");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report = stdout
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str::<Value>(line).ok())
-        .unwrap_or_else(|| panic!("no report from vdaq {args:?}; stderr:\n{stderr}"));
-    eprintln!("vdaq {args:?}:\n{stderr}");
-    (output.status.success(), report)
-}
-
-fn n(report: &Value, field: &str) -> u64 {
-    report[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} missing in {report}"))
-}
+mod common;
+use common::{n, processes_mentioning, vdaq};
 
 /// Checks every run must satisfy: interrupts delivered the data, every sample verified, the
 /// accounting balances, and shutdown left nothing in the device.
@@ -208,7 +187,7 @@ fn e2e_interrupting_the_launcher_leaves_no_process_or_socket() {
     let run_dir_prefix = format!("vdaq-run-{pid}-");
     // Wait until QEMU and the backend are up (the run directory and a QEMU child exist).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while processes_mentioning(&run_dir_prefix).len() < 2 {
+    while processes_mentioning(&[&run_dir_prefix]).len() < 2 {
         assert!(Instant::now() < deadline, "vdaq never started its children");
         assert!(
             child.try_wait().expect("poll").is_none(),
@@ -222,11 +201,11 @@ fn e2e_interrupting_the_launcher_leaves_no_process_or_socket() {
     let status = child.wait().expect("wait");
     assert!(!status.success(), "an interrupted run is not a pass");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !processes_mentioning(&run_dir_prefix).is_empty() && Instant::now() < deadline {
+    while !processes_mentioning(&[&run_dir_prefix]).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
-        processes_mentioning(&run_dir_prefix),
+        processes_mentioning(&[&run_dir_prefix]),
         Vec::<u32>::new(),
         "no stray process"
     );
@@ -239,22 +218,6 @@ fn e2e_interrupting_the_launcher_leaves_no_process_or_socket() {
         leftovers.is_empty(),
         "run directory (socket) removed: {leftovers:?}"
     );
-}
-
-/// Pids of processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline"))
-            .unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// Runs with a scenario from scenarios/.

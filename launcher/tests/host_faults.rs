@@ -2,26 +2,12 @@
 //! backend's socket removed. The launcher says what happened, exits non-zero when the run could
 //! not finish, never hangs, and leaves no process or run directory behind.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Pids of processes whose command line mentions every one of `needles`.
-fn processes_mentioning(needles: &[&str]) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline"))
-            .unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if needles.iter().all(|needle| cmdline.contains(needle)) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+mod common;
+use common::processes_mentioning;
 
 /// A running `vdaq` (bare metal, q35, TCG, a long paced run) whose backend and QEMU are up.
 struct Run {

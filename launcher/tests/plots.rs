@@ -8,29 +8,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-/// Runs `vdaq ARGS --json`: (exit status ok, the guest's report).
-fn vdaq(args: &[&str]) -> (bool, Value) {
-    let output = Command::new(env!("CARGO_BIN_EXE_vdaq"))
-        .args(args)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vdaq");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!("vdaq {args:?}:\n{stderr}");
-    let report = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str::<Value>(line).ok())
-        .unwrap_or_else(|| panic!("no report from vdaq {args:?}; stderr:\n{stderr}"));
-    (output.status.success(), report)
-}
-
-fn n(value: &Value, field: &str) -> u64 {
-    value[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} missing in {value}"))
-}
+mod common;
+use common::{n, vdaq};
 
 /// The size of a PNG, which must decode.
 fn png_size(path: &Path) -> (u32, u32) {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::{drawn, prepare, PlotError, FONT};
+use crate::{draw_legend, drawn, prepare, PlotError, FONT};
 
 /// One histogram bucket: `count` buffers with latencies in `[low_us, high_us)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,16 +120,7 @@ pub fn latency_histogram(
                 }),
         )?;
     }
-    drawn(
-        out,
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw(),
-    )?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight, out)?;
     drawn(out, root.present())?;
     Ok(HistogramSummary {
         buffers,

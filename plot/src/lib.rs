@@ -85,6 +85,29 @@ fn drawn<T, E: std::fmt::Display>(path: &Path, result: Result<T, E>) -> Result<T
     result.map_err(|err| draw_error(path)(&err))
 }
 
+/// Draws the series legend of `chart` at `position`, in the style every chart shares.
+fn draw_legend<'a, DB, CT>(
+    chart: &mut plotters::chart::ChartContext<'a, DB, CT>,
+    position: plotters::chart::SeriesLabelPosition,
+    path: &Path,
+) -> Result<(), PlotError>
+where
+    DB: plotters::prelude::DrawingBackend + 'a,
+    CT: plotters::coord::CoordTranslate,
+{
+    use plotters::style::{Color, RGBColor, WHITE};
+    drawn(
+        path,
+        chart
+            .configure_series_labels()
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .position(position)
+            .draw(),
+    )
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::path::Path;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::{drawn, prepare, PlotError, FONT};
+use crate::{draw_legend, drawn, prepare, PlotError, FONT};
 
 /// One measured figure.
 #[derive(Clone, Debug, PartialEq)]
@@ -136,16 +136,7 @@ pub fn sweep(
             )
         })),
     )?;
-    drawn(
-        out,
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw(),
-    )?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, out)?;
     drawn(out, root.present())?;
     Ok(SweepSummary {
         bars: bars.len(),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::{drawn, prepare, PlotError, FONT};
+use crate::{draw_legend, drawn, prepare, PlotError, FONT};
 
 /// Cumulative verified payload at a guest time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,16 +127,7 @@ pub fn throughput(
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], reference));
             }),
     )?;
-    drawn(
-        out,
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .position(SeriesLabelPosition::LowerRight)
-            .draw(),
-    )?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight, out)?;
     drawn(out, root.present())?;
     Ok(ThroughputSummary {
         intervals: steps.len(),

@@ -124,6 +124,7 @@ struct vdaq_counters {
 	u64 resets;
 	u64 bytes;
 	u64 watchdog_recoveries;
+	u64 config_changes;
 };
 
 struct vdaq_dev {

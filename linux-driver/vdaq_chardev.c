@@ -757,6 +757,7 @@ static long vdaq_ioctl_stats(struct vdaq_dev *vd, void __user *argp)
 	s.resets = vd->cnt.resets;
 	s.bytes = vd->cnt.bytes;
 	s.watchdog_recoveries = vd->cnt.watchdog_recoveries;
+	s.config_changes = vd->cnt.config_changes;
 	spin_unlock_irq(&vd->lock);
 	return copy_to_user(argp, &s, sizeof(s)) ? -EFAULT : 0;
 }

@@ -373,6 +373,7 @@ static void vdaq_config_changed(struct virtio_device *vdev)
 
 	/* Read `state` in process context: the reset work does it. */
 	spin_lock_irqsave(&vd->lock, flags);
+	vd->cnt.config_changes++;
 	if (!vd->removing)
 		queue_work(vdaq_wq, &vd->reset_work);
 	spin_unlock_irqrestore(&vd->lock, flags);
@@ -608,6 +609,7 @@ VDAQ_COUNTER_ATTR(events);
 VDAQ_COUNTER_ATTR(events_dropped);
 VDAQ_COUNTER_ATTR(interrupts);
 VDAQ_COUNTER_ATTR(bottom_halves);
+VDAQ_COUNTER_ATTR(config_changes);
 VDAQ_COUNTER_ATTR(found_on_recheck);
 VDAQ_COUNTER_ATTR(resets);
 VDAQ_COUNTER_ATTR(bytes);
@@ -674,6 +676,7 @@ static struct attribute *vdaq_attrs[] = {
 	&dev_attr_events_dropped.attr,
 	&dev_attr_interrupts.attr,
 	&dev_attr_bottom_halves.attr,
+	&dev_attr_config_changes.attr,
 	&dev_attr_found_on_recheck.attr,
 	&dev_attr_resets.attr,
 	&dev_attr_bytes.attr,
@@ -890,7 +893,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_event, arg0) != 16);
 	BUILD_BUG_ON(sizeof(struct vdaq_info) != 168);
 	BUILD_BUG_ON(sizeof(struct vdaq_events) != 8 + VDAQ_EVENTS_MAX * 32);
-	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 17 * 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 18 * 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_cmd_hdr) != 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_resp_hdr) != 8);
 	BUILD_BUG_ON(offsetof(struct vdaq_ctrl_buf, payload) != 8);

@@ -146,6 +146,8 @@ pub struct DriverStats {
     pub events: u64,
     /// Notifications sent to the device for the data queue.
     pub data_notifications: u64,
+    /// Configuration-change notifications taken (each one re-reads `state`).
+    pub config_changes: u64,
 }
 
 /// Result of [`DaqDriver::recover`].
@@ -475,6 +477,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             }
         }
         if self.irq.take_config_changed() {
+            self.stats.config_changes += 1;
             self.check_device_state();
         }
         (self.stats.completed - before) as usize

@@ -115,6 +115,12 @@ impl IrqState {
         self.pending.store(true, Ordering::Release);
     }
 
+    /// Records a configuration change the transport reported by other means than the
+    /// acknowledge register (a host test's relay); the next [`IrqState::top_half`] follows.
+    pub fn note_config_change(&self) {
+        self.config_changed.store(true, Ordering::Release);
+    }
+
     /// Marks work pending without an interrupt (a watchdog, or a host test's eventfd).
     pub fn raise(&self) {
         self.pending.store(true, Ordering::Release);

@@ -350,6 +350,10 @@ fn e2e_needs_reset_is_recovered_and_streaming_resumes() {
         n(&report, "reset_recoveries") >= 1,
         "the driver reset the device"
     );
+    assert!(
+        n(&report, "config_interrupts") >= 1,
+        "NEEDS_RESET arrived as a configuration-change interrupt (PCI, MSI-X)"
+    );
     assert_eq!(n(&report, "verify_errors"), 0);
     assert!(
         n(&report, "frames") > 500_000,
@@ -364,6 +368,34 @@ fn e2e_needs_reset_is_recovered_and_streaming_resumes() {
         "every frame of every epoch is accounted for"
     );
     assert_eq!(n(&report, "device_held_after"), 0);
+}
+
+#[test]
+fn e2e_microvm_needs_reset_arrives_as_a_configuration_interrupt_over_mmio() {
+    let path = format!(
+        "{}/../scenarios/needs-reset.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (ok, report) = vdaq(&[
+        "--machine",
+        "microvm",
+        "--accel",
+        "tcg",
+        "--duration",
+        "1.5",
+        "--rate",
+        "1000000",
+        "--scenario",
+        &path,
+    ]);
+    assert!(ok, "{}", report["failure"]);
+    assert_eq!(report["transport"], "mmio");
+    assert!(
+        n(&report, "config_interrupts") >= 1,
+        "InterruptStatus showed a configuration change"
+    );
+    assert!(n(&report, "reset_recoveries") >= 1);
+    assert_eq!(n(&report, "verify_errors"), 0);
 }
 
 #[test]

@@ -641,6 +641,7 @@ fn fill_driver_stats(device: &Device, report: &mut Report<'_>) {
     if let Ok(stats) = device.stats() {
         report.interrupts = stats.interrupts;
         report.bottom_halves = stats.bottom_halves;
+        report.config_interrupts = stats.config_changes;
         report.found_on_recheck = stats.found_on_recheck;
         report.rejected = stats.rejected;
         report.invalid = stats.invalid;

@@ -125,6 +125,8 @@ pub struct Stats {
     pub bytes: u64,
     /// Lost interrupts the driver's watchdog covered.
     pub watchdog_recoveries: u64,
+    /// Configuration-change notifications.
+    pub config_changes: u64,
 }
 
 #[cfg(test)]
@@ -262,6 +264,10 @@ mod tests {
             (
                 "offsetof(struct vdaq_stats, watchdog_recoveries)",
                 u(offset_of!(Stats, watchdog_recoveries)),
+            ),
+            (
+                "offsetof(struct vdaq_stats, config_changes)",
+                u(offset_of!(Stats, config_changes)),
             ),
             ("VDAQ_IOC_GET_CONFIG", u64::from(GET_CONFIG)),
             ("VDAQ_IOC_CONFIGURE", u64::from(CONFIGURE)),

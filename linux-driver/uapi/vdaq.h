@@ -230,6 +230,7 @@ struct vdaq_stats {
 	__u64 resets;			/* device resets (recoveries) */
 	__u64 bytes;			/* bytes returned by reads */
 	__u64 watchdog_recoveries;	/* lost interrupts the watchdog covered */
+	__u64 config_changes;		/* configuration-change notifications */
 };
 
 #define VDAQ_IOC_MAGIC			0xDA

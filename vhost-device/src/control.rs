@@ -232,6 +232,7 @@ fn stats(backend: &DaqBackend) -> Value {
             "events_lost": c.events_lost,
             "interrupts_dropped": c.interrupts_dropped,
             "buffers_corrupted": c.buffers_corrupted,
+            "config_notifications": backend.config_notifications(),
         },
     })
 }

@@ -268,3 +268,81 @@ fn driver_arms_a_rising_edge_trigger_and_receives_flagged_buffers_and_events() {
         "events match the flags: {events:?}"
     );
 }
+
+fn scenario(name: &str) -> String {
+    format!("{}/../scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Services the driver until `done` holds or 10 s pass.
+fn service_until(rig: &mut DriverRig, mut done: impl FnMut(&DriverRig) -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        rig.driver.service();
+        if done(rig) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
+    let needs_reset = scenario("needs-reset.toml");
+    let mut rig = rig(
+        &["--clock", "free", "--scenario", &needs_reset],
+        DriverOptions::default(),
+        Duration::from_secs(60),
+    );
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
+    rig.driver.start(&mut rig.wait).expect("START");
+    let ended = rig.stream(&mut verifier, 16, 4096, 2_000_000, Resubmit::Each);
+    assert!(ended.is_err(), "the scenario's NEEDS_RESET ends the stream");
+    assert!(
+        service_until(&mut rig, |rig| rig.driver.stats().config_changes >= 1),
+        "a configuration-change interrupt arrived (CONFIG_CHANGE_MSG went out and was relayed)"
+    );
+    assert!(
+        rig.driver.needs_reset(),
+        "the driver read `state` = NEEDS_RESET"
+    );
+    assert_eq!(
+        rig.driver.config().expect("config").state,
+        vdaq_wire::DeviceState::NeedsReset as u8
+    );
+    rig.driver.recover(&mut rig.wait).expect("reset");
+    while rig.driver.next_completion().is_some() {}
+    rig.driver
+        .start(&mut rig.wait)
+        .expect("START after the reset");
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
+    stream(&mut rig, &mut verifier, 16, 4096, 100_000);
+    assert_eq!(verifier.stats().errors, 0, "streams again after the reset");
+}
+
+#[test]
+fn settings_changed_while_running_reach_the_driver_as_a_configuration_change() {
+    let set_signal = scenario("set-signal.toml");
+    let mut rig = rig(
+        &["--clock", "free", "--scenario", &set_signal],
+        DriverOptions::default(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        rig.driver.config().expect("config").signal,
+        vdaq_wire::SignalKind::Counter as u8
+    );
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
+    rig.driver.start(&mut rig.wait).expect("START");
+    stream(&mut rig, &mut verifier, 16, 4096, 700_000);
+    assert!(
+        service_until(&mut rig, |rig| rig.driver.stats().config_changes >= 1),
+        "set_signal was notified"
+    );
+    assert!(!rig.driver.needs_reset(), "a settings change is no reset");
+    assert_eq!(
+        rig.driver.config().expect("config").signal,
+        vdaq_wire::SignalKind::Noise as u8,
+        "the config space shows the signal now sampled"
+    );
+}

@@ -62,6 +62,8 @@ pub struct Report<'a> {
     pub interrupts: u64,
     /// Bottom-half runs.
     pub bottom_halves: u64,
+    /// Configuration-change notifications the driver took.
+    pub config_interrupts: u64,
     /// Completions found by the re-check after re-enabling interrupts.
     pub found_on_recheck: u64,
     /// Reads the device rejected.
@@ -156,6 +158,7 @@ impl Report<'_> {
             ("frames_discarded_at_reset", self.frames_discarded_at_reset),
             ("interrupts", self.interrupts),
             ("bottom_halves", self.bottom_halves),
+            ("config_interrupts", self.config_interrupts),
             ("found_on_recheck", self.found_on_recheck),
             ("rejected", self.rejected),
             ("invalid", self.invalid),
@@ -358,6 +361,7 @@ mod tests {
             frames_discarded_at_reset: 105,
             interrupts: 11,
             bottom_halves: 12,
+            config_interrupts: 121,
             found_on_recheck: 13,
             rejected: 14,
             invalid: 15,

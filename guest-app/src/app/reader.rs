@@ -446,6 +446,7 @@ pub fn run<T: Transport>(
     report.record_stream(&stats, channels);
     report.interrupts = irq.interrupts();
     report.bottom_halves = driver_stats.bottom_halves;
+    report.config_interrupts = driver_stats.config_changes;
     report.found_on_recheck = driver_stats.found_on_recheck;
     report.rejected = driver_stats.rejected;
     report.invalid = driver_stats.invalid;

@@ -137,7 +137,10 @@ impl DriverRig {
         let irq: &'static IrqState = Box::leak(Box::new(IrqState::host()));
         let signal = Arc::new((Mutex::new(0u64), Condvar::new()));
         let delivered = signal.clone();
-        let interrupts = InterruptThread::spawn(source, move || {
+        let interrupts = InterruptThread::spawn(source, move |config_changed| {
+            if config_changed {
+                irq.note_config_change();
+            }
             irq.top_half();
             let (count, changed) = &*delivered;
             if let Ok(mut count) = count.lock() {
@@ -215,6 +218,11 @@ impl DriverRig {
         }
         while !done(verifier) {
             self.driver.service();
+            if self.driver.needs_reset() {
+                // The device stopped streaming (an event or a configuration change said so):
+                // nothing more will complete until the application recovers.
+                return Err(RigError::Driver(DriverError::NeedsReset));
+            }
             let mut consumed = false;
             while let Some(read) = self.driver.next_completion() {
                 consumed = true;

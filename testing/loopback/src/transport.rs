@@ -5,6 +5,8 @@
 
 use std::cell::RefCell;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::error;
@@ -12,7 +14,9 @@ use thiserror::Error;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::PhysAddr;
@@ -50,6 +54,24 @@ fn vu(request: &'static str) -> impl FnOnce(vhost::Error) -> TransportError {
     move |source| TransportError::VhostUser { request, source }
 }
 
+/// What [`InterruptSource::wait`] returns for a configuration-change notification.
+pub const CONFIG_SIGNAL: u16 = u16::MAX;
+
+/// The frontend's side of the backend-request channel: what QEMU does with a
+/// CONFIG_CHANGE_MSG (a new config generation and a configuration-change interrupt).
+struct ConfigChangeRelay {
+    generation: Arc<AtomicU32>,
+    interrupt: EventFd,
+}
+
+impl VhostUserFrontendReqHandler for ConfigChangeRelay {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.interrupt.write(1)?;
+        Ok(0)
+    }
+}
+
 struct QueueFds {
     kick: EventFd,
     call: EventFd,
@@ -67,6 +89,7 @@ pub struct VhostUserTransport {
     max_queue_size: u32,
     queues: Vec<QueueFds>,
     interrupts: InterruptSource,
+    config_generation: Arc<AtomicU32>,
     first_error: RefCell<Option<String>>,
 }
 
@@ -95,6 +118,7 @@ impl VhostUserTransport {
         let features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let protocol_features_offered = features & protocol_bit != 0;
+        let mut negotiated = VhostUserProtocolFeatures::empty();
         if protocol_features_offered {
             let offered = frontend
                 .get_protocol_features()
@@ -103,10 +127,12 @@ impl VhostUserTransport {
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ
                     | VhostUserProtocolFeatures::RESET_DEVICE);
             frontend
                 .set_protocol_features(wanted)
                 .map_err(vu("SET_PROTOCOL_FEATURES"))?;
+            negotiated = wanted;
             if wanted.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every request waits for the backend's acknowledgement, so no setting is
                 // still in flight when the first kick arrives.
@@ -122,6 +148,36 @@ impl VhostUserTransport {
             what: "epoll",
             source,
         })?;
+        let config_generation = Arc::new(AtomicU32::new(0));
+        let config_interrupt = EventFd::new(EFD_NONBLOCK).map_err(|source| TransportError::Os {
+            what: "config eventfd",
+            source,
+        })?;
+        if negotiated.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            serve_backend_requests(
+                &mut frontend,
+                negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK),
+                ConfigChangeRelay {
+                    generation: config_generation.clone(),
+                    interrupt: config_interrupt.try_clone().map_err(|source| {
+                        TransportError::Os {
+                            what: "config eventfd clone",
+                            source,
+                        }
+                    })?,
+                },
+            )?;
+        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(&config_interrupt),
+                EpollEvent::new(EventSet::IN, u64::from(CONFIG_SIGNAL)),
+            )
+            .map_err(|source| TransportError::Os {
+                what: "epoll add",
+                source,
+            })?;
         let mut queues = Vec::new();
         let mut calls = Vec::new();
         for index in 0..num_queues {
@@ -155,6 +211,7 @@ impl VhostUserTransport {
         let interrupts = InterruptSource {
             epoll: std::sync::Arc::new(epoll),
             calls: std::sync::Arc::new(calls),
+            config: std::sync::Arc::new(config_interrupt),
         };
         Ok(VhostUserTransport {
             frontend: RefCell::new(frontend),
@@ -166,6 +223,7 @@ impl VhostUserTransport {
             max_queue_size,
             queues,
             interrupts,
+            config_generation,
             first_error: RefCell::new(None),
         })
     }
@@ -340,8 +398,9 @@ impl Transport for VhostUserTransport {
     }
 
     fn read_config_generation(&self) -> u32 {
-        // vhost-user has no generation counter; GET_CONFIG returns one consistent snapshot.
-        0
+        // As QEMU's: vhost-user has no generation counter of its own, so the frontend counts
+        // configuration-change notifications (GET_CONFIG returns one consistent snapshot).
+        self.config_generation.load(Ordering::Acquire)
     }
 
     fn read_config_space<T: FromBytes + IntoBytes>(
@@ -382,6 +441,7 @@ impl Transport for VhostUserTransport {
 pub struct InterruptSource {
     epoll: std::sync::Arc<Epoll>,
     calls: std::sync::Arc<Vec<EventFd>>,
+    config: std::sync::Arc<EventFd>,
 }
 
 impl std::fmt::Debug for InterruptSource {
@@ -395,8 +455,8 @@ impl InterruptSource {
         Ok(self.clone())
     }
 
-    /// Waits up to `timeout` for any queue's call eventfd; consumes what was signalled and
-    /// returns those queue indices.
+    /// Waits up to `timeout` for any queue's call eventfd or a configuration change; consumes
+    /// what was signalled and returns those queue indices ([`CONFIG_SIGNAL`] for the config).
     pub fn wait(&self, timeout: Duration) -> Vec<u16> {
         let mut events = [EpollEvent::default(); 8];
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
@@ -413,7 +473,11 @@ impl InterruptSource {
         let mut signalled = Vec::new();
         for event in &events[..count] {
             let queue = event.data() as u16;
-            if let Some(call) = self.calls.get(usize::from(queue)) {
+            if queue == CONFIG_SIGNAL {
+                if self.config.read().is_ok() {
+                    signalled.push(queue);
+                }
+            } else if let Some(call) = self.calls.get(usize::from(queue)) {
                 // Reading resets the eventfd counter: signals collapse, as on an
                 // edge-triggered interrupt line.
                 if call.read().is_ok() {
@@ -439,14 +503,16 @@ impl std::fmt::Debug for InterruptThread {
 }
 
 impl InterruptThread {
-    /// Starts delivering `source`'s signals to `on_interrupt`.
-    pub fn spawn(source: InterruptSource, on_interrupt: impl Fn() + Send + 'static) -> Self {
+    /// Starts delivering `source`'s signals to `on_interrupt`, whose argument says whether a
+    /// configuration change was among them (the cause an ISR read would show).
+    pub fn spawn(source: InterruptSource, on_interrupt: impl Fn(bool) + Send + 'static) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             while !stopping.load(std::sync::atomic::Ordering::Acquire) {
-                if !source.wait(Duration::from_millis(20)).is_empty() {
-                    on_interrupt();
+                let signalled = source.wait(Duration::from_millis(20));
+                if !signalled.is_empty() {
+                    on_interrupt(signalled.contains(&CONFIG_SIGNAL));
                 }
             }
         });
@@ -464,4 +530,30 @@ impl Drop for InterruptThread {
             let _ = thread.join();
         }
     }
+}
+
+/// Hands the backend its request channel and serves it from a thread of its own, as long as
+/// the backend keeps its end open.
+fn serve_backend_requests(
+    frontend: &mut Frontend,
+    reply_ack: bool,
+    relay: ConfigChangeRelay,
+) -> Result<(), TransportError> {
+    let mut handler =
+        FrontendReqHandler::new(Arc::new(relay)).map_err(|err| TransportError::VhostUser {
+            request: "backend-request channel",
+            source: err.into(),
+        })?;
+    handler.set_reply_ack_flag(reply_ack);
+    frontend
+        .set_backend_request_fd(&handler.get_tx_raw_fd())
+        .map_err(vu("SET_BACKEND_REQ_FD"))?;
+    std::thread::Builder::new()
+        .name("vhost-user backend requests".into())
+        .spawn(move || while handler.handle_request().is_ok() {})
+        .map_err(|source| TransportError::Os {
+            what: "backend-request thread",
+            source,
+        })?;
+    Ok(())
 }

@@ -129,6 +129,8 @@ pub struct DaqBackend {
     held_reads: std::collections::HashSet<u16>,
     /// The driver was told about NEEDS_RESET (config-change notification sent).
     needs_reset_notified: bool,
+    /// Configuration-change notifications sent on the backend-request channel.
+    config_notifications: u64,
     /// Closes this connection (a scenario's `disconnect`).
     connection: Option<vhost_user_backend::ShutdownHandle>,
 }
@@ -194,6 +196,7 @@ impl DaqBackend {
             recorder,
             delayed: Vec::new(),
             needs_reset_notified: false,
+            config_notifications: 0,
             connection: None,
         })
     }
@@ -217,13 +220,22 @@ impl DaqBackend {
         watermark_frames: Option<u32>,
     ) -> Result<(), SettingsError> {
         self.card
-            .adjust(latency_us, coalesce_buffers, watermark_frames)
+            .adjust(latency_us, coalesce_buffers, watermark_frames)?;
+        if self.card.take_settings_changed() {
+            self.notify_config_change("settings changed by the control socket");
+        }
+        Ok(())
     }
 
     /// Takes the next pending device event (tests).
     #[cfg(test)]
     pub fn pop_event_for_tests(&mut self) -> Option<vdaq_wire::event::Event> {
         self.card.pop_event()
+    }
+
+    /// Configuration-change notifications sent so far on this connection.
+    pub fn config_notifications(&self) -> u64 {
+        self.config_notifications
     }
 
     /// Lets the backend close its own connection (scenario `disconnect`).
@@ -309,6 +321,9 @@ impl DaqBackend {
         }
         if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
             self.notify_needs_reset();
+        }
+        if self.card.take_settings_changed() {
+            self.notify_config_change("settings changed while running");
         }
         if self.card.take_disconnect_request() {
             match &self.connection {

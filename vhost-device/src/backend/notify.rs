@@ -68,23 +68,30 @@ impl DaqBackend {
             return;
         }
         self.needs_reset_notified = true;
-        if let Some(frontend) = self.frontend.clone() {
-            // The virtio status byte belongs to the frontend; a config-change notification
-            // makes the driver read `state` and see NEEDS_RESET (see the spec). Sent from its
-            // own thread: with REPLY_ACK the send waits for the frontend, which may itself be
-            // waiting for a GET_CONFIG that needs this backend's lock.
-            let sent = std::thread::Builder::new()
-                .name("vdaq config-change".into())
-                .spawn(move || {
-                    // QEMU's generic vhost-user device (11.1) answers ENOSYS: it does not
-                    // forward the notification; the NEEDS_RESET event still reaches the driver.
-                    if let Err(err) = frontend.handle_config_change() {
-                        info!("config-change notification not delivered: {err}");
-                    }
-                });
-            if let Err(err) = sent {
-                warn!("cannot send config-change notification: {err}");
-            }
+        // The virtio status byte belongs to the frontend; a config-change notification makes
+        // the driver read `state` and see NEEDS_RESET (see the spec).
+        self.notify_config_change("entered NEEDS_RESET");
+    }
+
+    /// Sends the driver a configuration-change notification (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
+    /// on the backend-request channel; the frontend turns it into a config interrupt and a new
+    /// config generation).
+    pub(super) fn notify_config_change(&mut self, why: &'static str) {
+        let Some(frontend) = self.frontend.clone() else {
+            debug!("config change ({why}) not notified: no backend-request channel");
+            return;
+        };
+        self.config_notifications += 1;
+        // Sent from its own thread: with REPLY_ACK the send waits for the frontend, which
+        // first reads the new config space (GET_CONFIG), served under this backend's lock.
+        let sent = std::thread::Builder::new()
+            .name("vdaq config-change".into())
+            .spawn(move || match frontend.handle_config_change() {
+                Ok(_) => debug!("config change notified: {why}"),
+                Err(err) => info!("config-change notification ({why}) not delivered: {err}"),
+            });
+        if let Err(err) = sent {
+            warn!("cannot send config-change notification: {err}");
         }
     }
 }

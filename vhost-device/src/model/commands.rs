@@ -169,6 +169,7 @@ impl<B: ReadBuffer> Card<B> {
             ..self.live.settings
         };
         adjusted.validate(&self.kept.limits)?;
+        self.live.settings_changed |= adjusted != self.live.settings;
         self.live.settings = adjusted;
         Ok(())
     }

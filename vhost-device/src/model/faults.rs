@@ -34,6 +34,12 @@ impl<B: ReadBuffer> Card<B> {
         self.kept.scenario = Some(scenario);
     }
 
+    /// Whether settings changed without the driver asking (`set_signal`, the control socket)
+    /// since the last call: the driver is owed a configuration-change notification.
+    pub fn take_settings_changed(&mut self) -> bool {
+        std::mem::take(&mut self.live.settings_changed)
+    }
+
     /// Whether a scenario step asked to close the connection (cleared by the call).
     pub fn take_disconnect_request(&mut self) -> bool {
         std::mem::take(&mut self.live.faults.disconnect_requested)
@@ -126,6 +132,7 @@ impl<B: ReadBuffer> Card<B> {
                 self.live
                     .signal_segments
                     .push_back((self.live.clock.next_frame, changed.signal_params()));
+                self.live.settings_changed |= changed != self.live.settings;
                 self.live.settings = changed;
             }
         }

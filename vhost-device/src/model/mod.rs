@@ -157,6 +157,9 @@ struct Live<B> {
     signal_segments: VecDeque<(u64, SignalParams)>,
     /// Events waiting for an event-queue buffer.
     events: VecDeque<Event>,
+    /// Settings changed other than by the driver's own CONFIGURE (`set_signal`, the control
+    /// socket): the driver must be told with a configuration-change notification.
+    settings_changed: bool,
 }
 
 impl<B> Live<B> {
@@ -177,6 +180,7 @@ impl<B> Live<B> {
             },
             signal_segments: VecDeque::new(),
             events: VecDeque::new(),
+            settings_changed: false,
         }
     }
 }

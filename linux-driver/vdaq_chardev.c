@@ -69,6 +69,9 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 	payload = (u64)le32_to_cpu(h.frame_count) * le16_to_cpu(h.channels) * ss;
 	if (payload != used - VDAQ_HEADER_SIZE)
 		goto invalid;
+	/* whole frames of the configured size (spec 5.x.6.3) */
+	if (payload && vd->frame_bytes && payload % vd->frame_bytes)
+		goto invalid;
 	dropped = le64_to_cpu(h.dropped_frames);
 	vd->cnt.dropped_frames += dropped;
 	if (le16_to_cpu(h.flags) & VDAQ_BUF_OVERRUN)

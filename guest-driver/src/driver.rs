@@ -62,6 +62,11 @@ pub enum DriverError {
     ShuttingDown,
     /// The device is in NEEDS_RESET.
     NeedsReset,
+    /// The device is not a vdaq card this driver can use (spec 5.x.1: ID 21 is also
+    /// another device type's), or its configuration space holds impossible values.
+    NotVdaq(vdaq_wire::config::IdentityError),
+    /// The command needs a feature that was not negotiated (TRIGGER, SET_TRIGGER).
+    FeatureNotNegotiated(u32),
 }
 
 impl From<virtio_drivers::Error> for DriverError {
@@ -256,6 +261,14 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         if !has(features, feature::VIRTIO_F_VERSION_1) {
             transport.set_status(DeviceStatus::FAILED);
             return Err(DriverError::MissingFeature(feature::VIRTIO_F_VERSION_1));
+        }
+        let identity = transport
+            .read_config_space::<DaqConfig>(0)
+            .map_err(DriverError::from)
+            .and_then(|config| config.identify().map_err(DriverError::NotVdaq));
+        if let Err(err) = identity {
+            transport.set_status(DeviceStatus::FAILED);
+            return Err(err);
         }
         let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
         // A queue set up before a later one fails is freed when it is dropped: the device must
@@ -550,6 +563,13 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         let header = check::completed_header(buffer.as_slice(), used)
             .and_then(|header| check::check_payload_length(&header, used).map(|()| header));
         match header {
+            Ok(header)
+                if header.frame_count.get() > 0
+                    && (used - HEADER_SIZE) % self.frame_bytes.max(1) != 0 =>
+            {
+                // Spec 5.x.6.3: a payload is whole frames of the configured size.
+                ReadOutcome::Invalid { used }
+            }
             Ok(header) => ReadOutcome::Data(header),
             Err(StreamError::Status(buffer_status::BAD_BUFFER)) => ReadOutcome::Rejected,
             Err(_) => ReadOutcome::Invalid { used },
@@ -673,6 +693,12 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         if self.command.is_some() {
             return Err(DriverError::QueueFull);
         }
+        if matches!(op, opcode::TRIGGER | opcode::SET_TRIGGER)
+            && !has(self.features, feature::DAQ_F_TRIGGER)
+        {
+            // Spec 5.x.3: the driver must not send them unless the feature was negotiated.
+            return Err(DriverError::FeatureNotNegotiated(feature::DAQ_F_TRIGGER));
+        }
         let mut request = DmaBuffer::<H>::new(control::HEADER_BYTES + payload.len());
         if let Err(control::FrameError::NoRoom { needed, len }) =
             control::encode_command(op, payload, request.as_mut_slice())
@@ -736,11 +762,27 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     }
 
     /// CONFIGURE (device must be stopped); refreshes the frame size.
+    ///
+    /// On a stopped device with reads in flight it first moves out what the device still
+    /// holds, as the spec asks: FLUSH while GET_STATUS reports frames pending (5.x.6.6: frames
+    /// sampled before the STOP go into reads, not across the new settings), and FLUSH before
+    /// a frame-size change (5.x.6.2: held reads were sized for the old frame). Frames still
+    /// pending when no read is left make the device answer BUSY: post reads and call again.
     pub fn configure(
         &mut self,
         settings: &control::Configure,
         wait: &mut impl Wait,
     ) -> Result<(), DriverError> {
+        if self.in_flight > 0 && self.config()?.state == DeviceState::Stopped as u8 {
+            if self.status(wait)?.frames_pending.get() > 0 {
+                self.flush(wait)?;
+            }
+            let new_frame_bytes = SampleFormat::from_code(settings.format)
+                .map(|format| format.sample_bytes() * usize::from(settings.channels.get()));
+            if self.in_flight > 0 && new_frame_bytes != Some(self.frame_bytes) {
+                self.flush(wait)?;
+            }
+        }
         self.command(Opcode::Configure, settings.as_bytes(), wait)?;
         self.refresh_frame_size()
     }

@@ -9,6 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use vdaq_wire::buffer::{flags, status as buffer_status, BufferHeader, HEADER_SIZE};
+use vdaq_wire::config::{DaqConfig, IdentityError};
 use vdaq_wire::control::{
     self, command_payload_size, opcode, reply_payload_size, status, Configure, FlushReply,
     ResponseHeader, Status,
@@ -16,7 +17,7 @@ use vdaq_wire::control::{
 use vdaq_wire::event::{kind, Event, EVENT_SIZE};
 use vdaq_wire::{feature, queue, DeviceState as DaqState, SampleFormat};
 use virtio_drivers::transport::DeviceStatus;
-use zerocopy::IntoBytes;
+use zerocopy::{FromZeros, IntoBytes};
 
 use crate::fake::device::DESC_F_WRITE;
 use crate::fake::{self, hal, FakeDaqTransport, FakeDevice, FakeHal, FakeWait, CAUSE_USED_BUFFER};
@@ -255,17 +256,71 @@ fn init_fails_when_the_device_refuses_the_feature_set() {
 }
 
 #[test]
-fn init_fails_on_an_unknown_sample_format_and_resets_the_device() {
+fn init_fails_on_an_unknown_sample_format_before_any_queue_exists() {
     let (device, transport) = FakeDevice::new(feature::DEVICE_FEATURES, &{
         let mut config = fake::config(FORMAT, CHANNELS);
         config.format = 0;
         config
     });
     let driver = Driver::new(transport, device.irq(), DriverOptions::default());
-    assert!(matches!(driver, Err(DriverError::BadReply(0))));
-    // The half-built driver was dropped, which resets the device: no ring outlives it.
-    assert_eq!(device.status(), DeviceStatus::empty());
+    assert!(matches!(
+        driver,
+        Err(DriverError::NotVdaq(IdentityError::Format(0)))
+    ));
+    assert_eq!(device.status(), DeviceStatus::FAILED);
     device.with_state(|s| assert!(s.queues.iter().all(|q| q.size == 0)));
+}
+
+/// spec: [1-1] ID 21 is also another device type's: the driver checks the identity first.
+#[test]
+fn init_refuses_a_device_that_is_not_a_vdaq_card() {
+    type Case = (&'static str, fn(&mut DaqConfig), IdentityError);
+    let cases: [Case; 4] = [
+        (
+            "another device with ID 21 (its config is not ours)",
+            |c| *c = DaqConfig::new_zeroed(),
+            IdentityError::FirmwareMajor(0),
+        ),
+        (
+            "the next major firmware version",
+            |c| c.firmware_version.set(2 << 16),
+            IdentityError::FirmwareMajor(2 << 16),
+        ),
+        (
+            "more channels than the card has",
+            |c| c.channels.set(c.max_channels.get() + 1),
+            IdentityError::Channels(17),
+        ),
+        (
+            "a model name that is no text",
+            |c| c.model[0] = 0xff,
+            IdentityError::Model,
+        ),
+    ];
+    for (what, spoil, expected) in cases {
+        let mut config = fake::config(FORMAT, CHANNELS);
+        spoil(&mut config);
+        let (device, transport) = FakeDevice::new(feature::DEVICE_FEATURES, &config);
+        let driver = Driver::new(transport, device.irq(), DriverOptions::default());
+        match driver {
+            Err(DriverError::NotVdaq(found)) => assert_eq!(found, expected, "{what}"),
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+        assert_eq!(device.status(), DeviceStatus::FAILED, "{what}");
+        assert!(
+            !device.status().contains(DeviceStatus::DRIVER_OK),
+            "{what}: never used"
+        );
+    }
+    let mut newer_minor = fake::config(FORMAT, CHANNELS);
+    newer_minor
+        .firmware_version
+        .set(vdaq_wire::FIRMWARE_VERSION + 3);
+    let (device, transport) = FakeDevice::new(feature::DEVICE_FEATURES, &newer_minor);
+    assert!(
+        Driver::new(transport, device.irq(), DriverOptions::default()).is_ok(),
+        "a newer minor firmware is the same interface"
+    );
 }
 
 #[test]
@@ -280,7 +335,8 @@ fn init_fails_on_a_config_space_shorter_than_the_vdaq_layout() {
             virtio_drivers::Error::ConfigSpaceTooSmall
         ))
     ));
-    assert_eq!(device.status(), DeviceStatus::empty(), "reset by drop");
+    assert_eq!(device.status(), DeviceStatus::FAILED, "given up");
+    device.with_state(|s| assert!(s.queues.iter().all(|q| q.size == 0)));
 }
 
 #[test]
@@ -396,6 +452,83 @@ fn configure_sends_its_payload_and_refreshes_the_frame_size() {
         .configure(&settings, &mut wait)
         .expect("CONFIGURE");
     assert_eq!(rig.driver.frame_bytes(), 4 * 2);
+}
+
+/// spec: [3-5] no TRIGGER or SET_TRIGGER without VIRTIO_DAQ_F_TRIGGER.
+#[test]
+fn trigger_commands_are_refused_without_the_feature_and_nothing_is_sent() {
+    let mut rig = rig();
+    assert_eq!(rig.driver.features() & (1 << feature::DAQ_F_TRIGGER), 0);
+    let mut wait = FakeWait::new(&rig.device);
+    for op in [control::Opcode::Trigger, control::Opcode::SetTrigger] {
+        let payload = vec![0; command_payload_size(op.code()).expect("known")];
+        assert!(matches!(
+            rig.driver.command(op, &payload, &mut wait),
+            Err(DriverError::FeatureNotNegotiated(feature::DAQ_F_TRIGGER))
+        ));
+    }
+    rig.device
+        .with_state(|s| assert_eq!(s.notifications[usize::from(queue::CONTROL)], 0));
+}
+
+/// spec: [6.2-5] [6.6-2] before CONFIGURE, the driver takes back what the device holds.
+#[test]
+fn configure_with_another_frame_size_flushes_the_reads_in_flight_first() {
+    let mut rig = rig();
+    let id = rig.submit(HEADER_SIZE + 4 * FRAME);
+    let settings = Configure {
+        rate_hz: 1000.into(),
+        latency_us: 100.into(),
+        watermark_frames: 8.into(),
+        channels: 3.into(),
+        coalesce_buffers: 1.into(),
+        format: SampleFormat::S16 as u8,
+        ..Default::default()
+    };
+    let mut wait = FakeWait::new(&rig.device)
+        .then(|device| {
+            let command = device.take_command();
+            assert_eq!(command.opcode(), opcode::GET_STATUS);
+            let status = Status {
+                frames_pending: 2.into(),
+                ..Default::default()
+            };
+            device.reply(&command, status::OK, status.as_bytes());
+        })
+        .then(|device| {
+            let command = device.take_command();
+            assert_eq!(command.opcode(), opcode::FLUSH, "frames pending: FLUSH");
+            let chain = device.take_read();
+            let flushed = BufferHeader {
+                flags: flags::FLUSHED.into(),
+                ..header(0, 2)
+            };
+            let used = device.fill_read(&chain, &flushed, &payload(1, 2 * FRAME));
+            device.complete(&chain, used as u32);
+            let reply = FlushReply {
+                buffers_returned: 1.into(),
+                ..Default::default()
+            };
+            device.reply(&command, status::OK, reply.as_bytes());
+        })
+        .then(move |device| {
+            let command = device.take_command();
+            assert_eq!(command.opcode(), opcode::CONFIGURE);
+            device.set_config(|c| {
+                c.channels = 3.into();
+                c.format = SampleFormat::S16 as u8;
+            });
+            device.reply(&command, status::OK, &[]);
+        });
+    rig.driver
+        .configure(&settings, &mut wait)
+        .expect("CONFIGURE");
+    assert_eq!(wait.steps_left(), 0);
+    let done = rig.driver.next_completion().expect("the read came back");
+    assert_eq!(done.id, id);
+    assert!(matches!(done.outcome, ReadOutcome::Data(h) if h.frame_count.get() == 2));
+    assert_eq!(rig.driver.in_flight(), 0);
+    assert_eq!(rig.driver.frame_bytes(), 3 * 2);
 }
 
 #[test]
@@ -1274,7 +1407,8 @@ impl Rng {
     }
 }
 
-/// The outcome 5.x.6.2 and 5.x.7 prescribe for a buffer of `len` bytes returned with `used`.
+/// The outcome 5.x.6.2, 5.x.6.3 and 5.x.7 prescribe for a buffer of `len` bytes returned with
+/// `used` (spec: [6.3-1] a payload is whole frames of the configured size).
 fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutcome {
     if used == 0 {
         return ReadOutcome::Rejected;
@@ -1284,7 +1418,10 @@ fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutc
     }
     match written.status {
         buffer_status::BAD_BUFFER => ReadOutcome::Rejected,
-        buffer_status::OK if written.payload_bytes() == Some(used - HEADER_SIZE) => {
+        buffer_status::OK
+            if written.payload_bytes() == Some(used - HEADER_SIZE)
+                && (written.frame_count.get() == 0 || (used - HEADER_SIZE) % FRAME == 0) =>
+        {
             ReadOutcome::Data(*written)
         }
         _ => ReadOutcome::Invalid { used },

@@ -266,8 +266,9 @@ pub struct RunArgs {
     /// Sample rate in Hz (paced clock).
     #[arg(short, long, default_value_t = 1_000_000)]
     pub rate: u32,
-    /// Channels per frame.
-    #[arg(short, long, default_value_t = 4)]
+    /// Channels per frame (up to 1024; above 64 the card is built with that many).
+    #[arg(short, long, default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(vdaq_wire::MAX_CHANNELS)))]
     pub channels: u16,
     /// Sample format.
     #[arg(long, value_parser = WireValue::new(SampleFormat::name),
@@ -395,6 +396,10 @@ impl RunArgs {
             "--seed".into(),
             self.seed.to_string(),
         ];
+        if self.channels > 64 {
+            // The reference card has 64 channels unless built with more.
+            backend_args.extend(["--max-channels".into(), self.channels.to_string()]);
+        }
         if self.deterministic {
             backend_args.push("--deterministic".into());
         }

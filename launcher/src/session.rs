@@ -217,6 +217,9 @@ pub enum SessionError {
     /// The backend did not create its socket.
     #[error("the backend did not listen on {0} within 10 s")]
     BackendNotListening(PathBuf),
+    /// The backend ended before listening (it said why on stderr).
+    #[error("the backend exited ({0}) before it listened; its message above says why")]
+    BackendExited(ExitStatus),
     /// The unplug / re-plug sequence failed.
     #[error("re-plug: {0}")]
     Replug(#[from] crate::qmp::QmpError),
@@ -483,10 +486,10 @@ fn qemu_command(config: &RunConfig, socket: &Path, qmp: &Path) -> Command {
 fn wait_for_socket(socket: &Path, backend: &mut Supervised) -> Result<(), SessionError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
-        if backend.try_wait().is_some()
-            || Instant::now() > deadline
-            || INTERRUPTED.load(Ordering::Acquire)
-        {
+        if let Some(status) = backend.try_wait() {
+            return Err(SessionError::BackendExited(status));
+        }
+        if Instant::now() > deadline || INTERRUPTED.load(Ordering::Acquire) {
             return Err(SessionError::BackendNotListening(socket.to_path_buf()));
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -237,6 +237,39 @@ fn vdaq_scenario(scenario: &str, extra: &[&str]) -> (bool, Value) {
     vdaq(&args)
 }
 
+/// spec: [4-11] 1 to 1024 channels, every format, each frame and buffer size checked exactly.
+#[test]
+fn e2e_one_and_1024_channels_stream_and_verify_in_every_format() {
+    for (channels, rate) in [("1", "200000"), ("1024", "2000")] {
+        for format in ["s16", "s32", "f32"] {
+            let (ok, report) = vdaq(&[
+                "--machine",
+                "microvm",
+                "--accel",
+                "tcg",
+                "--duration",
+                "0.4",
+                "--rate",
+                rate,
+                "--channels",
+                channels,
+                "--format",
+                format,
+            ]);
+            let what = format!("{channels} channels of {format}");
+            assert!(ok, "{what}: {}", report["failure"]);
+            assert_sound(&report);
+            let channels: u64 = channels.parse().expect("number");
+            assert_eq!(n(&report, "device_dropped"), 0, "{what}: nothing lost");
+            assert_eq!(
+                n(&report, "samples"),
+                n(&report, "frames") * channels,
+                "{what}: every sample of every frame verified"
+            );
+        }
+    }
+}
+
 #[test]
 fn e2e_lost_irq_watchdog_recovers_every_completion() {
     let (ok, report) = vdaq_scenario("lost-irq.toml", &[]);

@@ -14,7 +14,8 @@ pub const MODEL_LEN: usize = 24;
 ///
 /// The counters are live: every read returns the device's current values, but a 64-bit
 /// counter read as two 32-bit accesses can tear; GET_STATUS returns one consistent snapshot.
-/// The device raises a configuration-change notification only when it enters NEEDS_RESET.
+/// The device raises a configuration-change notification when it enters NEEDS_RESET and
+/// when its operator changes settings while it runs (never for counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct DaqConfig {
@@ -79,10 +80,100 @@ pub struct DaqConfig {
     pub reserved: U32,
 }
 
+/// Firmware major version this crate describes; a card with another major is another
+/// interface (spec 5.x.1), while a newer minor only adds to it.
+pub const FIRMWARE_MAJOR: u16 = (crate::FIRMWARE_VERSION >> 16) as u16;
+
+/// Why a configuration space is not that of a vdaq card a driver can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityError {
+    /// `firmware_version`'s major is not [`FIRMWARE_MAJOR`] (carries the field).
+    FirmwareMajor(u32),
+    /// `model` is empty, not printable ASCII, or not NUL-padded.
+    Model,
+    /// `max_channels` is 0, or above [`crate::MAX_CHANNELS`].
+    MaxChannels(u16),
+    /// `channels` is 0 or above `max_channels`.
+    Channels(u16),
+    /// `format` is unknown, or not among `supported_formats`.
+    Format(u8),
+    /// `min_rate_hz` is 0, above `max_rate_hz`, or `rate_hz` is outside them (paced clock).
+    Rates,
+    /// `fifo_frames` is 0.
+    Fifo,
+    /// `state` is no known code.
+    State(u8),
+}
+
+/// A card's identity, as [`DaqConfig::identify`] found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Firmware major (always [`FIRMWARE_MAJOR`]).
+    pub firmware_major: u16,
+    /// Firmware minor: newer minors keep every field and rule of older ones.
+    pub firmware_minor: u16,
+    /// Length of the model name in `model`.
+    pub model_len: usize,
+}
+
+impl DaqConfig {
+    /// Checks that this configuration space is a vdaq card's, with limits and settings a
+    /// driver can stream with (spec 5.x.1, 5.x.4): device ID 21 is also another device type's,
+    /// and the device is not trusted.
+    pub fn identify(&self) -> Result<Identity, IdentityError> {
+        let firmware = self.firmware_version.get();
+        if (firmware >> 16) as u16 != FIRMWARE_MAJOR {
+            return Err(IdentityError::FirmwareMajor(firmware));
+        }
+        let model_len = self.model.iter().position(|&b| b == 0).unwrap_or(MODEL_LEN);
+        let (name, padding) = self.model.split_at(model_len);
+        if name.is_empty()
+            || !name.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
+            || padding.iter().any(|&b| b != 0)
+        {
+            return Err(IdentityError::Model);
+        }
+        let max_channels = self.max_channels.get();
+        if max_channels == 0 || max_channels > crate::MAX_CHANNELS {
+            return Err(IdentityError::MaxChannels(max_channels));
+        }
+        let channels = self.channels.get();
+        if channels == 0 || channels > max_channels {
+            return Err(IdentityError::Channels(channels));
+        }
+        let format_known = crate::SampleFormat::from_code(self.format).is_some();
+        let format_bit = 1u32.checked_shl(u32::from(self.format)).unwrap_or(0);
+        if !format_known || self.supported_formats.get() & format_bit == 0 {
+            return Err(IdentityError::Format(self.format));
+        }
+        let (min, max, rate) = (
+            self.min_rate_hz.get(),
+            self.max_rate_hz.get(),
+            self.rate_hz.get(),
+        );
+        let paced = self.clock == crate::ClockMode::Paced as u8;
+        if min == 0 || min > max || (paced && !(min..=max).contains(&rate)) {
+            return Err(IdentityError::Rates);
+        }
+        if self.fifo_frames.get() == 0 {
+            return Err(IdentityError::Fifo);
+        }
+        if crate::DeviceState::from_code(self.state).is_none() {
+            return Err(IdentityError::State(self.state));
+        }
+        Ok(Identity {
+            firmware_major: FIRMWARE_MAJOR,
+            firmware_minor: firmware as u16,
+            model_len,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
+    use zerocopy::FromZeros;
 
     #[test]
     fn config_layout_matches_spec() {
@@ -115,5 +206,88 @@ mod tests {
         assert_eq!(offset_of!(DaqConfig, model), 104);
         assert_eq!(offset_of!(DaqConfig, full_scale_uv), 128);
         assert_eq!(offset_of!(DaqConfig, reserved), 132);
+    }
+
+    fn reference_card() -> DaqConfig {
+        let mut config = DaqConfig::new_zeroed();
+        config.max_channels.set(64);
+        config.channels.set(4);
+        config.supported_formats.set(0x0e);
+        config.min_rate_hz.set(1);
+        config.max_rate_hz.set(100_000_000);
+        config.rate_hz.set(48_000);
+        config.fifo_frames.set(65_536);
+        config.format = crate::SampleFormat::S16 as u8;
+        config.firmware_version.set(crate::FIRMWARE_VERSION);
+        config.model[..crate::MODEL_NAME.len()].copy_from_slice(crate::MODEL_NAME);
+        config
+    }
+
+    /// spec: [1-1] a driver can tell a vdaq card from another device with ID 21.
+    #[test]
+    fn identify_accepts_the_reference_card_and_any_minor_of_its_major() {
+        let card = reference_card();
+        assert_eq!(card.identify().map(|id| id.model_len), Ok(8));
+        let mut newer = card;
+        newer.firmware_version.set(crate::FIRMWARE_VERSION | 7);
+        assert_eq!(newer.identify().map(|id| id.firmware_minor), Ok(7));
+    }
+
+    /// spec: [1-1]
+    #[test]
+    fn identify_refuses_what_is_no_usable_vdaq_card() {
+        let zeroed = DaqConfig::new_zeroed();
+        assert_eq!(zeroed.identify(), Err(IdentityError::FirmwareMajor(0)));
+        type Case = (&'static str, fn(&mut DaqConfig), IdentityError);
+        let cases: [Case; 11] = [
+            (
+                "major 2",
+                |c| c.firmware_version.set(2 << 16),
+                IdentityError::FirmwareMajor(2 << 16),
+            ),
+            (
+                "empty model",
+                |c| c.model = [0; MODEL_LEN],
+                IdentityError::Model,
+            ),
+            (
+                "model not padded",
+                |c| c.model[20] = b'x',
+                IdentityError::Model,
+            ),
+            (
+                "model not ASCII",
+                |c| c.model[0] = 0xc3,
+                IdentityError::Model,
+            ),
+            (
+                "no channels at most",
+                |c| c.max_channels.set(0),
+                IdentityError::MaxChannels(0),
+            ),
+            (
+                "no channels",
+                |c| c.channels.set(0),
+                IdentityError::Channels(0),
+            ),
+            (
+                "more than the most",
+                |c| c.channels.set(65),
+                IdentityError::Channels(65),
+            ),
+            (
+                "unsupported format",
+                |c| c.supported_formats.set(0x04),
+                IdentityError::Format(1),
+            ),
+            ("rate 0", |c| c.rate_hz.set(0), IdentityError::Rates),
+            ("no FIFO", |c| c.fifo_frames.set(0), IdentityError::Fifo),
+            ("unknown state", |c| c.state = 9, IdentityError::State(9)),
+        ];
+        for (what, spoil, expected) in cases {
+            let mut card = reference_card();
+            spoil(&mut card);
+            assert_eq!(card.identify(), Err(expected), "{what}");
+        }
     }
 }

@@ -45,6 +45,9 @@ const _: () = assert!(VIRTIO_ID_DAQ <= 63);
 /// Name of the device model reported in the configuration space.
 pub const MODEL_NAME: &[u8] = b"vdaq-sim";
 
+/// Most channels a card may have (`max_channels`): a frame of 1024 S32 samples is 4 KiB.
+pub const MAX_CHANNELS: u16 = 1024;
+
 /// Firmware (device model) version reported in the configuration space: major << 16 | minor.
 pub const FIRMWARE_VERSION: u32 = 1 << 16;
 

@@ -8,7 +8,6 @@ use vdaq_wire::control::{CommandStatus, Configure, FlushReply, Opcode, Status};
 use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
 use vdaq_wire::{ClockMode, DeviceState, SampleFormat};
 
-use super::completer::Posted;
 use super::settings::{Settings, SettingsError};
 use super::{Card, Completion, Counters, ReadBuffer};
 
@@ -107,6 +106,15 @@ impl<B: ReadBuffer> Card<B> {
             return CommandStatus::Busy;
         }
         let old = self.live.settings;
+        let frame_bytes = |s: &Settings| s.format.sample_bytes() * usize::from(s.channels);
+        if frame_bytes(&settings) != frame_bytes(&old) {
+            // A held buffer's capacity in frames depends on the frame size, and some may no
+            // longer hold one frame: all of them come back, empty and FLUSHED, in the order
+            // they were made available (5.x.6.2 keeps completion order), before the reply.
+            while !self.live.buffers.posted.is_empty() {
+                self.complete_front(flags::FLUSHED, now_ns, out);
+            }
+        }
         let samples_change = (
             old.rate_hz,
             old.channels,
@@ -139,19 +147,7 @@ impl<B: ReadBuffer> Card<B> {
         {
             self.live.trigger.armed = None;
         }
-        // No buffer is partly filled here (frames_pending is 0), so capacities can be redone.
-        let frame_bytes = self.frame_bytes() as u64;
-        for posted in std::mem::take(&mut self.live.buffers.posted) {
-            let capacity_frames = posted.buffer.payload_capacity() as u64 / frame_bytes;
-            if capacity_frames == 0 {
-                self.reject_buffer(posted.buffer, now_ns, out);
-            } else {
-                self.live.buffers.posted.push_back(Posted {
-                    capacity_frames: capacity_frames.min(u64::from(u32::MAX)),
-                    ..posted
-                });
-            }
-        }
+        // Buffers still held have the frame size they were accepted with.
         CommandStatus::Ok
     }
 

@@ -58,8 +58,9 @@ const NS_PER_SEC: u128 = 1_000_000_000;
 /// least one frame of the largest kind (1024 channels × 4 bytes; see `Limits::max_channels`).
 const RENDER_BLOCK_BYTES: usize = 32 * 1024;
 
-/// Most channels a card can be built with (keeps a frame within the render block).
-pub const MAX_CHANNELS_LIMIT: u16 = 1024;
+/// Most channels a card can be built with (the spec's limit; a frame fits the render block).
+pub const MAX_CHANNELS_LIMIT: u16 = vdaq_wire::MAX_CHANNELS;
+const _: () = assert!(MAX_CHANNELS_LIMIT as usize * 4 <= RENDER_BLOCK_BYTES);
 
 /// A device-writable buffer the driver posted on the data queue.
 pub trait ReadBuffer {

@@ -563,8 +563,9 @@ fn a_pause_between_stop_and_start_ends_the_buffer_and_keeps_timestamps_true() {
     assert_eq!(second.dropped_frames.get(), 0);
 }
 
+/// spec: [6.2-4] CONFIGURE that changes the frame size returns every held buffer, in order.
 #[test]
-fn configure_resizes_held_buffers_to_the_new_frame_size() {
+fn configure_changing_the_frame_size_returns_every_held_buffer_in_order() {
     let mut card = card(
         Settings {
             clock: ClockMode::FreeRunning,
@@ -575,23 +576,55 @@ fn configure_resizes_held_buffers_to_the_new_frame_size() {
     let mut out = Vec::new();
     card.post(buffer(10), 0, &mut out); // 80 payload bytes
     card.post(VecBuffer::new(HEADER_SIZE + 12), 0, &mut out); // room for 1 frame of 8 bytes
+    card.post(buffer(10), 0, &mut out);
     let wider = Settings {
         channels: 4,
         ..*card.settings()
     };
     assert_eq!(card.configure(wider, 0, &mut out), CommandStatus::Ok);
+    assert_eq!(out.len(), 3, "all three held buffers came back");
+    let sequences: Vec<u64> = out
+        .iter()
+        .map(|done| {
+            let header = done.buffer.header();
+            assert_eq!(header.status, buffer_status::OK);
+            assert_eq!(header.frame_count.get(), 0);
+            assert_ne!(header.flags.get() & flags::FLUSHED, 0);
+            header.sequence.get()
+        })
+        .collect();
     assert_eq!(
-        out.len(),
-        1,
-        "the buffer too small for a 16-byte frame is returned"
+        sequences,
+        [0, 1, 2],
+        "in the order they were made available"
     );
-    assert_eq!(out[0].buffer.header().status, buffer_status::BAD_BUFFER);
+    assert_eq!(card.buffers_held(), 0);
+    card.post(buffer(10), 0, &mut out);
     card.start(0);
     card.advance(0, &mut out);
-    let header = out[1].buffer.header();
-    assert_eq!(header.frame_count.get(), 5);
+    let header = out[3].buffer.header();
+    assert_eq!(
+        header.frame_count.get(),
+        5,
+        "sized with the new 16-byte frame"
+    );
     assert_eq!(header.channels.get(), 4);
     assert_ne!(header.flags.get() & flags::DISCONTINUITY, 0);
+}
+
+/// spec: [6.2-4] CONFIGURE that keeps the frame size keeps the held buffers.
+#[test]
+fn configure_keeping_the_frame_size_keeps_held_buffers() {
+    let mut card = card(settings(), 1024);
+    let mut out = Vec::new();
+    card.post(buffer(10), 0, &mut out);
+    let faster = Settings {
+        rate_hz: card.settings().rate_hz * 2,
+        ..*card.settings()
+    };
+    assert_eq!(card.configure(faster, 0, &mut out), CommandStatus::Ok);
+    assert!(out.is_empty());
+    assert_eq!(card.buffers_held(), 1);
 }
 
 #[test]

@@ -59,6 +59,8 @@
 #define VDAQ_BUF_STOPPED		0x10
 #define VDAQ_BUF_CRC_VALID		0x20
 #define VDAQ_BUF_DISCONTINUITY		0x40
+#define VDAQ_BUF_PAUSED			0x80
+#define VDAQ_BUF_SIGNAL_CHANGED		0x100
 
 /* struct vdaq_buffer_header.status */
 #define VDAQ_BUF_STATUS_OK		0

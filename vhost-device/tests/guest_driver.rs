@@ -218,7 +218,7 @@ fn driver_arms_a_rising_edge_trigger_and_receives_flagged_buffers_and_events() {
         reserved: 0,
         channel: 0.into(),
         threshold_ppm: 0.into(),
-        pre_frames: 100.into(),
+        pre_frames: 0.into(),
         post_frames: 500.into(),
     };
     rig.driver

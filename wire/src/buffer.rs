@@ -26,6 +26,22 @@ pub mod flags {
     pub const CRC_VALID: u16 = 1 << 5;
     /// The stream format (rate, channels, format or signal) changed at this buffer's first frame.
     pub const DISCONTINUITY: u16 = 1 << 6;
+    /// Completed partly filled at a pause: the next frame was sampled after a STOP and START
+    /// (a new clock run; frames continue without loss, timestamps jump).
+    pub const PAUSED: u16 = 1 << 7;
+    /// Completed partly filled because the signal changes at the next frame (the next buffer
+    /// carries DISCONTINUITY).
+    pub const SIGNAL_CHANGED: u16 = 1 << 8;
+    /// Every flag defined; the others are reserved and 0.
+    pub const ALL: u16 = OVERRUN
+        | FLUSHED
+        | TRIGGERED
+        | LATENCY
+        | STOPPED
+        | CRC_VALID
+        | DISCONTINUITY
+        | PAUSED
+        | SIGNAL_CHANGED;
 }
 
 /// Status codes of [`BufferHeader::status`].

@@ -115,8 +115,8 @@ pub struct Configure {
 /// Payload of SET_TRIGGER: a hardware (level/edge) trigger on one channel, evaluated on every
 /// frame the device delivers. When it fires at frame T the buffer holding T is flagged
 /// TRIGGERED (`trigger_frame` = its offset) and a TRIGGER event is raised; the capture window
-/// is frames T − `pre_frames` … T + `post_frames` − 1 of the stream, and the trigger re-arms
-/// after the window's last frame.
+/// is frames T … T + `post_frames` − 1 of the stream, and the trigger re-arms after the
+/// window's last frame.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
@@ -130,7 +130,8 @@ pub struct TriggerConfig {
     pub channel: U16,
     /// Threshold in millionths of full scale (−1 000 000 … 1 000 000), two's complement.
     pub threshold_ppm: U32,
-    /// Frames of the window before the trigger frame.
+    /// Frames of the window before the trigger frame: must be 0 (the device keeps no
+    /// pre-trigger history; other values are INVALID).
     pub pre_frames: U32,
     /// Frames of the window from the trigger frame on (≥ 1).
     pub post_frames: U32,
@@ -290,6 +291,9 @@ pub fn command_payload_size(opcode: u32) -> Option<usize> {
 
 /// Bytes of a command or reply header.
 pub const HEADER_BYTES: usize = core::mem::size_of::<CommandHeader>();
+
+/// Largest control request (header + payload) a device reads; a longer one is BAD_SIZE.
+pub const MAX_REQUEST_BYTES: usize = 4096;
 
 /// Why bytes do not frame a command or a reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

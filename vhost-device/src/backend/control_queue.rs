@@ -5,21 +5,25 @@ use std::io;
 
 use vdaq_wire::control::{self, CommandStatus, Opcode};
 use vdaq_wire::queue;
-use vhost_user_backend::VringRwLock;
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::{read_segments, validate_chain, write_segments};
 use super::{DaqBackend, MemorySnapshot};
 
-/// Largest control request (header + payload) the device reads; larger ones are BAD_SIZE.
-pub(super) const MAX_COMMAND_BYTES: usize = 4096;
-
 impl DaqBackend {
     pub(super) fn process_control_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
         let Some(control_vring) = vrings.get(usize::from(queue::CONTROL)) else {
             return Ok(());
         };
+        // Buffers made available on dataq before a command was are the command's to act on
+        // (a FLUSH returns them, a STOP sees them), whichever kick the event loop took first.
+        if let Some(data_vring) = vrings.get(usize::from(queue::DATA)) {
+            if data_vring.get_ref().is_enabled() {
+                self.process_data_queue(data_vring)?;
+            }
+        }
         self.drain_available(control_vring, "control", |this, chain, mem| {
             let head = chain.head_index();
             let used_len = this.execute_command(chain, mem, vrings);
@@ -68,7 +72,7 @@ impl DaqBackend {
             }
         };
         let request_len = layout.readable_bytes();
-        if !(control::HEADER_BYTES..=MAX_COMMAND_BYTES).contains(&request_len) {
+        if !(control::HEADER_BYTES..=control::MAX_REQUEST_BYTES).contains(&request_len) {
             self.errors
                 .report("control", format_args!("request of {request_len} bytes"));
             self.card.count_rejected();

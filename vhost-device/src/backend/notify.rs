@@ -64,7 +64,9 @@ impl DaqBackend {
 
     /// Tells the driver, once, that the device entered NEEDS_RESET.
     pub(super) fn notify_needs_reset(&mut self) {
-        if self.needs_reset_notified {
+        if self.needs_reset_notified || self.frontend.is_none() {
+            // Without the backend-request channel yet, the next pump after it is set up
+            // sends the notification.
             return;
         }
         self.needs_reset_notified = true;

@@ -137,8 +137,12 @@ impl<B: ReadBuffer> Card<B> {
         if samples_change {
             self.live.buffers.discontinuity = true;
         }
+        if settings != self.live.settings {
+            // Nothing sampled under the old settings is pending (checked above): the signal
+            // history is no longer needed. With the same settings, pending frames keep theirs.
+            self.live.signal_segments.clear();
+        }
         self.live.settings = settings;
-        self.live.signal_segments.clear();
         if self
             .live
             .trigger
@@ -173,6 +177,9 @@ impl<B: ReadBuffer> Card<B> {
     /// Returns every held buffer now: FIFO contents go into them first, the rest complete
     /// empty, all flagged FLUSHED. Returns how many buffers were returned.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Completion<B>>) -> u32 {
+        // Counted from here: sampling the frames due now can itself complete buffers (a full
+        // FIFO drains), and those are returned by this FLUSH too.
+        let before = out.len();
         if self.live.state == DeviceState::Running
             && self.live.settings.clock == ClockMode::Paced
             && !self.kept.deterministic
@@ -180,7 +187,6 @@ impl<B: ReadBuffer> Card<B> {
             let due = self.due_frame(now_ns);
             self.produce_until(due, now_ns, out);
         }
-        let before = out.len();
         self.drain(now_ns, true, out);
         while !self.live.buffers.posted.is_empty() {
             self.complete_front(flags::FLUSHED, now_ns, out);

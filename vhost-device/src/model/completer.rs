@@ -57,6 +57,10 @@ pub(super) struct Posted<B> {
     pub(super) dropped_before: u64,
     pub(super) flags: u16,
     pub(super) trigger_frame: u32,
+    /// Stream indices of the triggers that fired in this buffer, in the order found; their
+    /// TRIGGER events are raised when the buffer completes, so that each names the `sequence`
+    /// it really got (or none, if the buffer could not be written).
+    pub(super) triggers: Vec<u64>,
     pub(super) crc: crc32fast::Hasher,
 }
 
@@ -84,11 +88,15 @@ impl<B> Posted<B> {
         }
     }
 
-    /// Flags the buffer TRIGGERED at frame `offset` within it, unless an earlier trigger did.
+    /// Records a trigger at frame `offset` within the buffer; the header keeps the earliest.
     fn mark_triggered(&mut self, offset: u64) {
-        if self.flags & flags::TRIGGERED == 0 {
+        if self.flags & flags::TRIGGERED == 0 || offset < u64::from(self.trigger_frame) {
             self.flags |= flags::TRIGGERED;
             self.trigger_frame = offset as u32;
+        }
+        // More than the event backlog cannot be delivered anyway; those are lost events.
+        if self.triggers.len() < vdaq_wire::event::EVENT_BACKLOG {
+            self.triggers.push(self.first_frame + offset);
         }
     }
 }
@@ -192,6 +200,7 @@ impl<B: ReadBuffer> Card<B> {
             dropped_before: 0,
             flags: 0,
             trigger_frame: 0,
+            triggers: Vec::new(),
             crc: crc32fast::Hasher::new(),
         });
     }
@@ -250,7 +259,7 @@ impl<B: ReadBuffer> Card<B> {
                 .front()
                 .is_some_and(|p| p.filled > 0 && p.first_frame < first)
         {
-            self.complete_front(0, now_ns, out);
+            self.complete_front(flags::SIGNAL_CHANGED, now_ns, out);
             return 0;
         }
         let count = match self.signal_change_after(first) {
@@ -310,12 +319,8 @@ impl<B: ReadBuffer> Card<B> {
         }
         front.filled += taken;
         self.live.buffers.delivered_end = first + taken;
-        for frame in rendered.fired {
-            self.push_event(kind::TRIGGER, now_ns, frame, self.live.buffers.sequence);
-        }
-        if let Some(trigger) = triggered {
+        if triggered.is_some() {
             self.live.trigger.software_at = None;
-            self.push_event(kind::TRIGGER, now_ns, trigger, self.live.buffers.sequence);
         }
         if rendered.write_failed {
             self.return_unwritable_front(now_ns, out);
@@ -345,6 +350,8 @@ impl<B: ReadBuffer> Card<B> {
         self.live.counters.frames_dropped += broken.filled;
         self.live.counters.requests_rejected += 1;
         warn!("read buffer became unwritable; returning it with used length 0");
+        // Its trigger frames are lost with it: the events say so, as for a dropped frame.
+        self.raise_trigger_events(&broken.triggers, u64::MAX, now_ns);
         self.note_completion(now_ns);
         out.push(Completion {
             buffer: broken.buffer,
@@ -432,6 +439,7 @@ impl<B: ReadBuffer> Card<B> {
                 warn!("read buffer header write failed: {err}");
                 self.live.counters.requests_rejected += 1;
                 self.live.counters.frames_dropped += posted.filled;
+                self.raise_trigger_events(&posted.triggers, u64::MAX, now_ns);
                 // The frames (and the drops before them) go into the next header.
                 self.live.buffers.delivered_end = posted.first_frame - posted.dropped_before;
                 self.note_completion(now_ns);
@@ -442,14 +450,26 @@ impl<B: ReadBuffer> Card<B> {
                 return;
             }
         };
+        let sequence = self.live.buffers.sequence;
         self.live.buffers.sequence += 1;
         self.live.counters.buffers_completed += 1;
         self.live.counters.frames_delivered += posted.filled;
+        self.raise_trigger_events(&posted.triggers, sequence, now_ns);
         self.note_completion(now_ns);
         out.push(Completion {
             buffer: posted.buffer,
             used_len: u32::try_from(used_len).unwrap_or(u32::MAX),
         });
+    }
+
+    /// One TRIGGER event per trigger frame, in stream order, naming the buffer (`sequence`,
+    /// or all-ones when the frame did not reach the driver).
+    fn raise_trigger_events(&mut self, triggers: &[u64], sequence: u64, now_ns: u64) {
+        let mut frames = triggers.to_vec();
+        frames.sort_unstable();
+        for frame in frames {
+            self.push_event(kind::TRIGGER, now_ns, frame, sequence);
+        }
     }
 
     pub(super) fn note_completion(&mut self, now_ns: u64) {

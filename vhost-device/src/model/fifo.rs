@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use log::debug;
+use vdaq_wire::buffer::flags;
 use vdaq_wire::event::kind;
 
 use super::{Card, Completion, ReadBuffer};
@@ -15,9 +16,22 @@ pub(super) struct Fifo {
     pub(super) runs: VecDeque<Run>,
     /// Frames held (the sum of the runs' lengths).
     pub(super) level: u64,
-    /// Frames dropped in the overrun episode still going on: (first, count).
-    pub(super) drop_run: Option<(u64, u64)>,
+    /// Frames dropped in the overrun episode still going on and not yet reported.
+    pub(super) drop_run: Option<DropRun>,
 }
+
+/// The unreported part of an overrun episode.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DropRun {
+    first: u64,
+    count: u64,
+    /// Device time its first frame was dropped.
+    since_ns: u64,
+}
+
+/// While an overrun lasts it is reported at this interval (frames lost so far, then the
+/// rest at its end), so a driver hears of it within this bound and the event rate stays low.
+pub const OVERRUN_REPORT_INTERVAL_NS: u64 = 100_000_000;
 
 /// Contiguous frames in the FIFO, sampled in one clock run (START to STOP). A gap between
 /// two runs is an overrun; a new clock origin is a pause.
@@ -72,11 +86,24 @@ impl<B: ReadBuffer> Card<B> {
     pub(super) fn drop_frames(&mut self, count: u64, now_ns: u64) {
         let first = self.live.clock.next_frame;
         match &mut self.live.fifo.drop_run {
-            Some((_, dropped)) => *dropped += count,
+            Some(run) => run.count += count,
             None => {
                 debug!("overrun: FIFO full and no buffer posted, dropping from frame {first}");
-                self.live.fifo.drop_run = Some((first, count));
+                self.live.fifo.drop_run = Some(DropRun {
+                    first,
+                    count,
+                    since_ns: now_ns,
+                });
             }
+        }
+        if self
+            .live
+            .fifo
+            .drop_run
+            .is_some_and(|run| now_ns.saturating_sub(run.since_ns) >= OVERRUN_REPORT_INTERVAL_NS)
+        {
+            // Still going on: report what is lost so far; the rest follows in later events.
+            self.end_overrun(now_ns);
         }
         if let Some(trigger) = self.live.trigger.software_at {
             if trigger >= first && trigger < first + count {
@@ -91,8 +118,8 @@ impl<B: ReadBuffer> Card<B> {
 
     /// Closes the running overrun episode, if any, and reports it.
     pub(super) fn end_overrun(&mut self, now_ns: u64) {
-        if let Some((first, count)) = self.live.fifo.drop_run.take() {
-            self.push_event(kind::OVERRUN, now_ns, count, first);
+        if let Some(run) = self.live.fifo.drop_run.take() {
+            self.push_event(kind::OVERRUN, now_ns, run.count, run.first);
         }
     }
 
@@ -113,14 +140,21 @@ impl<B: ReadBuffer> Card<B> {
             let Some(run) = self.live.fifo.runs.front().copied() else {
                 break;
             };
-            let needs_gap_completion = self.live.buffers.posted.front().is_some_and(|p| {
-                p.filled > 0
-                    && (p.first_frame + p.filled != run.first || p.origin_ns != run.origin_ns)
+            let ending = self.live.buffers.posted.front().and_then(|p| {
+                if p.filled == 0 {
+                    None
+                } else if p.first_frame + p.filled != run.first {
+                    Some(0)
+                } else if p.origin_ns != run.origin_ns {
+                    Some(flags::PAUSED)
+                } else {
+                    None
+                }
             });
-            if needs_gap_completion {
-                // Frames in one buffer are contiguous in index and time: an overrun gap or a
-                // STOP/START pause ends the buffer.
-                self.complete_front(0, now_ns, out);
+            if let Some(reason) = ending {
+                // Frames in one buffer are contiguous in index and time: an overrun gap (no
+                // flag; the next buffer says OVERRUN) or a STOP/START pause ends the buffer.
+                self.complete_front(reason, now_ns, out);
                 continue;
             }
             let taken = self.fill_front(&run, run.len, now_ns, out);

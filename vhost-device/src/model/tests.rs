@@ -188,6 +188,47 @@ fn overrun_drops_frames_counts_them_and_flags_the_next_buffer() {
     );
 }
 
+/// spec: [6.5-2] an overrun that lasts is reported while it lasts, at most every 100 ms.
+#[test]
+fn an_ongoing_overrun_is_reported_while_it_lasts_and_the_reports_add_up() {
+    let mut card = card(settings(), 100);
+    let mut out = Vec::new();
+    card.start(0);
+    // 1 kHz, FIFO of 100, no buffer: dropping from 100 ms on, for 350 ms, ticked every 5 ms.
+    let mut now = 0;
+    while now < 450 * MS {
+        now += 5 * MS;
+        card.advance(now, &mut out);
+    }
+    let during: Vec<Event> = std::iter::from_fn(|| card.pop_event()).collect();
+    assert!(
+        (3..=4).contains(&during.len()),
+        "one report per 100 ms while it lasts: {during:?}"
+    );
+    for pair in during.windows(2) {
+        assert!(pair[1].timestamp_ns.get() - pair[0].timestamp_ns.get() >= 100 * MS);
+    }
+    card.post(buffer(200), now, &mut out);
+    card.advance(now + 5 * MS, &mut out);
+    let events: Vec<Event> = during
+        .into_iter()
+        .chain(std::iter::from_fn(|| card.pop_event()))
+        .collect();
+    let mut next_first = 100;
+    for event in &events {
+        assert_eq!(event.kind.get(), kind::OVERRUN);
+        assert_eq!(event.arg1.get(), next_first, "reports are contiguous");
+        next_first += event.arg0.get();
+    }
+    let dropped: u64 = events.iter().map(|e| e.arg0.get()).sum();
+    assert_eq!(
+        dropped,
+        card.counters().frames_dropped,
+        "and add up to the loss"
+    );
+    assert_eq!(dropped, 350);
+}
+
 #[test]
 fn latency_bound_completes_a_partly_filled_buffer() {
     let mut card = card(
@@ -251,6 +292,30 @@ fn flush_returns_every_held_buffer() {
     }
     assert_eq!(out[3].buffer.header().frame_count.get(), 0);
     assert_eq!(out[3].used_len as usize, HEADER_SIZE);
+}
+
+/// spec: [6.8-6] FLUSH counts the buffers its own sampling completed too.
+#[test]
+fn flush_counts_buffers_completed_while_it_samples_the_frames_due() {
+    let mut card = card(
+        Settings {
+            watermark_frames: 16,
+            ..settings()
+        },
+        16,
+    );
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        card.post(buffer(100), 0, &mut out);
+    }
+    card.start(0);
+    // 250 frames are due, far more than the 16-frame FIFO: sampling them drains into the
+    // buffers, filling two of them, before FLUSH returns the rest.
+    assert_eq!(card.flush(250 * MS, &mut out), 4);
+    assert_eq!(out.len(), 4);
+    assert_eq!(out[0].buffer.header().frame_count.get(), 100);
+    assert_eq!(out[1].buffer.header().frame_count.get(), 100);
+    assert_eq!(card.buffers_held(), 0);
 }
 
 #[test]
@@ -551,6 +616,11 @@ fn a_pause_between_stop_and_start_ends_the_buffer_and_keeps_timestamps_true() {
     let second = verified(&out[1]);
     assert_eq!((first.first_frame.get(), first.frame_count.get()), (0, 10));
     assert_eq!(first.timestamp_ns.get(), 0);
+    assert_eq!(
+        first.flags.get(),
+        flags::PAUSED,
+        "ended by the pause, and says so"
+    );
     assert_eq!(
         (second.first_frame.get(), second.frame_count.get()),
         (10, 20)
@@ -962,7 +1032,7 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
         reserved: 0,
         channel: 0.into(),
         threshold_ppm: 0.into(),
-        pre_frames: 10.into(),
+        pre_frames: 0.into(),
         post_frames: 20.into(),
     };
     assert_eq!(
@@ -972,15 +1042,23 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
         "needs the trigger feature"
     );
     card.set_trigger_enabled(true);
-    let bad = TriggerConfig {
-        channel: 5.into(),
-        ..rising
-    };
-    assert_eq!(
-        card.execute(opcode::SET_TRIGGER, bad.as_bytes(), 0, &mut out)
-            .status,
-        CommandStatus::Invalid
-    );
+    for bad in [
+        TriggerConfig {
+            channel: 5.into(),
+            ..rising
+        },
+        // spec: [6.10-3] no pre-trigger history: a window reaching back is refused.
+        TriggerConfig {
+            pre_frames: 10.into(),
+            ..rising
+        },
+    ] {
+        assert_eq!(
+            card.execute(opcode::SET_TRIGGER, bad.as_bytes(), 0, &mut out)
+                .status,
+            CommandStatus::Invalid
+        );
+    }
     assert_eq!(
         card.execute(opcode::SET_TRIGGER, rising.as_bytes(), 0, &mut out)
             .status,
@@ -1065,6 +1143,12 @@ fn set_signal_mid_stream_ends_the_buffer_and_flags_the_next_one() {
         first_changed,
         before_header.first_frame.get() + u64::from(before_header.frame_count.get()),
         "contiguous"
+    );
+    assert!(before_header.frame_count.get() < 100, "ended early");
+    assert_eq!(
+        before_header.flags.get(),
+        flags::SIGNAL_CHANGED,
+        "a buffer ended by the change says so"
     );
     let payload = out[change].buffer.payload();
     let sample = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);

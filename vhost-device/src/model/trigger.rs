@@ -85,6 +85,8 @@ impl<B: ReadBuffer> Card<B> {
             || config.channel.get() >= self.live.settings.channels
             || !(-1_000_000..=1_000_000).contains(&threshold)
             || config.post_frames.get() == 0
+            // No pre-trigger history is kept: a window reaching back is refused, not cut.
+            || config.pre_frames.get() != 0
         {
             return CommandStatus::Invalid;
         }

@@ -704,3 +704,39 @@ fn show_progress(progress: &str) {
         let _ = std::io::stderr().flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vdaq_wire::report::Report;
+
+    /// The Linux image's /init writes the report itself when a C test tool ran (modes unbind,
+    /// unplug, iio…): its field list must be the report's, or the launcher cannot parse it.
+    #[test]
+    fn the_linux_init_reports_every_field_of_the_report() {
+        let init =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../images/linux/init"))
+                .expect("images/linux/init");
+        let list = init
+            .split("for f in ")
+            .nth(1)
+            .and_then(|rest| rest.split("; do").next())
+            .expect("the field loop of report()");
+        let from_init: Vec<&str> = list
+            .split_whitespace()
+            .filter(|word| *word != "\\")
+            .collect();
+        let value = serde_json::to_value(Report::default()).expect("serialisable");
+        let object = value.as_object().expect("an object");
+        let fixed = ["transport", "mode", "pass", "failure"];
+        let from_report: Vec<&str> = object
+            .keys()
+            .map(String::as_str)
+            .filter(|key| !fixed.contains(key))
+            .collect();
+        let mut sorted_init = from_init.clone();
+        sorted_init.sort_unstable();
+        let mut sorted_report = from_report.clone();
+        sorted_report.sort_unstable();
+        assert_eq!(sorted_init, sorted_report);
+    }
+}

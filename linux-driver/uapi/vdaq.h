@@ -112,7 +112,7 @@ struct vdaq_config {
 	__le32 events_lost;
 	__u8 model[VDAQ_MODEL_LEN];
 	__le32 full_scale_uv;		/* uV of full scale (S16 2^15, S32 2^31); 0 unknown */
-	__le32 reserved;		/* zero */
+	__le32 tick_us;			/* time step (us), firmware >= 1.1; 0 unknown */
 };
 
 /* Header at offset 0 of every completed read (wire: buffer::BufferHeader). */

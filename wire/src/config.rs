@@ -76,8 +76,9 @@ pub struct DaqConfig {
     /// 2^15, S32 sample 2^31, F32 1.0); 0 if the card does not say. Drivers scale raw samples
     /// by it (IIO's `scale`).
     pub full_scale_uv: U32,
-    /// Reserved, 0.
-    pub reserved: U32,
+    /// The device's time step (µs): every time-based rule is met within one tick after its
+    /// deadline. Firmware 1.1 on; 0 on 1.0 devices (unknown).
+    pub tick_us: U32,
 }
 
 /// Firmware major version this crate describes; a card with another major is another
@@ -205,7 +206,7 @@ mod tests {
         assert_eq!(offset_of!(DaqConfig, events_lost), 100);
         assert_eq!(offset_of!(DaqConfig, model), 104);
         assert_eq!(offset_of!(DaqConfig, full_scale_uv), 128);
-        assert_eq!(offset_of!(DaqConfig, reserved), 132);
+        assert_eq!(offset_of!(DaqConfig, tick_us), 132);
     }
 
     fn reference_card() -> DaqConfig {

@@ -49,7 +49,8 @@ pub const MODEL_NAME: &[u8] = b"vdaq-sim";
 pub const MAX_CHANNELS: u16 = 1024;
 
 /// Firmware (device model) version reported in the configuration space: major << 16 | minor.
-pub const FIRMWARE_VERSION: u32 = 1 << 16;
+/// 1.1 added `tick_us` in what 1.0 had reserved (a minor only adds; docs/spec.md 5.x.1).
+pub const FIRMWARE_VERSION: u32 = (1 << 16) | 1;
 
 /// Virtqueue indices.
 pub mod queue {

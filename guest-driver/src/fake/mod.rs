@@ -63,6 +63,6 @@ pub fn config(format: SampleFormat, channels: u16) -> DaqConfig {
         events_lost: 0.into(),
         model,
         full_scale_uv: 10_000_000.into(),
-        reserved: 0.into(),
+        tick_us: 1000.into(),
     }
 }

@@ -596,6 +596,17 @@ fn config_reads_are_bounded_to_the_config_space() {
     assert!(rig.backend.get_config(u32::MAX, 2).is_empty());
 }
 
+/// spec: [4-5] the configuration space states the device's tick.
+#[test]
+fn config_space_states_the_tick() {
+    let mem = memory();
+    let rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    assert_eq!(
+        rig.backend.get_config(132, 4),
+        1000u32.to_le_bytes().to_vec()
+    );
+}
+
 #[test]
 fn advertised_features_match_the_wire_crate() {
     let mem = memory();

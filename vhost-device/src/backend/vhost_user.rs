@@ -72,7 +72,10 @@ impl VhostUserBackendMut for DaqBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.card.config_space();
+        let mut config = self.card.config_space();
+        config
+            .tick_us
+            .set(u32::try_from(self.options.tick.as_micros()).unwrap_or(u32::MAX));
         let bytes = config.as_bytes();
         let start = offset as usize;
         match start.checked_add(size as usize) {

@@ -257,7 +257,8 @@ impl<B: ReadBuffer> Card<B> {
             events_lost: self.live.counters.events_lost.into(),
             model,
             full_scale_uv: self.kept.limits.full_scale_uv.into(),
-            reserved: 0.into(),
+            // The backend knows its tick (DaqBackend::get_config fills it in).
+            tick_us: 0.into(),
         }
     }
 

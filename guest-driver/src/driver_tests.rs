@@ -471,7 +471,7 @@ fn trigger_commands_are_refused_without_the_feature_and_nothing_is_sent() {
         .with_state(|s| assert_eq!(s.notifications[usize::from(queue::CONTROL)], 0));
 }
 
-/// spec: [6.2-5] [6.6-2] before CONFIGURE, the driver takes back what the device holds.
+/// spec: [6.2-10] [6.6-5] before CONFIGURE, the driver takes back what the device holds.
 #[test]
 fn configure_with_another_frame_size_flushes_the_reads_in_flight_first() {
     let mut rig = rig();
@@ -1408,7 +1408,7 @@ impl Rng {
 }
 
 /// The outcome 5.x.6.2, 5.x.6.3 and 5.x.7 prescribe for a buffer of `len` bytes returned with
-/// `used` (spec: [6.3-1] a payload is whole frames of the configured size).
+/// `used` (spec: [6.2-9] a payload is whole frames of the configured size).
 fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutcome {
     if used == 0 {
         return ReadOutcome::Rejected;

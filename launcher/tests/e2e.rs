@@ -237,7 +237,8 @@ fn vdaq_scenario(scenario: &str, extra: &[&str]) -> (bool, Value) {
     vdaq(&args)
 }
 
-/// spec: [4-11] 1 to 1024 channels, every format, each frame and buffer size checked exactly.
+/// spec: [6.2-3] [6.4-1] 1 to 1024 channels, every format, each frame and buffer size checked
+/// exactly.
 #[test]
 fn e2e_one_and_1024_channels_stream_and_verify_in_every_format() {
     for (channels, rate) in [("1", "200000"), ("1024", "2000")] {

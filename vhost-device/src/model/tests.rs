@@ -294,7 +294,7 @@ fn flush_returns_every_held_buffer() {
     assert_eq!(out[3].used_len as usize, HEADER_SIZE);
 }
 
-/// spec: [6.8-6] FLUSH counts the buffers its own sampling completed too.
+/// spec: [6.6-4] FLUSH counts the buffers its own sampling completed too.
 #[test]
 fn flush_counts_buffers_completed_while_it_samples_the_frames_due() {
     let mut card = card(
@@ -1047,7 +1047,7 @@ fn edge_and_level_triggers_flag_buffers_and_raise_events() {
             channel: 5.into(),
             ..rising
         },
-        // spec: [6.10-3] no pre-trigger history: a window reaching back is refused.
+        // spec: [6.10-1] no pre-trigger history: a window reaching back is refused.
         TriggerConfig {
             pre_frames: 10.into(),
             ..rising

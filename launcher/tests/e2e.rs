@@ -404,6 +404,7 @@ fn e2e_needs_reset_is_recovered_and_streaming_resumes() {
     assert_eq!(n(&report, "device_held_after"), 0);
 }
 
+/// spec: [4-3] [6.13-1] through QEMU's generic device, on virtio-mmio.
 #[test]
 fn e2e_microvm_needs_reset_arrives_as_a_configuration_interrupt_over_mmio() {
     let path = format!(

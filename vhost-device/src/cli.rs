@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     pub endpoint: Endpoint,
     /// Control socket per device (same order as the endpoint's sockets), if asked for.
     pub control_sockets: Vec<PathBuf>,
+    /// Bounds on each control socket's clients.
+    pub control_limits: crate::control::ControlLimits,
     /// Per-device options.
     pub device: DeviceOptions,
     /// What the sandbox does with a system call outside its allowlist.
@@ -205,6 +207,16 @@ struct Args {
     /// with --socket-count N, PATH0 .. PATH{N-1}.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+
+    /// Control-socket clients served at once; one more is answered with an error and closed.
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    control_clients: u16,
+
+    /// Close a control-socket client that sends nothing for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    control_idle_secs: u32,
 
     /// Location of the vhost-user Unix domain socket. With --socket-count N > 1, the
     /// sockets are PATH0 .. PATH{N-1}.
@@ -443,6 +455,10 @@ where
         config: DaemonConfig {
             endpoint,
             control_sockets,
+            control_limits: crate::control::ControlLimits {
+                max_clients: usize::from(args.control_clients),
+                idle_timeout: std::time::Duration::from_secs(u64::from(args.control_idle_secs)),
+            },
             device: DeviceOptions {
                 settings,
                 limits,

@@ -12,10 +12,13 @@
 //! Malformed or failing requests get `{"ok":false,"error":"…"}`; the connection stays open.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
+use std::time::Duration;
 
 use log::{info, warn};
 use serde_json::{json, Value};
@@ -27,8 +30,36 @@ use crate::model::scenario::{Action, ActionFields};
 /// The device a control socket talks to: replaced on every new vhost-user connection.
 pub type DeviceSlot = Arc<Mutex<Option<Arc<RwLock<DaqBackend>>>>>;
 
-/// Longest request line accepted.
+/// Longest request line accepted (also the most a client's line can make this process buffer).
 const MAX_REQUEST: usize = 64 * 1024;
+
+/// Bounds on the control socket's clients, so that a flood of them, or clients that connect
+/// and never speak, cannot take threads and memory from the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlLimits {
+    /// Clients served at once; one more is answered with an error line and closed.
+    pub max_clients: usize,
+    /// A client that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ControlLimits {
+    fn default() -> Self {
+        ControlLimits {
+            max_clients: 8,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts a served client while it lives.
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Control-socket errors (setup and client side).
 #[derive(Debug, Error)]
@@ -43,8 +74,9 @@ pub enum ControlError {
     },
 }
 
-/// Serves the control socket at `path` for the device in `slot`, in a background thread.
-pub fn serve(path: &Path, slot: DeviceSlot) -> Result<(), ControlError> {
+/// Serves the control socket at `path` for the device in `slot`, in a background thread,
+/// within `limits`.
+pub fn serve(path: &Path, slot: DeviceSlot, limits: ControlLimits) -> Result<(), ControlError> {
     let socket_error = |source| ControlError::Socket {
         path: path.to_path_buf(),
         source,
@@ -67,13 +99,27 @@ pub fn serve(path: &Path, slot: DeviceSlot) -> Result<(), ControlError> {
     thread::Builder::new()
         .name("vdaq control".into())
         .spawn(move || {
+            let active = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => {
+                    Ok(mut stream) => {
+                        if active.fetch_add(1, Ordering::AcqRel) >= limits.max_clients {
+                            active.fetch_sub(1, Ordering::AcqRel);
+                            let refusal = error(format!(
+                                "{} control clients are connected already; close one and retry",
+                                limits.max_clients
+                            ));
+                            let _ = writeln!(stream, "{refusal}");
+                            continue;
+                        }
+                        let client = ClientSlot(active.clone());
                         let slot = slot.clone();
                         let spawned = thread::Builder::new()
                             .name("vdaq control client".into())
-                            .spawn(move || serve_client(stream, &slot));
+                            .spawn(move || {
+                                serve_client(stream, &slot, limits.idle_timeout);
+                                drop(client);
+                            });
                         if let Err(err) = spawned {
                             warn!("control socket: cannot serve a client: {err}");
                         }
@@ -86,7 +132,7 @@ pub fn serve(path: &Path, slot: DeviceSlot) -> Result<(), ControlError> {
     Ok(())
 }
 
-fn serve_client(stream: UnixStream, slot: &DeviceSlot) {
+fn serve_client(stream: UnixStream, slot: &DeviceSlot, idle_timeout: Duration) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -94,6 +140,14 @@ fn serve_client(stream: UnixStream, slot: &DeviceSlot) {
     let mut line = String::new();
     loop {
         line.clear();
+        if reader.buffer().is_empty() && !readable_within(reader.get_ref(), idle_timeout) {
+            let _ = writeln!(
+                writer,
+                "{}",
+                error(format!("idle for {idle_timeout:?}; closing"))
+            );
+            return;
+        }
         let read = std::io::Read::take(&mut reader, MAX_REQUEST as u64 + 1).read_line(&mut line);
         match read {
             Ok(0) | Err(_) => return,
@@ -112,6 +166,26 @@ fn serve_client(stream: UnixStream, slot: &DeviceSlot) {
         };
         if writeln!(writer, "{reply}").is_err() {
             return;
+        }
+    }
+}
+
+/// Whether `stream` has input (or its end) within `timeout`. poll(2) rather than a socket read
+/// timeout: setsockopt is outside the sandbox's allowlist, poll is in it.
+fn readable_within(stream: &UnixStream, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: `fd` is one valid pollfd that lives across the call, and the count says one.
+        let ready = unsafe { libc::poll(&mut fd, 1, timeout_ms) };
+        match ready {
+            -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            -1 | 0 => return false,
+            _ => return true,
         }
     }
 }
@@ -395,7 +469,7 @@ mod tests {
     fn the_socket_answers_line_by_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ctl.sock");
-        serve(&path, slot()).expect("serve");
+        serve(&path, slot(), ControlLimits::default()).expect("serve");
         let reply = request(&path, r#"{"cmd":"stats"}"#).expect("reply");
         let value: Value = serde_json::from_str(&reply.line).expect("JSON reply");
         assert_eq!(value["ok"], true);

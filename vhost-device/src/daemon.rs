@@ -65,7 +65,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
     match config.endpoint {
         Endpoint::Connect(path) => {
             remove_sockets_on_termination(config.control_sockets.clone());
-            let slot = control_slot(config.control_sockets.first())?;
+            let slot = control_slot(config.control_sockets.first(), config.control_limits)?;
             crate::sandbox::enter(seccomp, true)?;
             let name = path.display().to_string();
             serve_connections(Connections::Connect(path), name, config.device, slot)
@@ -73,7 +73,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
         Endpoint::Fd(fd) => {
             remove_sockets_on_termination(config.control_sockets.clone());
             let listener = inherited_listener(fd)?;
-            let slot = control_slot(config.control_sockets.first())?;
+            let slot = control_slot(config.control_sockets.first(), config.control_limits)?;
             crate::sandbox::enter(seccomp, false)?;
             serve_listener(Listener::from(listener), "fd".into(), config.device, slot)
         }
@@ -85,7 +85,7 @@ pub fn serve(config: DaemonConfig) -> Result<(), DaemonError> {
             // and the sandbox is entered with all of them open.
             let mut listeners = Vec::new();
             for (index, path) in paths.into_iter().enumerate() {
-                let slot = control_slot(config.control_sockets.get(index))?;
+                let slot = control_slot(config.control_sockets.get(index), config.control_limits)?;
                 let listener =
                     Listener::new(&path, true).map_err(|source| DaemonError::Listen {
                         path: path.clone(),
@@ -214,10 +214,13 @@ fn serve_connections(
 }
 
 /// The slot a device's control socket (if any) reads the current device from.
-fn control_slot(control_socket: Option<&PathBuf>) -> Result<DeviceSlot, DaemonError> {
+fn control_slot(
+    control_socket: Option<&PathBuf>,
+    limits: crate::control::ControlLimits,
+) -> Result<DeviceSlot, DaemonError> {
     let slot = DeviceSlot::default();
     if let Some(path) = control_socket {
-        crate::control::serve(path, slot.clone()).map_err(DaemonError::Control)?;
+        crate::control::serve(path, slot.clone(), limits).map_err(DaemonError::Control)?;
     }
     Ok(slot)
 }

@@ -286,6 +286,8 @@ fn service_until(rig: &mut DriverRig, mut done: impl FnMut(&DriverRig) -> bool) 
     false
 }
 
+/// spec: [4-3] [6.13-1] NEEDS_RESET: `state`, a configuration-change notification that the
+/// frontend relays (CONFIG_CHANGE_MSG), and the event; the driver recovers.
 #[test]
 fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
     let needs_reset = scenario("needs-reset.toml");
@@ -320,6 +322,7 @@ fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
     assert_eq!(verifier.stats().errors, 0, "streams again after the reset");
 }
 
+/// spec: [4-4] a settings change the driver did not make is notified.
 #[test]
 fn settings_changed_while_running_reach_the_driver_as_a_configuration_change() {
     let set_signal = scenario("set-signal.toml");

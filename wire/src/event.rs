@@ -7,9 +7,13 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// Size of one event in bytes.
 pub const EVENT_SIZE: usize = 32;
 
-/// How many events the device keeps while the event queue has no buffer; later ones are
-/// counted in `events_lost`.
+/// How many raised events the device keeps until they are written into event-queue buffers;
+/// a further one is lost and counted in `events_lost`.
 pub const EVENT_BACKLOG: usize = 64;
+
+/// While an overrun lasts the device reports it at this interval (device-clock ns): the frames
+/// lost so far, then the rest at its end.
+pub const OVERRUN_REPORT_INTERVAL_NS: u64 = 100_000_000;
 
 /// Event types.
 pub mod kind {

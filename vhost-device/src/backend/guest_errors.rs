@@ -23,3 +23,27 @@ impl GuestErrorLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_cannot_grow_the_error_log_past_its_bound() {
+        let mut log = GuestErrorLog::default();
+        for value in 0..10_000 {
+            // Guest-chosen values make every message distinct.
+            log.report(
+                "data",
+                format_args!("descriptor at {value:#x} outside memory"),
+            );
+        }
+        assert_eq!(log.seen.len(), MAX_WARNED_GUEST_ERRORS);
+        log.report("data", "descriptor at 0x0 outside memory");
+        assert_eq!(
+            log.seen.len(),
+            MAX_WARNED_GUEST_ERRORS,
+            "repeats add nothing"
+        );
+    }
+}

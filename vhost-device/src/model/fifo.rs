@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use log::debug;
 use vdaq_wire::buffer::flags;
-use vdaq_wire::event::kind;
+use vdaq_wire::event::{kind, OVERRUN_REPORT_INTERVAL_NS};
 
 use super::{Card, Completion, ReadBuffer};
 
@@ -28,10 +28,6 @@ pub(super) struct DropRun {
     /// Device time its first frame was dropped.
     since_ns: u64,
 }
-
-/// While an overrun lasts it is reported at this interval (frames lost so far, then the
-/// rest at its end), so a driver hears of it within this bound and the event rate stays low.
-pub const OVERRUN_REPORT_INTERVAL_NS: u64 = 100_000_000;
 
 /// Contiguous frames in the FIFO, sampled in one clock run (START to STOP). A gap between
 /// two runs is an overrun; a new clock origin is a pause.

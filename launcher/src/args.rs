@@ -287,6 +287,10 @@ pub struct RunArgs {
     /// Completed buffers per interrupt (device-side coalescing).
     #[arg(long, default_value_t = 1)]
     pub coalesce: u16,
+    /// The card's latency bound in µs (the longest a sampled frame waits for its buffer to
+    /// complete, and with --coalesce > 1 for the interrupt); the backend's default if absent.
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(1..))]
+    pub latency_us: Option<u32>,
     /// Ask for payload CRCs and verify them.
     #[arg(long)]
     pub crc: bool,
@@ -396,6 +400,9 @@ impl RunArgs {
             "--seed".into(),
             self.seed.to_string(),
         ];
+        if let Some(latency_us) = self.latency_us {
+            backend_args.extend(["--latency-us".into(), latency_us.to_string()]);
+        }
         if self.channels > 64 {
             // The reference card has 64 channels unless built with more.
             backend_args.extend(["--max-channels".into(), self.channels.to_string()]);

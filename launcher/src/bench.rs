@@ -33,6 +33,7 @@ fn configuration(
         buffer_size,
         reads,
         coalesce,
+        latency_us: None,
         crc: false,
         timeout: None,
         json: false,

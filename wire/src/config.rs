@@ -117,7 +117,30 @@ pub struct Identity {
     pub model_len: usize,
 }
 
+/// Tick assumed when a firmware 1.0 device does not state it (`tick_us` 0).
+pub const UNKNOWN_TICK_NS: u64 = 10_000_000;
+
 impl DaqConfig {
+    /// The device's tick (ns), or [`UNKNOWN_TICK_NS`] when it does not say.
+    pub fn tick_ns(&self) -> u64 {
+        match self.tick_us.get() {
+            0 => UNKNOWN_TICK_NS,
+            us => u64::from(us) * 1000,
+        }
+    }
+
+    /// Longest a completed read may wait on the used ring, by the rules, before the device
+    /// notifies (spec 5.x.6.7): a tick, plus `latency_us` when completions are coalesced. A
+    /// lost-interrupt watchdog that fires sooner mistakes coalescing for a lost interrupt.
+    pub fn notification_delay_bound_ns(&self) -> u64 {
+        let coalescing = if self.coalesce_buffers.get() > 1 {
+            u64::from(self.latency_us.get()) * 1000
+        } else {
+            0
+        };
+        coalescing.saturating_add(self.tick_ns())
+    }
+
     /// Checks that this configuration space is a vdaq card's, with limits and settings a
     /// driver can stream with (spec 5.x.1, 5.x.4): device ID 21 is also another device type's,
     /// and the device is not trusted.
@@ -290,5 +313,26 @@ mod tests {
             spoil(&mut card);
             assert_eq!(card.identify(), Err(expected), "{what}");
         }
+    }
+
+    /// spec: [6.7-1] a watchdog waits out the notification delay coalescing allows.
+    #[test]
+    fn the_notification_delay_bound_allows_for_coalescing_and_the_tick() {
+        let mut card = reference_card();
+        card.tick_us.set(1000);
+        card.latency_us.set(50_000);
+        card.coalesce_buffers.set(1);
+        assert_eq!(card.notification_delay_bound_ns(), 1_000_000, "one tick");
+        card.coalesce_buffers.set(8);
+        assert_eq!(
+            card.notification_delay_bound_ns(),
+            51_000_000,
+            "latency + tick"
+        );
+        card.tick_us.set(0);
+        assert_eq!(
+            card.notification_delay_bound_ns(),
+            50_000_000 + UNKNOWN_TICK_NS
+        );
     }
 }

@@ -16,7 +16,8 @@ use super::hal::GuestHal;
 use super::params::Params;
 use crate::arch::{interrupts, time};
 
-/// How long completions may wait on the ring with no interrupt before the watchdog acts.
+/// How long completions may wait on the ring with no interrupt before the watchdog acts, at
+/// least: longer when the device may legitimately hold the notification back (coalescing).
 const WATCHDOG_NS: u64 = 30_000_000;
 
 /// Halts until an interrupt, with a deadline (the periodic timer guarantees wake-ups).
@@ -256,6 +257,9 @@ pub fn run<T: Transport>(
         return fail(report, "unknown sample format");
     };
     let channels = config.channels.get();
+    // Twice the longest a notification may be held back, so coalescing is never taken for a
+    // lost interrupt.
+    let watchdog_ns = WATCHDOG_NS.max(2 * config.notification_delay_bound_ns());
     // Buffers whose header names the counter signal are checked sample by sample, whatever
     // the signal was at the start (a scenario may switch it while streaming).
     let counter = true;
@@ -327,7 +331,7 @@ pub fn run<T: Transport>(
         if irq.interrupts() != watched_interrupts || !driver.completions_waiting() {
             watched_interrupts = irq.interrupts();
             quiet_since = now;
-        } else if !irq.is_pending() && now - quiet_since >= WATCHDOG_NS {
+        } else if !irq.is_pending() && now - quiet_since >= watchdog_ns {
             report.watchdog_recoveries += 1;
             crate::println!("vdaq: watchdog: completions waiting without an interrupt; recovering");
             irq.raise();

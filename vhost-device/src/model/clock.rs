@@ -199,11 +199,13 @@ impl<B: ReadBuffer> Card<B> {
                     count = count.min(step_frame - self.live.clock.next_frame);
                 }
             }
+            // The clock run the FIFO's frames get too (set at START), so that a buffer filled
+            // partly from the FIFO and partly directly is one run, not a pause.
             let run = Run {
                 first: self.live.clock.next_frame,
                 len: count,
-                origin_ns: 0,
-                origin_frame: 0,
+                origin_ns: self.live.clock.origin_ns,
+                origin_frame: self.live.clock.origin_frame,
             };
             self.end_overrun(now);
             let taken = self.fill_front(&run, count, now, out);

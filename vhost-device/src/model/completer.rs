@@ -61,6 +61,8 @@ pub(super) struct Posted<B> {
     /// TRIGGER events are raised when the buffer completes, so that each names the `sequence`
     /// it really got (or none, if the buffer could not be written).
     pub(super) triggers: Vec<u64>,
+    /// The payload's first byte as written (0 while empty).
+    pub(super) first_byte: u8,
     pub(super) crc: crc32fast::Hasher,
 }
 
@@ -168,6 +170,11 @@ impl Renderer<'_> {
             if self.crc {
                 buffer.crc.update(block);
             }
+            if buffer.filled + done == 0 {
+                // Kept for a scripted corruption without CRC, which flips the byte actually
+                // written, whatever the signal (a file's samples cannot be rendered again).
+                buffer.first_byte = block.first().copied().unwrap_or(0);
+            }
             let offset = (buffer.filled + done) as usize * frame_bytes;
             if buffer.buffer.write_payload(offset, block).is_err() {
                 rendered.write_failed = true;
@@ -201,6 +208,7 @@ impl<B: ReadBuffer> Card<B> {
             flags: 0,
             trigger_frame: 0,
             triggers: Vec::new(),
+            first_byte: 0,
             crc: crc32fast::Hasher::new(),
         });
     }
@@ -404,12 +412,7 @@ impl<B: ReadBuffer> Card<B> {
             if self.kept.crc_enabled {
                 crc ^= 0x5a5a_5a5a;
             } else {
-                let mut first = vec![0u8; frame_bytes];
-                self.live
-                    .settings
-                    .signal_params()
-                    .render(posted.first_frame, &mut first);
-                let _ = posted.buffer.write_payload(0, &[first[0] ^ 0xff]);
+                let _ = posted.buffer.write_payload(0, &[posted.first_byte ^ 0xff]);
             }
         }
         let header = BufferHeader {

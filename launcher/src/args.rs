@@ -337,6 +337,17 @@ pub struct RunArgs {
     /// plots.json (what each shows).
     #[arg(long, value_name = "DIR", conflicts_with = "iiod")]
     pub plot: Option<PathBuf>,
+    /// Sample the backend's and QEMU's resident memory, open descriptors and threads every
+    /// SECS seconds and print how they went (a soak: `--duration 1800 --sample-resources 5`).
+    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
+    pub sample_resources: Option<f64>,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!("{text}: give seconds between 0.1 and 3600")),
+    }
 }
 
 impl RunArgs {
@@ -470,6 +481,9 @@ impl RunArgs {
             verbose: self.common.verbose,
             replug: self.mode == Mode::Unplug,
             iiod_port: self.iiod,
+            sample_resources: self
+                .sample_resources
+                .map(vdaq_launcher::resources::interval),
         }
     }
 }

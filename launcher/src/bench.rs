@@ -47,6 +47,7 @@ fn configuration(
         seed: 0x5eed,
         record: None,
         plot: None,
+        sample_resources: None,
     }
 }
 

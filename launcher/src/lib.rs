@@ -3,5 +3,6 @@
 //! runs backend, QEMU and guest once and collects what the guest reported.
 
 pub mod qmp;
+pub mod resources;
 pub mod session;
 pub mod tools;

@@ -142,6 +142,8 @@ pub struct RunConfig {
     /// Forward this host port (127.0.0.1) to the guest's iiod (QEMU user networking, a
     /// virtio-net card).
     pub iiod_port: Option<u16>,
+    /// Sample the backend's and QEMU's memory, descriptors and threads this often.
+    pub sample_resources: Option<Duration>,
 }
 
 /// Port iiod listens on in the guest (libiio's default).
@@ -173,6 +175,8 @@ pub struct RunOutcome {
     pub progress: Vec<(u64, u64)>,
     /// The guest's latency histogram (non-empty buckets), if it printed one.
     pub latency: Vec<BucketCount>,
+    /// Backend and QEMU usage through the run, if asked for.
+    pub resources: Vec<crate::resources::Sample>,
 }
 
 impl RunOutcome {
@@ -593,8 +597,10 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
         console_tail: Vec::new(),
         progress: Vec::new(),
         latency: Vec::new(),
+        resources: Vec::new(),
     };
     let deadline = started + config.timeout;
+    let mut next_sample = started;
     let mut progress_shown = false;
     loop {
         match lines.recv_timeout(Duration::from_millis(50)) {
@@ -664,6 +670,22 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
         if backend.try_wait().is_some() {
             outcome.aborted = Some("the backend exited during the run".into());
             break;
+        }
+        if let Some(every) = config.sample_resources {
+            if Instant::now() >= next_sample {
+                let (Some(backend), Some(qemu)) = (
+                    crate::resources::usage(backend.child.id()),
+                    crate::resources::usage(qemu.child.id()),
+                ) else {
+                    continue;
+                };
+                outcome.resources.push(crate::resources::Sample {
+                    at_ms: started.elapsed().as_millis() as u64,
+                    backend,
+                    qemu,
+                });
+                next_sample += every;
+            }
         }
     }
     if progress_shown {

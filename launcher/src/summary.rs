@@ -86,8 +86,45 @@ pub fn print(config: &RunConfig, outcome: &RunOutcome) {
             }
         }
     }
+    print_resources(&outcome.resources);
     if let Some(reason) = &outcome.aborted {
         eprintln!("  aborted: {reason}");
+    }
+}
+
+/// The backend's and QEMU's memory, descriptors and threads over the run (`--sample-resources`):
+/// first, lowest, highest and last value of each.
+fn print_resources(samples: &[vdaq_launcher::resources::Sample]) {
+    use vdaq_launcher::resources::{range, Sample, Usage};
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return;
+    };
+    eprintln!(
+        "  resources, {} samples over {:.0} s (first / min / max / last):",
+        samples.len(),
+        (last.at_ms - first.at_ms) as f64 / 1000.0
+    );
+    type Quantity = (&'static str, fn(&Usage) -> u64);
+    let quantities: [Quantity; 3] = [
+        ("RSS KiB", |u| u.rss_kib),
+        ("fds", |u| u.fds),
+        ("threads", |u| u.threads),
+    ];
+    for (process, usage) in [
+        ("backend", (|s: &Sample| s.backend) as fn(&Sample) -> Usage),
+        ("QEMU", |s: &Sample| s.qemu),
+    ] {
+        let line: Vec<String> = quantities
+            .iter()
+            .filter_map(|(name, quantity)| {
+                let r = range(samples, |s| quantity(&usage(s)))?;
+                Some(format!(
+                    "{name} {} / {} / {} / {}",
+                    r.first, r.min, r.max, r.last
+                ))
+            })
+            .collect();
+        eprintln!("    {process}: {}", line.join(", "));
     }
 }
 

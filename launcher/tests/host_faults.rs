@@ -144,3 +144,45 @@ fn e2e_removing_the_backend_socket_mid_stream_does_not_disturb_the_run() {
     assert_eq!(code, Some(0), "the connection was made; the run passes");
     assert!(stderr.contains("PASS"), "{stderr}");
 }
+
+#[test]
+fn a_run_samples_the_backend_and_qemu_resources_when_asked() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_vdaq"))
+        .args([
+            "--machine",
+            "microvm",
+            "--accel",
+            "tcg",
+            "--duration",
+            "1.5",
+            "--sample-resources",
+            "0.25",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vdaq");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let header = stderr
+        .lines()
+        .find(|line| line.contains("resources, "))
+        .unwrap_or_else(|| panic!("no resources line:\n{stderr}"));
+    let samples: u64 = header
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("a sample count");
+    assert!(samples >= 4, "sampled through the run: {header}");
+    for process in ["backend: RSS KiB", "QEMU: RSS KiB"] {
+        let line = stderr
+            .lines()
+            .find(|line| line.trim_start().starts_with(process))
+            .unwrap_or_else(|| panic!("no {process} line:\n{stderr}"));
+        let first_rss: u64 = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|n| n.parse().ok())
+            .expect("a number");
+        assert!(first_rss > 1000, "a real process's memory: {line}");
+    }
+}

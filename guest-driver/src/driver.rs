@@ -8,9 +8,11 @@ use core::sync::atomic::{fence, Ordering};
 use vdaq_wire::buffer::{status as buffer_status, BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::{self, StreamError};
 use vdaq_wire::config::DaqConfig;
-use vdaq_wire::control::{self, opcode, CommandStatus, FlushReply, Opcode, Status};
+use vdaq_wire::control::{
+    self, opcode, CommandStatus, Configure, FlushReply, Opcode, Status, TriggerConfig,
+};
 use vdaq_wire::event::{Event, EVENT_SIZE};
-use vdaq_wire::{feature, queue, DeviceState, SampleFormat};
+use vdaq_wire::{feature, queue, ClockMode, DeviceState, SampleFormat, SignalKind};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_drivers::Hal;
@@ -67,6 +69,18 @@ pub enum DriverError {
     NotVdaq(vdaq_wire::config::IdentityError),
     /// The command needs a feature that was not negotiated (TRIGGER, SET_TRIGGER).
     FeatureNotNegotiated(u32),
+    /// The payload is not the size the opcode's payload has (spec 5.x.6.8); nothing was sent.
+    PayloadSize {
+        /// The command.
+        opcode: u32,
+        /// Bytes given.
+        len: usize,
+        /// Bytes the opcode's payload has.
+        expected: usize,
+    },
+    /// A CONFIGURE setting lies outside the limits the configuration space states (or is an
+    /// unknown code); names the field. Nothing was sent.
+    OutOfRange(&'static str),
 }
 
 impl From<virtio_drivers::Error> for DriverError {
@@ -151,8 +165,11 @@ pub struct DriverStats {
     pub events: u64,
     /// Notifications sent to the device for the data queue.
     pub data_notifications: u64,
-    /// Configuration-change notifications taken (each one re-reads `state`).
+    /// Configuration-change notifications taken (each one re-reads the settings and `state`).
     pub config_changes: u64,
+    /// Command replies found on the control ring only by the look the driver takes after its
+    /// wait gave up (a lost interrupt).
+    pub replies_after_timeout: u64,
 }
 
 /// Result of [`DaqDriver::recover`].
@@ -212,6 +229,9 @@ pub struct DaqDriver<H: Hal, T: Transport> {
     /// The finished command's raw status and reply payload, or why its reply was unusable.
     command_reply: Option<Result<(u32, Vec<u8>), DriverError>>,
     features: u64,
+    /// The configuration space as last read (at init, CONFIGURE, a configuration change,
+    /// recovery): the settings the driver goes by.
+    settings: DaqConfig,
     frame_bytes: usize,
     next_id: u64,
     /// Data-queue buffers made available so far (mod 2^16 is the avail index).
@@ -235,6 +255,43 @@ impl<H: Hal, T: Transport> core::fmt::Debug for DaqDriver<H, T> {
 
 fn has(features: u64, bit: u32) -> bool {
     features & (1 << bit) != 0
+}
+
+/// Checks CONFIGURE settings against the limits of the configuration space (spec 5.x.6.8:
+/// what the device answers INVALID); names the first field out of range.
+fn check_settings(settings: &Configure, limits: &DaqConfig) -> Result<(), &'static str> {
+    let channels = settings.channels.get();
+    if channels == 0 || channels > limits.max_channels.get() {
+        return Err("channels");
+    }
+    match SampleFormat::from_code(settings.format) {
+        Some(format) if limits.supported_formats.get() & format.mask() != 0 => {}
+        _ => return Err("format"),
+    }
+    let rate = settings.rate_hz.get();
+    if rate < limits.min_rate_hz.get() || rate > limits.max_rate_hz.get() {
+        return Err("rate_hz");
+    }
+    if settings.latency_us.get() == 0 {
+        return Err("latency_us");
+    }
+    let watermark = settings.watermark_frames.get();
+    if watermark == 0 || watermark > limits.fifo_frames.get() {
+        return Err("watermark_frames");
+    }
+    if settings.coalesce_buffers.get() == 0 {
+        return Err("coalesce_buffers");
+    }
+    if settings.amplitude_permille.get() > 1000 {
+        return Err("amplitude_permille");
+    }
+    if SignalKind::from_code(settings.signal).is_none() {
+        return Err("signal");
+    }
+    if ClockMode::from_code(settings.clock).is_none() {
+        return Err("clock");
+    }
+    Ok(())
 }
 
 impl<H: Hal, T: Transport> DaqDriver<H, T> {
@@ -265,11 +322,19 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         let identity = transport
             .read_config_space::<DaqConfig>(0)
             .map_err(DriverError::from)
-            .and_then(|config| config.identify().map_err(DriverError::NotVdaq));
-        if let Err(err) = identity {
-            transport.set_status(DeviceStatus::FAILED);
-            return Err(err);
-        }
+            .and_then(|config| {
+                config
+                    .identify()
+                    .map(|_| config)
+                    .map_err(DriverError::NotVdaq)
+            });
+        let settings = match identity {
+            Ok(config) => config,
+            Err(err) => {
+                transport.set_status(DeviceStatus::FAILED);
+                return Err(err);
+            }
+        };
         let event_idx = has(features, feature::VIRTIO_F_EVENT_IDX);
         // A queue set up before a later one fails is freed when it is dropped: the device must
         // be reset first, so that it forgets the ring's address.
@@ -315,6 +380,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             command: None,
             command_reply: None,
             features,
+            settings,
             frame_bytes: 0,
             next_id: 0,
             data_added: 0,
@@ -324,7 +390,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             ring_corrupt: false,
             stats: DriverStats::default(),
         };
-        driver.refresh_frame_size()?;
+        driver.refresh_settings()?;
         for _ in 0..EVENT_BUFFERS {
             driver.post_event_buffer()?;
         }
@@ -342,11 +408,42 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         Ok(self.transport.read_config_space::<DaqConfig>(0)?)
     }
 
-    fn refresh_frame_size(&mut self) -> Result<(), DriverError> {
+    /// Reads the configuration space again and goes by its settings from now on; the frame
+    /// size is kept if the space names an unknown format.
+    fn refresh_settings(&mut self) -> Result<DaqConfig, DriverError> {
         let config = self.config()?;
+        self.settings = config;
         let format = SampleFormat::from_code(config.format).ok_or(DriverError::BadReply(0))?;
         self.frame_bytes = format.sample_bytes() * usize::from(config.channels.get());
-        Ok(())
+        Ok(config)
+    }
+
+    /// The configuration space as the driver last read it (at init, CONFIGURE, each
+    /// configuration-change notification, recovery): the settings it goes by. Its counters
+    /// are stale; [`Self::status`] has current ones.
+    pub fn settings(&self) -> &DaqConfig {
+        &self.settings
+    }
+
+    /// Frames the posted reads can hold at the current frame size.
+    pub fn posted_frames(&self) -> u64 {
+        let frame = self.frame_bytes.max(1);
+        self.table
+            .iter()
+            .flatten()
+            .map(|slot| (slot.buffer.len().saturating_sub(HEADER_SIZE) / frame) as u64)
+            .sum()
+    }
+
+    /// Frames the reads posted while streaming should be able to hold (spec 5.x.6.2): what
+    /// the paced clock produces in one latency bound, rate_hz × latency_us / 10⁶ rounded up,
+    /// under [`Self::settings`]; 0 with the free-running clock, which never overruns.
+    pub fn frames_to_keep_posted(&self) -> u64 {
+        if self.settings.clock != ClockMode::Paced as u8 {
+            return 0;
+        }
+        (u64::from(self.settings.rate_hz.get()) * u64::from(self.settings.latency_us.get()))
+            .div_ceil(1_000_000)
     }
 
     /// Bytes per frame under the device's current settings.
@@ -491,16 +588,29 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         }
         if self.irq.take_config_changed() {
             self.stats.config_changes += 1;
-            self.check_device_state();
+            self.configuration_changed();
         }
         (self.stats.completed - before) as usize
     }
 
-    fn check_device_state(&mut self) {
-        if let Ok(config) = self.config() {
-            if config.state == DeviceState::NeedsReset as u8 {
-                self.needs_reset = true;
+    /// A configuration-change notification (spec 5.x.4, 5.x.6.13): read the settings again
+    /// (the operator may have changed them) and `state`.
+    fn configuration_changed(&mut self) {
+        match self.refresh_settings() {
+            Ok(_) => {}
+            Err(DriverError::BadReply(_)) => {
+                log::warn!(
+                    "configuration space names unknown format {}; frame size kept",
+                    self.settings.format
+                );
             }
+            Err(err) => {
+                log::warn!("cannot read the configuration space: {err:?}");
+                return;
+            }
+        }
+        if self.settings.state == DeviceState::NeedsReset as u8 {
+            self.needs_reset = true;
         }
     }
 
@@ -679,7 +789,10 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     }
 
     /// Sends a command and waits (through `wait`, servicing interrupts) for its reply.
-    /// Returns (status, reply payload).
+    /// Returns (status, reply payload). The payload goes out as given (the typed commands
+    /// zero its reserved fields); for a known opcode it must have that opcode's payload size.
+    /// When `wait` gives up, the control ring is looked at once more before the wait counts
+    /// as timed out (the reply's interrupt can be lost).
     pub fn command_raw(
         &mut self,
         op: u32,
@@ -698,6 +811,16 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         {
             // Spec 5.x.3: the driver must not send them unless the feature was negotiated.
             return Err(DriverError::FeatureNotNegotiated(feature::DAQ_F_TRIGGER));
+        }
+        if let Some(expected) = control::command_payload_size(op) {
+            // Spec 5.x.6.8: the readable part is exactly the header and the opcode's payload.
+            if payload.len() != expected {
+                return Err(DriverError::PayloadSize {
+                    opcode: op,
+                    len: payload.len(),
+                    expected,
+                });
+            }
         }
         let mut request = DmaBuffer::<H>::new(control::HEADER_BYTES + payload.len());
         if let Err(control::FrameError::NoRoom { needed, len }) =
@@ -732,6 +855,16 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 return Err(DriverError::NeedsReset);
             }
             if !wait.wait() {
+                // Spec 5.x.6.8: the reply may be there with its interrupt lost.
+                self.irq.raise();
+                self.service();
+                if let Some(reply) = self.command_reply.take() {
+                    self.stats.replies_after_timeout += 1;
+                    return reply;
+                }
+                if self.ring_corrupt {
+                    return Err(DriverError::NeedsReset);
+                }
                 // The command stays queued; its buffers are reclaimed when it completes.
                 return Err(DriverError::Timeout);
             }
@@ -751,9 +884,33 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         }
     }
 
-    /// START.
+    /// START. Logs a warning when the reads posted hold fewer frames than
+    /// [`Self::frames_to_keep_posted`] (the FIFO can overrun).
     pub fn start(&mut self, wait: &mut impl Wait) -> Result<(), DriverError> {
+        let (posted, needed) = (self.posted_frames(), self.frames_to_keep_posted());
+        if posted < needed {
+            log::warn!("START with room for {posted} frames posted, {needed} needed");
+        }
         self.command(Opcode::Start, &[], wait).map(drop)
+    }
+
+    /// TRIGGER (needs VIRTIO_DAQ_F_TRIGGER).
+    pub fn trigger(&mut self, wait: &mut impl Wait) -> Result<(), DriverError> {
+        self.command(Opcode::Trigger, &[], wait).map(drop)
+    }
+
+    /// SET_TRIGGER (needs VIRTIO_DAQ_F_TRIGGER); its reserved field is sent as zero.
+    pub fn set_trigger(
+        &mut self,
+        trigger: &TriggerConfig,
+        wait: &mut impl Wait,
+    ) -> Result<(), DriverError> {
+        let trigger = TriggerConfig {
+            reserved: 0,
+            ..*trigger
+        };
+        self.command(Opcode::SetTrigger, trigger.as_bytes(), wait)
+            .map(drop)
     }
 
     /// STOP.
@@ -761,7 +918,11 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.command(Opcode::Stop, &[], wait).map(drop)
     }
 
-    /// CONFIGURE (device must be stopped); refreshes the frame size.
+    /// CONFIGURE (device must be stopped); refreshes the settings and the frame size.
+    ///
+    /// The settings are first checked against the limits the configuration space states
+    /// (read now): a setting beyond them is [`DriverError::OutOfRange`] and nothing is sent.
+    /// Reserved fields are sent as zero.
     ///
     /// On a stopped device with reads in flight it first moves out what the device still
     /// holds, as the spec asks: FLUSH while GET_STATUS reports frames pending (5.x.6.6: frames
@@ -770,10 +931,16 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     /// pending when no read is left make the device answer BUSY: post reads and call again.
     pub fn configure(
         &mut self,
-        settings: &control::Configure,
+        settings: &Configure,
         wait: &mut impl Wait,
     ) -> Result<(), DriverError> {
-        if self.in_flight > 0 && self.config()?.state == DeviceState::Stopped as u8 {
+        let settings = &Configure {
+            reserved: [0; 7],
+            ..*settings
+        };
+        let config = self.config()?;
+        check_settings(settings, &config).map_err(DriverError::OutOfRange)?;
+        if self.in_flight > 0 && config.state == DeviceState::Stopped as u8 {
             if self.status(wait)?.frames_pending.get() > 0 {
                 self.flush(wait)?;
             }
@@ -784,7 +951,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             }
         }
         self.command(Opcode::Configure, settings.as_bytes(), wait)?;
-        self.refresh_frame_size()
+        self.refresh_settings().map(drop)
     }
 
     /// GET_STATUS.
@@ -859,7 +1026,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.data_added_at_notify = 0;
         self.needs_reset = false;
         self.ring_corrupt = false;
-        self.refresh_frame_size()?;
+        self.refresh_settings()?;
         for _ in 0..EVENT_BUFFERS {
             self.post_event_buffer()?;
         }
@@ -885,6 +1052,12 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 break;
             }
             if !wait.wait() {
+                // As for a command: look once more before giving up (a lost interrupt).
+                self.irq.raise();
+                self.service();
+                if self.in_flight == 0 {
+                    break;
+                }
                 return Err(DriverError::Timeout);
             }
         }

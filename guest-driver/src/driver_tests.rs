@@ -139,6 +139,7 @@ impl Rig {
 // Initialisation and feature negotiation
 // ---------------------------------------------------------------------------------------------
 
+/// spec: [3-4] the driver accepts VIRTIO_F_VERSION_1 (and writes it back).
 #[test]
 fn init_negotiates_version_1_and_event_idx_and_sets_up_three_queues() {
     let rig = rig();
@@ -235,6 +236,7 @@ fn init_fails_with_missing_feature_when_version_1_is_not_offered() {
     });
 }
 
+/// spec: [3-6] FEATURES_OK is read back; the driver gives up when it did not stay set.
 #[test]
 fn init_fails_when_the_device_refuses_the_feature_set() {
     let (device, driver) = try_rig(
@@ -658,6 +660,7 @@ fn ok_reply_with_a_longer_payload_is_read_up_to_its_structure() {
     assert_eq!(rig.driver.status(&mut wait).expect("status"), answer);
 }
 
+/// spec: [6.8-10] the wait for a reply is bounded: a silent device is a timeout.
 #[test]
 fn timeout_leaves_the_command_pending_until_the_device_answers() {
     let mut rig = rig();
@@ -744,6 +747,7 @@ fn unsolicited_control_completion_marks_the_ring_corrupt() {
 // Reads
 // ---------------------------------------------------------------------------------------------
 
+/// spec: [6.2-6] dataq chains are device-writable descriptors only, at most 64 (here 1).
 #[test]
 fn read_buffer_is_one_device_writable_descriptor_of_its_length() {
     let mut rig = rig();
@@ -800,6 +804,7 @@ fn partly_filled_read_is_data_with_its_own_length() {
     );
 }
 
+/// spec: [7-3] used length 0 is "nothing returned": a valid header in the buffer is not read.
 #[test]
 fn used_length_zero_is_rejected_whatever_the_buffer_holds() {
     let mut rig = rig();
@@ -808,6 +813,7 @@ fn used_length_zero_is_rejected_whatever_the_buffer_holds() {
     assert_eq!(rig.driver.stats().completed, 0);
 }
 
+/// spec: [6.3-5] a BAD_BUFFER header's `sequence` and `first_frame` mean nothing.
 #[test]
 fn bad_buffer_header_is_rejected() {
     let mut rig = rig();
@@ -818,7 +824,16 @@ fn bad_buffer_header_is_rejected() {
         ..Default::default()
     };
     assert_eq!(rig.outcome(&bad, HEADER_SIZE as u32), ReadOutcome::Rejected);
-    assert_eq!(rig.driver.stats().rejected, 1);
+    // Whatever its other fields say, even a frame count that matches the used length.
+    let lying = BufferHeader {
+        sequence: 77.into(),
+        first_frame: 123_456.into(),
+        frame_count: (FRAMES as u32).into(),
+        ..bad
+    };
+    assert_eq!(rig.outcome(&lying, READ_LEN as u32), ReadOutcome::Rejected);
+    assert_eq!(rig.driver.stats().rejected, 2);
+    assert_eq!(rig.driver.stats().completed, 0);
 }
 
 #[test]
@@ -1054,6 +1069,7 @@ fn cancelled_read_comes_back_cancelled_whatever_the_device_wrote() {
     assert!(!rig.driver.cancel(id), "no longer in flight");
 }
 
+/// spec: [6.2-7] every read buffer holds the 64-byte header and one frame.
 #[test]
 fn read_buffer_too_small_for_a_frame_is_refused_and_given_back() {
     let mut rig = rig();
@@ -1113,6 +1129,7 @@ fn completion_without_an_interrupt_waits_for_the_watchdog() {
     assert!(!rig.driver.completions_waiting());
 }
 
+/// spec: [6.7-3] after unmasking, the bottom half checks the used rings again.
 #[test]
 fn completion_arriving_at_unmask_is_found_by_the_recheck() {
     let mut rig = rig();
@@ -1146,6 +1163,7 @@ fn event(kind: u32, arg0: u64) -> Event {
     }
 }
 
+/// spec: [6.9-4] each event buffer is reposted once its event is taken.
 #[test]
 fn events_are_received_and_their_buffers_reposted() {
     let mut rig = rig();
@@ -1158,6 +1176,7 @@ fn events_are_received_and_their_buffers_reposted() {
     assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
 }
 
+/// spec: [6.13-7] a NEEDS_RESET event counts as the notification of NEEDS_RESET.
 #[test]
 fn needs_reset_event_refuses_new_reads() {
     let mut rig = rig();
@@ -1175,6 +1194,7 @@ fn needs_reset_event_refuses_new_reads() {
     ));
 }
 
+/// spec: [7-3] an event buffer returned with used length 0 (or short) is not read.
 #[test]
 fn short_or_empty_event_is_dropped_and_its_buffer_reposted() {
     let mut rig = rig();
@@ -1199,18 +1219,32 @@ fn unknown_event_id_marks_the_ring_corrupt() {
     assert!(rig.driver.needs_reset());
 }
 
+/// spec: [6.13-5] every configuration-change notification makes the driver read `state`.
 #[test]
 fn configuration_change_to_needs_reset_is_noticed() {
     let mut rig = rig();
+    let reads = || rig.device.with_state(|s| s.config_reads);
+    // A notification for another change: `state` is read, and is fine.
+    rig.device.set_config(|c| c.latency_us = 5_000.into());
+    let before = reads();
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    assert!(reads() > before, "the config space was read");
+    assert!(!rig.driver.needs_reset());
+    assert_eq!(rig.driver.stats().config_changes, 1);
     rig.device
         .set_config(|c| c.state = DaqState::NeedsReset as u8);
     // A used-buffer interrupt alone does not make the driver read the state.
+    let before = reads();
     rig.device.interrupt(CAUSE_USED_BUFFER);
     rig.driver.service();
+    assert_eq!(reads(), before);
     assert!(!rig.driver.needs_reset());
     rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
     rig.driver.service();
+    assert!(reads() > before);
     assert!(rig.driver.needs_reset());
+    assert_eq!(rig.driver.stats().config_changes, 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1408,7 +1442,7 @@ impl Rng {
 }
 
 /// The outcome 5.x.6.2, 5.x.6.3 and 5.x.7 prescribe for a buffer of `len` bytes returned with
-/// `used` (spec: [6.2-9] a payload is whole frames of the configured size).
+/// `used` (a payload is whole frames of the configured size).
 fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutcome {
     if used == 0 {
         return ReadOutcome::Rejected;
@@ -1428,6 +1462,8 @@ fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutc
     }
 }
 
+/// spec: [6.2-9] every used element: length 0 → no data, else status, and for OK the used
+/// length against frame_count × channels × sample size, in whole frames of the stream.
 #[test]
 fn any_used_length_and_header_is_judged_per_spec_without_panicking() {
     let mut rig = rig();
@@ -1475,4 +1511,654 @@ fn any_used_length_and_header_is_judged_per_spec_without_panicking() {
     assert_eq!(stats.completed + stats.rejected + stats.invalid, 2000);
     assert!(stats.completed > 0 && stats.rejected > 0 && stats.invalid > 0);
     assert!(!rig.driver.needs_reset());
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the spec asks of a driver, one requirement at a time
+// ---------------------------------------------------------------------------------------------
+
+/// Settings within the rig's limits.
+fn valid_settings() -> Configure {
+    Configure {
+        rate_hz: 1000.into(),
+        latency_us: 100.into(),
+        watermark_frames: 8.into(),
+        channels: CHANNELS.into(),
+        coalesce_buffers: 1.into(),
+        format: FORMAT as u8,
+        ..Default::default()
+    }
+}
+
+/// A step answering CONFIGURE as a device that applies the frame size (`channels`, `format`).
+fn configure_step(settings: Configure) -> impl FnMut(&FakeDevice) {
+    move |device| {
+        let command = device.take_command();
+        assert_eq!(command.opcode(), opcode::CONFIGURE);
+        device.set_config(|c| {
+            c.channels = settings.channels;
+            c.format = settings.format;
+        });
+        device.reply(&command, status::OK, &[]);
+    }
+}
+
+/// spec: [1-2] a newer minor firmware, header flags and event kinds the driver does not know.
+#[test]
+fn a_newer_minor_firmware_with_unknown_flags_and_event_kinds_is_driven_as_usual() {
+    let mut config = fake::config(FORMAT, CHANNELS);
+    config.firmware_version.set(vdaq_wire::FIRMWARE_VERSION + 7);
+    let (device, transport) = FakeDevice::new(feature::DEVICE_FEATURES, &config);
+    let driver = Driver::new(transport, device.irq(), DriverOptions::default());
+    let mut rig = Rig {
+        device,
+        driver: driver.expect("a newer minor is not refused"),
+    };
+    assert_eq!(rig.device.status(), init_status());
+    let unknown_flags: u16 = 0x8000 | 0x0200;
+    assert_eq!(unknown_flags & flags::ALL, 0);
+    let mut written = header(0, 3);
+    written.flags = (flags::LATENCY | unknown_flags).into();
+    assert_eq!(
+        rig.outcome(&written, used_len(&written)),
+        ReadOutcome::Data(written),
+        "unknown flags are ignored"
+    );
+    let newer = event(0x20, 1);
+    rig.device.send_event(&newer, EVENT_SIZE as u32);
+    rig.driver.service();
+    assert_eq!(rig.driver.next_event(), Some(newer));
+    assert!(
+        !rig.driver.needs_reset(),
+        "an unknown event kind is ignored"
+    );
+    let (_, done) = rig.read_answered(&header(1, FRAMES), READ_LEN as u32);
+    assert!(matches!(done.outcome, ReadOutcome::Data(_)));
+}
+
+/// spec: [3-6] re-initialising after a reset, the driver reads FEATURES_OK back too.
+#[test]
+fn recover_gives_up_when_the_device_no_longer_accepts_the_features() {
+    let mut rig = rig();
+    rig.device
+        .send_event(&event(kind::NEEDS_RESET, 1), EVENT_SIZE as u32);
+    rig.driver.service();
+    assert!(rig.driver.needs_reset());
+    rig.device.with_state(|s| s.refuse_features = true);
+    let mut wait = FakeWait::new(&rig.device).answer(
+        opcode::GET_STATUS,
+        status::OK,
+        Status::default().as_bytes(),
+    );
+    let result = rig.driver.recover(&mut wait);
+    assert!(
+        matches!(result, Err(DriverError::FeaturesRefused(_))),
+        "{result:?}"
+    );
+    rig.device.with_state(|s| {
+        let since_reset = s
+            .status_writes
+            .iter()
+            .rposition(|w| w.is_empty())
+            .expect("the device was reset");
+        assert!(
+            s.status_writes[since_reset..]
+                .iter()
+                .all(|w| !w.contains(DeviceStatus::DRIVER_OK)),
+            "DRIVER_OK not set again: {:?}",
+            s.status_writes
+        );
+        assert!(s.status.contains(DeviceStatus::FAILED), "{:?}", s.status);
+    });
+    assert!(rig.driver.needs_reset(), "still unusable");
+}
+
+/// spec: [4-6] never a config-space write, through init, commands, notifications, recovery
+/// and shutdown.
+#[test]
+fn the_driver_never_writes_the_configuration_space() {
+    let mut rig = rig();
+    let settings = valid_settings();
+    let mut wait = FakeWait::new(&rig.device)
+        .then(configure_step(settings))
+        .answer(opcode::GET_STATUS, status::OK, Status::default().as_bytes());
+    rig.driver
+        .configure(&settings, &mut wait)
+        .expect("CONFIGURE");
+    rig.driver.status(&mut wait).expect("GET_STATUS");
+    rig.device.set_config(|c| c.latency_us = 2_000.into());
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    rig.device
+        .send_event(&event(kind::NEEDS_RESET, 1), EVENT_SIZE as u32);
+    rig.driver.service();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::GET_STATUS, status::OK, Status::default().as_bytes())
+        .answer(opcode::STOP, status::OK, &[])
+        .then(flush_step(Vec::new(), 0))
+        .answer(opcode::GET_STATUS, status::OK, Status::default().as_bytes());
+    rig.driver.recover(&mut wait).expect("recover");
+    rig.driver.shutdown(&mut wait).expect("shutdown");
+    assert_eq!(wait.steps_left(), 0);
+    rig.device.with_state(|s| {
+        assert!(s.config_reads >= 4, "read, {} times", s.config_reads);
+        assert_eq!(s.config_writes, 0, "never written");
+    });
+}
+
+/// spec: [4-7] the counters the driver reports come from GET_STATUS, one snapshot, not from
+/// config-space reads that can tear.
+#[test]
+fn counters_for_recovery_and_shutdown_come_from_get_status() {
+    let mut rig = rig();
+    // The config space's counters disagree (a torn read, or simply later values).
+    rig.device.set_config(|c| {
+        c.frames_produced = 0xffff_ffff_0000_0000.into();
+        c.frames_delivered = 0x0000_0001_ffff_ffff.into();
+        c.buffers_completed = 999.into();
+    });
+    let at_reset = Status {
+        frames_produced: 100.into(),
+        frames_delivered: 90.into(),
+        frames_dropped: 10.into(),
+        buffers_completed: 6.into(),
+        state: DaqState::NeedsReset as u8,
+        ..Default::default()
+    };
+    let at_shutdown = Status {
+        frames_produced: 50.into(),
+        frames_delivered: 50.into(),
+        buffers_completed: 4.into(),
+        ..Default::default()
+    };
+    rig.device
+        .send_event(&event(kind::NEEDS_RESET, 1), EVENT_SIZE as u32);
+    rig.driver.service();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::GET_STATUS, status::OK, at_reset.as_bytes())
+        .answer(opcode::STOP, status::OK, &[])
+        .then(flush_step(Vec::new(), 0))
+        .answer(opcode::GET_STATUS, status::OK, at_shutdown.as_bytes());
+    let recovery = rig.driver.recover(&mut wait).expect("recover");
+    assert_eq!(recovery.status, Some(at_reset));
+    let shutdown = rig.driver.shutdown(&mut wait).expect("shutdown");
+    assert_eq!(shutdown.status, at_shutdown);
+}
+
+/// spec: [4-8] on a configuration-change notification the driver reads its settings again:
+/// the frame size it checks reads against, and the rate and latency its posting rule uses.
+#[test]
+fn configuration_change_makes_the_driver_read_its_settings_again() {
+    let mut rig = rig();
+    assert_eq!(rig.driver.frame_bytes(), FRAME);
+    assert_eq!(rig.driver.settings().latency_us.get(), 10_000);
+    rig.device.set_config(|c| {
+        c.channels = 4.into();
+        c.latency_us = 20_000.into();
+        c.signal = vdaq_wire::SignalKind::Sine as u8;
+    });
+    // Without the notification the driver goes by what it read before.
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    assert_eq!(rig.driver.frame_bytes(), FRAME);
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    assert_eq!(rig.driver.frame_bytes(), 2 * FRAME, "4 channels of s32");
+    let settings = rig.driver.settings();
+    assert_eq!(settings.latency_us.get(), 20_000);
+    assert_eq!(settings.signal, vdaq_wire::SignalKind::Sine as u8);
+    assert_eq!(
+        rig.driver.frames_to_keep_posted(),
+        48_000 * 20_000 / 1_000_000
+    );
+    // A buffer sized for the old frame is too small now.
+    let (err, _) = rig
+        .driver
+        .submit_read(Buffer::new(HEADER_SIZE + FRAME))
+        .expect_err("too small for a frame of 4 channels");
+    assert!(matches!(
+        err,
+        DriverError::BufferTooSmall { needed, .. } if needed == HEADER_SIZE + 2 * FRAME
+    ));
+    assert!(!rig.driver.needs_reset());
+}
+
+/// spec: [5-1] eventq has its buffers before the first command, also after a recovery.
+#[test]
+fn event_buffers_are_posted_before_the_first_command() {
+    let mut rig = rig();
+    let first_command = |device: &FakeDevice| {
+        assert_eq!(
+            device.avail_pending(queue::EVENT),
+            EVENT_BUFFERS,
+            "event buffers posted before the command"
+        );
+        let command = device.take_command();
+        assert_eq!(command.opcode(), opcode::START);
+        device.reply(&command, status::OK, &[]);
+    };
+    rig.device
+        .with_state(|s| assert_eq!(s.notifications[usize::from(queue::CONTROL)], 0));
+    let mut wait = FakeWait::new(&rig.device).then(first_command);
+    rig.driver.start(&mut wait).expect("START");
+    rig.device
+        .send_event(&event(kind::NEEDS_RESET, 1), EVENT_SIZE as u32);
+    rig.driver.service();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::GET_STATUS, status::OK, Status::default().as_bytes())
+        .then(first_command);
+    rig.driver.recover(&mut wait).expect("recover");
+    rig.driver.start(&mut wait).expect("START after the reset");
+    assert_eq!(wait.steps_left(), 0);
+}
+
+/// spec: [6.2-8] the driver knows how much buffer space one latency bound needs and how
+/// much is posted (START warns when short).
+#[test]
+fn posted_frames_are_measured_against_one_latency_bound() {
+    let mut rig = rig();
+    // 48 kHz × 10 ms.
+    assert_eq!(rig.driver.frames_to_keep_posted(), 480);
+    assert_eq!(rig.driver.posted_frames(), 0);
+    for _ in 0..30 {
+        rig.submit(READ_LEN);
+    }
+    assert_eq!(rig.driver.posted_frames(), 30 * FRAMES as u64);
+    // Capacity is whole frames: trailing bytes hold none.
+    rig.submit(HEADER_SIZE + 2 * FRAME - 1);
+    assert_eq!(rig.driver.posted_frames(), 481);
+    let chain = rig.device.take_read();
+    rig.device.fill_read(&chain, &header(0, FRAMES), &[]);
+    rig.device.complete(&chain, READ_LEN as u32);
+    rig.device.interrupt(CAUSE_USED_BUFFER);
+    rig.driver.service();
+    assert_eq!(
+        rig.driver.posted_frames(),
+        481 - FRAMES as u64,
+        "a completed read holds no more space"
+    );
+    assert!(rig.driver.posted_frames() < rig.driver.frames_to_keep_posted());
+    // Rounded up: 44.1 kHz × 1 ms is 44.1 frames.
+    rig.device.set_config(|c| {
+        c.rate_hz = 44_100.into();
+        c.latency_us = 1_000.into();
+    });
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    assert_eq!(rig.driver.frames_to_keep_posted(), 45);
+    rig.device
+        .set_config(|c| c.clock = vdaq_wire::ClockMode::FreeRunning as u8);
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    assert_eq!(
+        rig.driver.frames_to_keep_posted(),
+        0,
+        "the free-running clock never overruns"
+    );
+}
+
+/// spec: [6.7-2] one notification, many used entries on every queue: all are taken.
+#[test]
+fn one_interrupt_takes_every_used_entry_of_every_queue() {
+    let mut rig = rig();
+    let ids: Vec<RequestId> = (0..5).map(|_| rig.submit(READ_LEN)).collect();
+    for i in 0..5 {
+        let chain = rig.device.take_read();
+        rig.device.fill_read(&chain, &header(i, FRAMES), &[]);
+        rig.device.complete(&chain, READ_LEN as u32);
+    }
+    let events = [event(kind::OVERRUN, 3), event(kind::FAULT, 9)];
+    for e in &events {
+        let chain = rig.device.take_event_buffer();
+        chain.write(0, e.as_bytes());
+        rig.device.complete(&chain, EVENT_SIZE as u32);
+    }
+    let answer = Status {
+        frames_produced: 1.into(),
+        ..Default::default()
+    };
+    let mut wait = FakeWait::new(&rig.device).then(move |device| {
+        // The reply's interrupt is the only one, for all three queues.
+        let command = device.take_command();
+        device.reply(&command, status::OK, answer.as_bytes());
+    });
+    assert_eq!(rig.driver.status(&mut wait).expect("GET_STATUS"), answer);
+    assert_eq!(rig.driver.stats().bottom_halves, 1, "one interrupt");
+    for id in ids {
+        assert_eq!(rig.driver.next_completion().expect("completion").id, id);
+    }
+    assert_eq!(rig.driver.next_event(), Some(events[0]));
+    assert_eq!(rig.driver.next_event(), Some(events[1]));
+    assert!(!rig.driver.completions_waiting());
+    assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
+}
+
+/// spec: [6.8-7] reserved fields go out as zero, whatever the caller left in them.
+#[test]
+fn reserved_fields_go_out_as_zero() {
+    let options = DriverOptions {
+        trigger: true,
+        ..Default::default()
+    };
+    let (device, driver) = try_rig(feature::DEVICE_FEATURES, options, |_| {});
+    let mut rig = Rig {
+        device,
+        driver: driver.expect("init"),
+    };
+    let settings = Configure {
+        reserved: [0xff; 7],
+        ..valid_settings()
+    };
+    let trigger = control::TriggerConfig {
+        mode: control::trigger_mode::RISING,
+        reserved: 0xaa,
+        channel: 1.into(),
+        threshold_ppm: 5_000.into(),
+        pre_frames: 0.into(),
+        post_frames: 64.into(),
+    };
+    let mut wait = FakeWait::new(&rig.device)
+        .then(move |device| {
+            let command = device.take_command();
+            assert_eq!(command.header.reserved.get(), 0);
+            let sent = Configure {
+                reserved: [0; 7],
+                ..settings
+            };
+            assert_eq!(
+                command.payload,
+                sent.as_bytes(),
+                "reserved zeroed, rest as given"
+            );
+            device.reply(&command, status::OK, &[]);
+        })
+        .then(move |device| {
+            let command = device.take_command();
+            assert_eq!(command.opcode(), opcode::SET_TRIGGER);
+            assert_eq!(command.header.reserved.get(), 0);
+            let sent = control::TriggerConfig {
+                reserved: 0,
+                ..trigger
+            };
+            assert_eq!(command.payload, sent.as_bytes());
+            device.reply(&command, status::OK, &[]);
+        })
+        .then(|device| {
+            let command = device.take_command();
+            assert_eq!(command.opcode(), opcode::TRIGGER);
+            assert_eq!(command.header.reserved.get(), 0);
+            device.reply(&command, status::OK, &[]);
+        });
+    rig.driver
+        .configure(&settings, &mut wait)
+        .expect("CONFIGURE");
+    rig.driver
+        .set_trigger(&trigger, &mut wait)
+        .expect("SET_TRIGGER");
+    rig.driver.trigger(&mut wait).expect("TRIGGER");
+    assert_eq!(wait.steps_left(), 0);
+}
+
+/// spec: [6.8-8] each request is the header and exactly its opcode's payload, with room for
+/// the reply header and its payload; a payload of another size is not sent.
+#[test]
+fn every_command_is_framed_with_its_payload_and_room_for_its_reply() {
+    let options = DriverOptions {
+        trigger: true,
+        ..Default::default()
+    };
+    let (device, driver) = try_rig(feature::DEVICE_FEATURES, options, |_| {});
+    let mut rig = Rig {
+        device,
+        driver: driver.expect("init"),
+    };
+    for op in control::Opcode::ALL {
+        let mut wait = FakeWait::new(&rig.device).then(move |device| {
+            let command = device.take_command();
+            assert_eq!(command.opcode(), op.code());
+            let chain = &command.chain;
+            assert!(chain.is_well_ordered());
+            assert_eq!(
+                chain.readable_len(),
+                size_of::<control::CommandHeader>() + op.payload_size(),
+                "{op:?}"
+            );
+            assert!(
+                chain.writable_len() >= size_of::<ResponseHeader>() + op.reply_payload_size(),
+                "{op:?}"
+            );
+            device.reply(&command, status::OK, &vec![0; op.reply_payload_size()]);
+        });
+        let payload = vec![0; op.payload_size()];
+        let (code, reply) = rig
+            .driver
+            .command_raw(op.code(), &payload, &mut wait)
+            .expect("reply");
+        assert_eq!((code, reply.len()), (status::OK, op.reply_payload_size()));
+    }
+    let sent = rig
+        .device
+        .with_state(|s| s.notifications[usize::from(queue::CONTROL)]);
+    for (op, len) in [
+        (opcode::START, 1),
+        (opcode::GET_STATUS, 8),
+        (opcode::CONFIGURE, size_of::<Configure>() - 1),
+        (opcode::CONFIGURE, size_of::<Configure>() + 1),
+        (opcode::SET_TRIGGER, 0),
+    ] {
+        let result = rig
+            .driver
+            .command_raw(op, &vec![0; len], &mut FakeWait::new(&rig.device));
+        let expected = command_payload_size(op).expect("known");
+        assert!(
+            matches!(
+                result,
+                Err(DriverError::PayloadSize { opcode: o, len: l, expected: e })
+                    if (o, l, e) == (op, len, expected)
+            ),
+            "opcode {op} with {len} bytes: {result:?}"
+        );
+    }
+    assert_eq!(rig.device.avail_pending(queue::CONTROL), 0, "nothing sent");
+    rig.device.with_state(|s| {
+        assert_eq!(s.notifications[usize::from(queue::CONTROL)], sent);
+    });
+}
+
+/// spec: [6.8-9] CONFIGURE is checked against the limits the configuration space states.
+#[test]
+fn configure_checks_the_settings_against_the_limits_the_device_states() {
+    // A card with other limits than the rig's default: S16 and S32 only, up to 200 kHz.
+    let (device, driver) = try_rig(feature::DEVICE_FEATURES, DriverOptions::default(), |d| {
+        d.set_config(|c| {
+            c.supported_formats = (SampleFormat::S16.mask() | SampleFormat::S32.mask()).into();
+            c.max_rate_hz = 200_000.into();
+        })
+    });
+    let mut rig = Rig {
+        device,
+        driver: driver.expect("init"),
+    };
+    type Spoil = fn(&mut Configure);
+    let cases: [(Spoil, &str); 13] = [
+        (|s| s.channels = 17.into(), "channels"),
+        (|s| s.channels = 0.into(), "channels"),
+        (|s| s.format = SampleFormat::F32 as u8, "format"),
+        (|s| s.format = 9, "format"),
+        (|s| s.rate_hz = 200_001.into(), "rate_hz"),
+        (|s| s.rate_hz = 0.into(), "rate_hz"),
+        (|s| s.latency_us = 0.into(), "latency_us"),
+        (|s| s.watermark_frames = 4097.into(), "watermark_frames"),
+        (|s| s.watermark_frames = 0.into(), "watermark_frames"),
+        (|s| s.coalesce_buffers = 0.into(), "coalesce_buffers"),
+        (|s| s.amplitude_permille = 1001.into(), "amplitude_permille"),
+        (|s| s.signal = 6, "signal"),
+        (|s| s.clock = 2, "clock"),
+    ];
+    for (spoil, field) in cases {
+        let mut settings = valid_settings();
+        spoil(&mut settings);
+        let reads = rig.device.with_state(|s| s.config_reads);
+        let result = rig
+            .driver
+            .configure(&settings, &mut FakeWait::new(&rig.device));
+        assert!(
+            matches!(result, Err(DriverError::OutOfRange(f)) if f == field),
+            "{field}: {result:?}"
+        );
+        assert!(
+            rig.device.with_state(|s| s.config_reads) > reads,
+            "{field}: the limits were read"
+        );
+        assert_eq!(
+            rig.device.avail_pending(queue::CONTROL),
+            0,
+            "{field}: not sent"
+        );
+    }
+    // At the limits, it goes out.
+    let settings = Configure {
+        channels: 16.into(),
+        rate_hz: 200_000.into(),
+        watermark_frames: 4096.into(),
+        format: SampleFormat::S16 as u8,
+        amplitude_permille: 1000.into(),
+        signal: vdaq_wire::SignalKind::File as u8,
+        clock: vdaq_wire::ClockMode::FreeRunning as u8,
+        ..valid_settings()
+    };
+    let mut wait = FakeWait::new(&rig.device).then(configure_step(settings));
+    rig.driver
+        .configure(&settings, &mut wait)
+        .expect("CONFIGURE at the limits");
+    assert_eq!(rig.driver.frame_bytes(), 16 * 2);
+}
+
+/// spec: [6.8-10] when the wait gives up, the driver looks at controlq's used ring once more:
+/// a reply whose interrupt was lost is taken, not a timeout.
+#[test]
+fn a_reply_whose_interrupt_was_lost_is_found_when_the_wait_gives_up() {
+    let mut rig = rig();
+    let answer = Status {
+        frames_produced: 9.into(),
+        ..Default::default()
+    };
+    let mut wait = FakeWait::new(&rig.device)
+        .then(move |device| {
+            let command = device.take_command();
+            device.reply_without_interrupt(&command, status::OK, answer.as_bytes());
+        })
+        .time_out();
+    assert_eq!(
+        rig.driver.status(&mut wait).expect("the reply is there"),
+        answer
+    );
+    assert_eq!(wait.waits, 2, "found after the wait gave up");
+    assert_eq!(rig.driver.stats().replies_after_timeout, 1);
+    // The control queue is free again.
+    let mut wait = FakeWait::new(&rig.device).answer(opcode::START, status::OK, &[]);
+    rig.driver.start(&mut wait).expect("START");
+    assert_eq!(rig.driver.stats().replies_after_timeout, 1);
+}
+
+#[test]
+fn shutdown_finds_a_read_returned_without_an_interrupt_when_the_wait_gives_up() {
+    let mut rig = rig();
+    let id = rig.submit(READ_LEN);
+    let chain = rig.device.take_read();
+    let mut wait = FakeWait::new(&rig.device)
+        .answer(opcode::STOP, status::OK, &[])
+        .then(flush_step(Vec::new(), 0))
+        .then(move |device| {
+            device.fill_read(&chain, &flushed(0), &[]);
+            device.complete(&chain, HEADER_SIZE as u32);
+        })
+        .time_out()
+        .answer(opcode::GET_STATUS, status::OK, Status::default().as_bytes());
+    let report = rig.driver.shutdown(&mut wait).expect("shutdown");
+    assert_eq!(report.returned, 1);
+    assert_eq!(rig.driver.next_completion().expect("returned").id, id);
+    assert_eq!(wait.steps_left(), 0);
+}
+
+/// spec: [6.9-4] eventq stays supplied through many more events than it has buffers.
+#[test]
+fn eventq_stays_supplied_through_more_events_than_buffers() {
+    let mut rig = rig();
+    for n in 0..3 * EVENT_QUEUE_SIZE as u64 {
+        let e = event(kind::OVERRUN, n);
+        rig.device.send_event(&e, EVENT_SIZE as u32);
+        rig.driver.service();
+        assert_eq!(rig.driver.next_event(), Some(e));
+        assert_eq!(
+            rig.device.avail_pending(queue::EVENT),
+            EVENT_BUFFERS,
+            "event {n}"
+        );
+    }
+    assert_eq!(rig.driver.stats().events, 3 * u64::from(EVENT_QUEUE_SIZE));
+}
+
+/// spec: [6.9-5] event kinds the driver does not know change nothing (the application still
+/// sees them, as they came).
+#[test]
+fn unknown_event_kinds_are_ignored() {
+    let mut rig = rig();
+    for unknown in [0, 5, 0x100, u32::MAX] {
+        // arg0 1 is what a NEEDS_RESET event would carry.
+        let e = event(unknown, 1);
+        rig.device.send_event(&e, EVENT_SIZE as u32);
+        rig.driver.service();
+        assert_eq!(rig.driver.next_event(), Some(e), "kind {unknown}");
+        assert!(!rig.driver.needs_reset(), "kind {unknown}");
+        assert_eq!(rig.device.avail_pending(queue::EVENT), EVENT_BUFFERS);
+    }
+    let (_, done) = rig.read_answered(&header(0, FRAMES), READ_LEN as u32);
+    assert!(matches!(done.outcome, ReadOutcome::Data(_)));
+}
+
+/// spec: [6.13-6] NEEDS_RESET in the config space: no more reads, and recovery resets the
+/// device before using it again.
+#[test]
+fn needs_reset_in_the_configuration_space_stops_reads_until_the_device_is_reset() {
+    let mut rig = rig();
+    let id = rig.submit(READ_LEN);
+    rig.device.take_read();
+    rig.device.set_config(|c| {
+        c.state = DaqState::NeedsReset as u8;
+        c.fault_code = vdaq_wire::event::fault::QUEUE_CORRUPT.into();
+    });
+    rig.device.interrupt(fake::CAUSE_CONFIG_CHANGE);
+    rig.driver.service();
+    assert!(rig.driver.needs_reset());
+    assert!(matches!(
+        rig.driver.submit_read(Buffer::new(READ_LEN)),
+        Err((DriverError::NeedsReset, _))
+    ));
+    assert_eq!(rig.device.avail_pending(queue::DATA), 0, "nothing posted");
+    let resets = rig.device.with_state(|s| s.resets);
+    // The reset brings the power-on configuration back.
+    let device = rig.device.clone();
+    rig.device.on_reset(move || {
+        device.set_config(|c| {
+            c.state = DaqState::Stopped as u8;
+            c.fault_code = 0.into();
+        })
+    });
+    let mut wait = FakeWait::new(&rig.device).answer(
+        opcode::GET_STATUS,
+        status::OK,
+        Status {
+            state: DaqState::NeedsReset as u8,
+            ..Default::default()
+        }
+        .as_bytes(),
+    );
+    let report = rig.driver.recover(&mut wait).expect("recover");
+    assert_eq!(report.reclaimed, 1);
+    assert_eq!(rig.driver.next_completion().expect("reclaimed").id, id);
+    assert!(rig.device.with_state(|s| s.resets) > resets, "reset");
+    assert_eq!(rig.device.status(), init_status());
+    assert!(!rig.driver.needs_reset());
+    rig.submit(READ_LEN);
 }

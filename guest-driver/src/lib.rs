@@ -24,8 +24,9 @@ pub mod dma;
 mod driver;
 #[cfg(test)]
 mod driver_tests;
-#[cfg(test)]
-mod fake;
+/// The scripted fake device, for this crate's tests and (feature `fake`) the fuzz targets.
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod irq;
 pub mod mmio;
 pub mod pci;

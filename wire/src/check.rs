@@ -58,6 +58,14 @@ pub enum StreamError {
     },
     /// CRC was required but the buffer carries none.
     MissingCrc,
+    /// A buffer with frames is stamped earlier than the stream's previous buffer with frames
+    /// (spec 5.x.6.1: the timestamps of buffers with frames never decrease within a stream).
+    Timestamp {
+        /// `timestamp_ns` of the previous buffer with frames.
+        previous: u64,
+        /// `timestamp_ns` found.
+        found: u64,
+    },
 }
 
 /// The header of one completed read buffer: the used length fits the posted `buffer` and
@@ -126,6 +134,8 @@ pub struct StreamVerifier {
     require_crc: bool,
     next_sequence: u64,
     next_frame: Option<u64>,
+    /// `timestamp_ns` of the last buffer with frames.
+    last_timestamp: Option<u64>,
     stats: StreamStats,
 }
 
@@ -141,6 +151,7 @@ impl StreamVerifier {
             require_crc: false,
             next_sequence: 0,
             next_frame: None,
+            last_timestamp: None,
             stats: StreamStats::default(),
         }
     }
@@ -188,6 +199,14 @@ impl StreamVerifier {
             .next_frame
             .replace(first_frame + frames)
             .map(|end| end + dropped);
+        // Only buffers with frames are ordered in time: an empty buffer carries its completion
+        // time, which the reference device's deterministic mode takes from another clock than
+        // the virtual sample time of the buffers with frames.
+        let previous_timestamp = if frames > 0 {
+            self.last_timestamp.replace(header.timestamp_ns.get())
+        } else {
+            None
+        };
 
         if header.format != self.format as u8 || header.channels.get() != self.channels {
             return Err(StreamError::Format);
@@ -209,6 +228,12 @@ impl StreamVerifier {
                     expected,
                     found: first_frame,
                 });
+            }
+        }
+        if let Some(previous) = previous_timestamp {
+            let found = header.timestamp_ns.get();
+            if found < previous {
+                return Err(StreamError::Timestamp { previous, found });
             }
         }
         let payload = &buffer[HEADER_SIZE..used];
@@ -420,6 +445,7 @@ mod tests {
         assert_eq!(v.check(&b, used(10)), Err(StreamError::OverrunFlag));
     }
 
+    /// spec: [6.11-1] with CRC32 negotiated, every OK buffer's CRC is checked; a mismatch is corrupt.
     #[test]
     fn crc_is_checked_when_flagged_and_required_when_asked() {
         let mut v = StreamVerifier::new(SampleFormat::S16, 2, true).require_crc(true);
@@ -439,6 +465,93 @@ mod tests {
             v.check(&buffer(2, 20, 10, 0), used(10)),
             Err(StreamError::MissingCrc)
         );
+        assert_eq!(v.stats().crc_errors, 1);
+        // An empty buffer's payload CRC is 0 (spec 5.x.6.11).
+        let mut empty = buffer(3, 30, 0, 0);
+        empty[44] |= flags::CRC_VALID as u8;
+        assert!(v.check(&empty, used(0)).is_ok());
+        let mut wrong = buffer(4, 30, 0, 0);
+        wrong[44] |= flags::CRC_VALID as u8;
+        wrong[40] = 1;
+        assert_eq!(
+            v.check(&wrong, used(0)),
+            Err(StreamError::Crc {
+                header: 1,
+                computed: 0
+            })
+        );
+    }
+
+    /// `buffer` with `timestamp_ns` = `timestamp`.
+    fn stamped(sequence: u64, first_frame: u64, frames: u32, timestamp: u64) -> [u8; 256] {
+        let mut bytes = buffer(sequence, first_frame, frames, 0);
+        bytes[16..24].copy_from_slice(&timestamp.to_le_bytes());
+        bytes
+    }
+
+    /// spec: [6.1-3] a buffer with frames stamped before the previous one with frames is invalid.
+    #[test]
+    fn a_buffer_with_frames_stamped_before_the_previous_one_is_invalid() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        v.check(&stamped(0, 0, 10, 1_000), used(10)).expect("first");
+        v.check(&stamped(1, 10, 10, 1_000), used(10))
+            .expect("the same time is no step back (a pause, a coarse clock)");
+        v.check(&stamped(2, 20, 10, 2_000), used(10))
+            .expect("later");
+        // Empty buffers carry their completion time, from whatever clock: not compared.
+        v.check(&stamped(3, 30, 0, 5), used(0))
+            .expect("an empty buffer stamped earlier");
+        v.check(&stamped(4, 30, 0, 9_000), used(0))
+            .expect("an empty buffer stamped later");
+        v.check(&stamped(5, 30, 10, 2_500), used(10))
+            .expect("compared with the last buffer with frames, not the empty ones");
+        assert_eq!(
+            v.check(&stamped(6, 40, 10, 2_499), used(10)),
+            Err(StreamError::Timestamp {
+                previous: 2_500,
+                found: 2_499
+            })
+        );
+        // Resynchronised on the offending buffer: the next one is judged against it.
+        v.check(&stamped(7, 50, 10, 2_499), used(10))
+            .expect("after the error");
+        assert_eq!(v.stats().errors, 1);
+        assert_eq!(v.stats().buffers, 7);
+    }
+
+    /// spec: [6.3-5] a BAD_BUFFER header's `sequence` and `first_frame` are not the stream's.
+    #[test]
+    fn a_bad_buffer_header_does_not_move_the_stream() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        v.check(&buffer(0, 0, 10, 0), used(10)).expect("first");
+        let mut bad = buffer(77, 5_000, 0, 0);
+        bad[46] = status::BAD_BUFFER;
+        bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(
+            v.check(&bad, HEADER_SIZE),
+            Err(StreamError::Status(status::BAD_BUFFER))
+        );
+        assert_eq!(v.next_frame(), Some(10), "the stream stands where it stood");
+        v.check(&buffer(1, 10, 10, 0), used(10))
+            .expect("sequence and frames continue from the last OK buffer");
+        assert_eq!(v.stats().frames, 20);
+    }
+
+    /// spec: [1-2] flag bits a later minor may define are ignored, not an error.
+    #[test]
+    fn unknown_flag_bits_are_ignored() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
+        for (sequence, unknown) in [0x0200u16, 0x4000, 0x8000, !flags::ALL]
+            .into_iter()
+            .enumerate()
+        {
+            let mut b = buffer(sequence as u64, 10 * sequence as u64, 10, 0);
+            b[44..46].copy_from_slice(&unknown.to_le_bytes());
+            assert_eq!(unknown & flags::ALL, 0, "{unknown:#x} is not a known flag");
+            let header = v.check(&b, used(10)).expect("unknown flags");
+            assert_eq!(header.flags.get(), unknown);
+        }
+        assert_eq!(v.stats().errors, 0);
     }
 
     #[test]

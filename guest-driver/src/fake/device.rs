@@ -460,6 +460,13 @@ impl FakeDevice {
     /// Answers `command` like a correct device: a [`ResponseHeader`] with `status`, then
     /// `payload`; used length = what was written; interrupt.
     pub fn reply(&self, command: &Command, status: u32, payload: &[u8]) {
+        self.reply_without_interrupt(command, status, payload);
+        self.interrupt(CAUSE_USED_BUFFER);
+    }
+
+    /// Answers `command` like [`Self::reply`], but the interrupt is lost: the reply is on the
+    /// used ring and nothing tells the driver.
+    pub fn reply_without_interrupt(&self, command: &Command, status: u32, payload: &[u8]) {
         let mut bytes = ResponseHeader {
             status: status.into(),
             reserved: 0.into(),
@@ -469,7 +476,6 @@ impl FakeDevice {
         bytes.extend_from_slice(payload);
         let written = command.chain.write(0, &bytes);
         self.complete(&command.chain, written as u32);
-        self.interrupt(CAUSE_USED_BUFFER);
     }
 
     /// Answers `command` with arbitrary `bytes` and an arbitrary used length `used_len` (which
@@ -514,11 +520,12 @@ impl FakeDevice {
 pub type Step = Box<dyn FnMut(&FakeDevice)>;
 
 /// A [`Wait`] that plays a script: each `wait()` runs the next step (the device doing
-/// something, usually answering and interrupting) and returns true; when the script is over
-/// it returns false, as a deadline passing.
+/// something, usually answering and interrupting) and returns true; a [`FakeWait::time_out`]
+/// step and the end of the script return false, as a deadline passing.
 pub struct FakeWait {
     device: FakeDevice,
-    steps: VecDeque<Step>,
+    /// `None`: the wait gives up.
+    steps: VecDeque<Option<Step>>,
     /// `wait()` calls so far.
     pub waits: usize,
 }
@@ -544,7 +551,14 @@ impl FakeWait {
 
     /// Adds a step.
     pub fn then(mut self, step: impl FnMut(&FakeDevice) + 'static) -> Self {
-        self.steps.push_back(Box::new(step));
+        self.steps.push_back(Some(Box::new(step)));
+        self
+    }
+
+    /// Adds a step where the wait gives up (its deadline passes) and the device does nothing;
+    /// the script goes on at the next wait.
+    pub fn time_out(mut self) -> Self {
+        self.steps.push_back(None);
         self
     }
 
@@ -569,11 +583,11 @@ impl Wait for FakeWait {
     fn wait(&mut self) -> bool {
         self.waits += 1;
         match self.steps.pop_front() {
-            Some(mut step) => {
+            Some(Some(mut step)) => {
                 step(&self.device);
                 true
             }
-            None => false,
+            Some(None) | None => false,
         }
     }
 }

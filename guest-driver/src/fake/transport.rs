@@ -55,6 +55,8 @@ pub struct DeviceState {
     pub config_generation: u32,
     /// Config-space writes the driver attempted (the device ignores them).
     pub config_writes: u32,
+    /// Config-space reads the driver made.
+    pub config_reads: u32,
     /// Queues as set up.
     pub queues: [QueueState; QUEUES],
     /// Notifications per queue.
@@ -97,6 +99,7 @@ impl DeviceState {
             config,
             config_generation: 0,
             config_writes: 0,
+            config_reads: 0,
             queues: [QueueState::default(); QUEUES],
             notifications: [0; QUEUES],
             resets: 0,
@@ -250,7 +253,8 @@ impl Transport for FakeDaqTransport {
     }
 
     fn read_config_space<T: FromBytes + IntoBytes>(&self, offset: usize) -> Result<T, Error> {
-        let state = self.state();
+        let mut state = self.state();
+        state.config_reads += 1;
         let end = offset
             .checked_add(size_of::<T>())
             .ok_or(Error::ConfigSpaceTooSmall)?;

@@ -316,8 +316,12 @@ impl DaqBackend {
         if let Some(data) = vrings.get(usize::from(queue::DATA)) {
             self.publish_completions(data, false);
         }
-        if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
-            self.deliver_events(events);
+        // Events wait while a scripted delay holds completed buffers back: a TRIGGER event
+        // must not overtake the buffer it names (spec 5.x.6.9).
+        if self.delayed.is_empty() {
+            if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
+                self.deliver_events(events);
+            }
         }
         if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
             self.notify_needs_reset();

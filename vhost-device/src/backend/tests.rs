@@ -2,12 +2,14 @@
 //! well-formed and hostile descriptor chains.
 
 use super::*;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use vdaq_wire::buffer::{flags, status as buffer_status};
 use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
 use vdaq_wire::config::DaqConfig;
 use vdaq_wire::config::CONFIG_SIZE;
 use vdaq_wire::control::{self, CommandHeader, ResponseHeader};
 use vdaq_wire::control::{opcode, Configure, FlushReply, Status};
+use vdaq_wire::control::{trigger_mode, TriggerConfig};
 use vdaq_wire::event::{kind, Event};
 use vdaq_wire::feature;
 use vdaq_wire::pattern::verify_counter;
@@ -23,6 +25,7 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 const QUEUE_SIZE: u16 = 16;
 const MEM_SIZE: usize = 0x40_0000;
@@ -164,34 +167,99 @@ impl<'a> Rig<'a> {
 
     /// Sends a command; returns (status, reply payload).
     fn command(&mut self, op: u32, payload: &[u8], reply_len: usize) -> (u32, Vec<u8>) {
+        let before = self.used(queue::CONTROL).len();
+        let (_, resp_addr) = self.queue_command(op, 0, payload, reply_len);
+        self.kick(queue::CONTROL);
+        let used = self.used(queue::CONTROL);
+        assert_eq!(used.len(), before + 1, "one reply per command");
+        self.reply(resp_addr, used[before].1)
+    }
+
+    /// Writes a request (header with `reserved`, then `payload`) into guest memory; returns
+    /// its address and length.
+    fn request(&mut self, op: u32, reserved: u32, payload: &[u8]) -> (u64, u32) {
         let mut request = CommandHeader {
             opcode: op.into(),
-            reserved: 0.into(),
+            reserved: reserved.into(),
         }
         .as_bytes()
         .to_vec();
         request.extend_from_slice(payload);
-        let req_addr = self.alloc(request.len() as u64);
+        let addr = self.alloc(request.len() as u64);
         self.mem
-            .write_slice(&request, GuestAddress(req_addr))
+            .write_slice(&request, GuestAddress(addr))
             .expect("write request");
+        (addr, request.len() as u32)
+    }
+
+    /// Makes a command available on controlq without kicking; returns its head and the
+    /// address of its reply area.
+    fn queue_command(
+        &mut self,
+        op: u32,
+        reserved: u32,
+        payload: &[u8],
+        reply_len: usize,
+    ) -> (u16, u64) {
+        let (req_addr, req_len) = self.request(op, reserved, payload);
         let resp_addr = self.alloc(reply_len as u64);
-        let before = self.used(queue::CONTROL).len();
-        self.make_available(
+        let head = self.make_available(
             queue::CONTROL,
-            &[
-                (req_addr, request.len() as u32, R),
-                (resp_addr, reply_len as u32, W),
-            ],
+            &[(req_addr, req_len, R), (resp_addr, reply_len as u32, W)],
         );
-        self.kick(queue::CONTROL);
-        let used = self.used(queue::CONTROL);
-        assert_eq!(used.len(), before + 1, "one reply per command");
-        let used_len = used[before].1 as usize;
+        (head, resp_addr)
+    }
+
+    /// The reply of `used_len` bytes at `resp_addr`: (status, reply payload).
+    fn reply(&self, resp_addr: u64, used_len: u32) -> (u32, Vec<u8>) {
+        let used_len = used_len as usize;
         assert!(used_len >= 8, "reply has a header");
         let reply = self.read(resp_addr, used_len);
         let header = ResponseHeader::read_from_bytes(&reply[..8]).expect("header");
         (header.status.get(), reply[8..].to_vec())
+    }
+
+    /// Makes the chain `descs(head)` returns available on `queue` as it is (flags and `next`
+    /// fields untouched, so it may be broken); returns the head index.
+    fn make_available_raw(
+        &mut self,
+        queue: u16,
+        descs: impl FnOnce(u16) -> Vec<RawDescriptor>,
+    ) -> u16 {
+        let q = usize::from(queue);
+        let head = self.next_desc[q];
+        let descs = descs(head);
+        for (i, desc) in descs.iter().enumerate() {
+            let index = (head + i as u16) % QUEUE_SIZE;
+            self.queues[q]
+                .desc_table()
+                .store(index, *desc)
+                .expect("descriptor");
+        }
+        let avail = self.queues[q].avail();
+        let idx = avail.idx().load();
+        avail
+            .ring()
+            .ref_at(usize::from(idx % QUEUE_SIZE))
+            .expect("avail entry")
+            .store(head);
+        avail.idx().store(idx.wrapping_add(1));
+        self.next_desc[q] = (head + descs.len() as u16) % QUEUE_SIZE;
+        head
+    }
+
+    fn config(&self) -> DaqConfig {
+        DaqConfig::read_from_bytes(&self.backend.get_config(0, CONFIG_SIZE as u32)).expect("config")
+    }
+
+    /// Counts the used-buffer notifications of `queue` from now on (its call eventfd).
+    fn watch_notifications(&self, queue: u16) -> EventFd {
+        let calls = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let fd = calls.try_clone().expect("eventfd clone").into_raw_fd();
+        // SAFETY: `into_raw_fd` handed over a valid eventfd that nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        self.vrings[usize::from(queue)].set_call(Some(file));
+        calls
     }
 
     /// Posts a data buffer of `frames` frames (2 × S32) as one descriptor.
@@ -277,6 +345,8 @@ fn buffer_split_over_several_descriptors_is_filled_across_them() {
     );
 }
 
+/// spec: [7-1] [7-2] dataq rows: readable descriptors, readable after writable, under 64 bytes,
+/// outside guest memory: used length 0, counted, nothing written; the stream is untouched.
 #[test]
 fn malformed_read_buffers_get_used_length_zero_and_the_queue_keeps_working() {
     let mem = memory();
@@ -397,6 +467,7 @@ fn looping_and_oversized_chains_are_rejected() {
     );
 }
 
+/// spec: [7-1] a read buffer with room for the header only: BAD_BUFFER, used length 64.
 #[test]
 fn a_buffer_with_room_for_the_header_only_gets_bad_buffer_status() {
     let mem = memory();
@@ -408,6 +479,8 @@ fn a_buffer_with_room_for_the_header_only_gets_bad_buffer_status() {
     assert_eq!(rig.header_at(addr).status, buffer_status::BAD_BUFFER);
 }
 
+/// spec: [7-1] [7-2] malformed control requests get their answers, nothing is written where the
+/// answer is used length 0, and a good command still works afterwards.
 #[test]
 fn control_commands_answer_every_malformed_request() {
     let mem = memory();
@@ -563,22 +636,43 @@ fn a_corrupt_avail_index_puts_the_device_in_needs_reset() {
     assert_eq!(rig.backend.card().state(), DeviceState::Stopped);
 }
 
+/// spec: [6.13-3] when the transport stops dataq, every held buffer is completed as by FLUSH
+/// (the frames sampled so far in them, the rest FLUSHED) by the time stop_vring returns.
 #[test]
 fn stopping_the_data_queue_returns_held_buffers() {
     let mem = memory();
-    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
-    for _ in 0..3 {
-        rig.post_read(1000);
-    }
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1 << 20);
+    let posted: Vec<_> = (0..3).map(|_| rig.post_read(1 << 16)).collect();
     rig.kick(queue::DATA);
+    rig.command(opcode::START, &[], 8);
+    std::thread::sleep(Duration::from_millis(2));
     assert_eq!(rig.backend.card().buffers_held(), 3);
     rig.backend
         .stop_vring(u32::from(queue::DATA))
         .expect("stop");
-    assert_eq!(rig.used(queue::DATA).len(), 3);
+    let used = rig.used(queue::DATA);
+    assert_eq!(used.len(), 3);
     assert_eq!(rig.backend.card().buffers_held(), 0);
+    let mut frames = 0;
+    for ((head, addr), (used_head, used_len)) in posted.iter().zip(&used) {
+        assert_eq!(head, used_head);
+        let header = rig.assert_counter_payload(*addr);
+        let full = header.frame_count.get() == 1 << 16;
+        assert!(
+            full || header.flags.get() & flags::FLUSHED != 0,
+            "{header:?}"
+        );
+        assert_eq!(
+            *used_len as usize,
+            HEADER_SIZE + header.frame_count.get() as usize * 8
+        );
+        frames += u64::from(header.frame_count.get());
+    }
+    assert!(frames >= 2000, "2 ms at 1 MHz: {frames} frames");
+    assert_eq!(rig.config().frames_delivered.get(), frames);
 }
 
+/// spec: [4-2] [7-1] a configuration read reaching past byte 136 is refused (empty reply).
 #[test]
 fn config_reads_are_bounded_to_the_config_space() {
     let mem = memory();
@@ -593,6 +687,8 @@ fn config_reads_are_bounded_to_the_config_space() {
         10_000_000u32.to_le_bytes().to_vec()
     );
     assert!(rig.backend.get_config(128, 16).is_empty());
+    assert!(rig.backend.get_config(0, CONFIG_SIZE as u32 + 1).is_empty());
+    assert!(rig.backend.get_config(CONFIG_SIZE as u32, 1).is_empty());
     assert!(rig.backend.get_config(u32::MAX, 2).is_empty());
 }
 
@@ -622,6 +718,8 @@ fn advertised_features_match_the_wire_crate() {
         .contains(VhostUserProtocolFeatures::CONFIG));
 }
 
+/// spec: [7-1] a read buffer made available again while held: NEEDS_RESET, QUEUE_CORRUPT, not
+/// counted.
 #[test]
 fn a_buffer_made_available_twice_while_held_puts_the_device_in_needs_reset() {
     let mem = memory();
@@ -634,4 +732,859 @@ fn a_buffer_made_available_twice_while_held_puts_the_device_in_needs_reset() {
     rig.kick(queue::DATA);
     assert_eq!(rig.backend.card().buffers_held(), 1, "held once, not twice");
     assert_eq!(rig.backend.card().state(), DeviceState::NeedsReset);
+    let config = rig.config();
+    assert_eq!(
+        config.fault_code.get(),
+        vdaq_wire::event::fault::QUEUE_CORRUPT
+    );
+    assert_eq!(config.requests_rejected.get(), 0, "not counted");
+}
+
+/// A descriptor of a hand-made (possibly broken) chain.
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+
+/// A chain as `(addr, len, flags)` descriptors, for [`Rig::make_available`].
+type Chain = Vec<(u64, u32, u16)>;
+
+/// Builds a hand-made chain given its head index.
+type RawChain = Box<dyn Fn(u16) -> Vec<RawDescriptor>>;
+
+/// A control request of the malformed-request table: case, opcode, payload, reply area,
+/// expected status, counted.
+type ControlRow<'a> = (&'a str, u32, &'a [u8], usize, u32, bool);
+
+/// spec: [3-1] the device offers VIRTIO_F_VERSION_1.
+#[test]
+fn the_device_offers_version_1() {
+    let mem = memory();
+    let rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    assert_ne!(
+        rig.backend.features() & (1 << feature::VIRTIO_F_VERSION_1),
+        0
+    );
+}
+
+/// (header, payload) of every OK buffer of a short free-running stream (two full buffers,
+/// then an empty one from FLUSH), with `features` negotiated.
+fn stream_with_features(features: u64) -> Vec<(BufferHeader, Vec<u8>)> {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+    rig.backend.acked_features(features);
+    rig.command(opcode::START, &[], 8);
+    let mut posted = vec![rig.post_read(10), rig.post_read(25)];
+    rig.kick(queue::DATA);
+    rig.command(opcode::STOP, &[], 8);
+    posted.push(rig.post_read(10));
+    rig.kick(queue::DATA);
+    rig.command(opcode::FLUSH, &[], 16);
+    assert_eq!(rig.used(queue::DATA).len(), 3);
+    posted
+        .iter()
+        .map(|&(_, addr)| {
+            let header = rig.header_at(addr);
+            assert_eq!(header.status, buffer_status::OK);
+            let payload = rig.read(
+                addr + HEADER_SIZE as u64,
+                header.payload_bytes().expect("format"),
+            );
+            (header, payload)
+        })
+        .collect()
+}
+
+/// spec: [3-2] CRC_VALID and `crc32` in every OK header (empty ones too) when VIRTIO_DAQ_F_CRC32
+/// was negotiated, and neither when it was not.
+#[test]
+fn crc_is_filled_exactly_when_the_crc_feature_is_negotiated() {
+    let version_1 = 1 << feature::VIRTIO_F_VERSION_1;
+    for (header, payload) in stream_with_features(version_1 | 1 << feature::DAQ_F_CRC32) {
+        assert_ne!(header.flags.get() & flags::CRC_VALID, 0, "{header:?}");
+        assert_eq!(header.crc32.get(), vdaq_wire::payload_crc32(&payload));
+    }
+    for (header, _) in stream_with_features(version_1) {
+        assert_eq!(header.flags.get() & flags::CRC_VALID, 0, "{header:?}");
+        assert_eq!(header.crc32.get(), 0);
+    }
+}
+
+/// spec: [3-3] TRIGGER and SET_TRIGGER are UNSUPPORTED unless VIRTIO_DAQ_F_TRIGGER was
+/// negotiated (and accepted when it was).
+#[test]
+fn trigger_commands_are_unsupported_without_the_trigger_feature() {
+    let rising = TriggerConfig {
+        mode: trigger_mode::RISING,
+        post_frames: 1.into(),
+        ..Default::default()
+    };
+    let version_1 = 1 << feature::VIRTIO_F_VERSION_1;
+    for (features, expected) in [
+        (
+            version_1 | 1 << feature::DAQ_F_CRC32,
+            control::status::UNSUPPORTED,
+        ),
+        (version_1 | 1 << feature::DAQ_F_TRIGGER, control::status::OK),
+    ] {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+        rig.backend.acked_features(features);
+        assert_eq!(rig.command(opcode::TRIGGER, &[], 8).0, expected);
+        assert_eq!(
+            rig.command(opcode::SET_TRIGGER, rising.as_bytes(), 8).0,
+            expected
+        );
+    }
+}
+
+/// spec: [4-1] [7-1] writes to the configuration space change nothing (and are not counted).
+#[test]
+fn configuration_space_writes_are_ignored() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+    let before = rig.backend.get_config(0, CONFIG_SIZE as u32);
+    let writes: [(u32, &[u8]); 4] = [
+        (0, &[0xff; CONFIG_SIZE]),
+        (2, &3u16.to_le_bytes()),
+        (43, &[DeviceState::Running as u8]),
+        (88, &[1; 8]),
+    ];
+    for (offset, bytes) in writes {
+        assert!(rig.backend.set_config(offset, bytes).is_ok());
+    }
+    assert_eq!(rig.backend.get_config(0, CONFIG_SIZE as u32), before);
+    assert_eq!(rig.backend.card().state(), DeviceState::Stopped);
+    rig.command(opcode::START, &[], 8);
+    let (_, addr) = rig.post_read(10);
+    rig.kick(queue::DATA);
+    assert_eq!(rig.header_at(addr).channels.get(), 2, "still 2 channels");
+}
+
+/// spec: [6.2-1] accepted buffers complete in the order they were made available, whatever
+/// ends them; only refused ones come back at once.
+#[test]
+fn accepted_buffers_complete_in_the_order_they_were_made_available() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+    let a = rig.post_read(10).0;
+    let b = rig.post_read(20).0;
+    let small = rig.alloc(HEADER_SIZE as u64 + 3);
+    let bad_buffer = rig.make_available(queue::DATA, &[(small, HEADER_SIZE as u32 + 3, W)]);
+    let c = rig.post_read(5).0;
+    let readable = rig.make_available(queue::DATA, &[(small, 64, R)]);
+    let d = rig.post_read(10).0;
+    rig.kick(queue::DATA);
+    rig.command(opcode::START, &[], 8);
+    let heads: Vec<u16> = rig.used(queue::DATA).iter().map(|u| u.0).collect();
+    assert_eq!(heads, [bad_buffer, readable, a, b, c, d]);
+
+    // Paced: full ones, then whatever FLUSH ends, still in order.
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1 << 20);
+    let posted: Vec<u16> = [1000, 1 << 16, 10, 1 << 16, 3]
+        .iter()
+        .map(|&frames| rig.post_read(frames).0)
+        .collect();
+    rig.kick(queue::DATA);
+    rig.command(opcode::START, &[], 8);
+    std::thread::sleep(Duration::from_millis(3));
+    rig.kick(queue::DATA);
+    rig.command(opcode::FLUSH, &[], 16);
+    let heads: Vec<u16> = rig.used(queue::DATA).iter().map(|u| u.0).collect();
+    assert_eq!(heads, posted);
+}
+
+/// spec: [6.6-1] the data buffers STOP, FLUSH or CONFIGURE completes are on dataq's used ring,
+/// and notified, when the command's reply is written, before that reply goes on controlq's
+/// used ring (`execute_command` writes the reply; its caller then puts it on the ring).
+#[test]
+fn buffers_a_command_completes_are_returned_and_notified_before_its_reply() {
+    let wider = Configure {
+        channels: 3.into(),
+        coalesce_buffers: 16.into(),
+        ..settings(ClockMode::Paced).to_wire()
+    };
+    let commands: [(u32, &[u8], usize); 3] = [
+        (opcode::STOP, &[], 8),
+        (opcode::FLUSH, &[], 16),
+        (opcode::CONFIGURE, wider.as_bytes(), 8),
+    ];
+    for (op, payload, reply_len) in commands {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, ClockMode::Paced, 1 << 20);
+        // No notification but the command's: coalesce more completions than it makes.
+        let coalesce = Configure {
+            coalesce_buffers: 16.into(),
+            ..settings(ClockMode::Paced).to_wire()
+        };
+        rig.command(opcode::CONFIGURE, coalesce.as_bytes(), 8);
+        rig.post_read(1 << 16);
+        rig.post_read(1 << 16);
+        rig.kick(queue::DATA);
+        if op == opcode::STOP {
+            rig.command(opcode::START, &[], 8);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let data_calls = rig.watch_notifications(queue::DATA);
+        let (_, resp_addr) = rig.queue_command(op, 0, payload, reply_len);
+        let handle = rig.backend.memory().expect("memory");
+        let guard = handle.memory();
+        let chain = rig.vrings[usize::from(queue::CONTROL)]
+            .get_mut()
+            .get_queue_mut()
+            .iter(handle.memory())
+            .expect("ring")
+            .next()
+            .expect("the request");
+        let used_len = rig.backend.execute_command(chain, &guard, &rig.vrings);
+        assert_eq!(rig.reply(resp_addr, used_len).0, control::status::OK);
+        assert!(
+            !rig.used(queue::DATA).is_empty(),
+            "opcode {op}: its buffers are on the used ring"
+        );
+        assert!(
+            data_calls.read().is_ok(),
+            "opcode {op}: and the driver was notified"
+        );
+    }
+}
+
+/// spec: [6.6-2] a command first takes what was made available on dataq before it, kicked or
+/// not: FLUSH returns those buffers, STOP puts its frames into them.
+#[test]
+fn a_command_takes_the_buffers_made_available_on_dataq_before_it() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1 << 20);
+    rig.command(opcode::START, &[], 8);
+    let posted: Vec<_> = (0..3).map(|_| rig.post_read(1 << 16)).collect();
+    let (status, payload) = rig.command(opcode::FLUSH, &[], 16);
+    assert_eq!(status, control::status::OK);
+    let reply = FlushReply::read_from_bytes(&payload).expect("flush reply");
+    assert_eq!(reply.buffers_returned.get(), 3);
+    let heads: Vec<u16> = rig.used(queue::DATA).iter().map(|u| u.0).collect();
+    assert_eq!(heads, posted.iter().map(|p| p.0).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(1));
+    let capacity = 1 << 18;
+    let (head, addr) = rig.post_read(capacity);
+    rig.command(opcode::STOP, &[], 8);
+    assert_eq!(rig.used(queue::DATA).last().map(|u| u.0), Some(head));
+    let header = rig.assert_counter_payload(addr);
+    assert!(
+        header.frame_count.get() > 0,
+        "STOP moved its frames into it"
+    );
+    let full = header.frame_count.get() as usize == capacity;
+    assert!(
+        full || header.flags.get() & flags::STOPPED != 0,
+        "{header:?}"
+    );
+}
+
+/// spec: [6.7-1] every control command, whatever its opcode and answer, is a notification
+/// point for the completions coalescing still holds back.
+#[test]
+fn every_control_command_is_a_notification_point() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+    let coalesce = Configure {
+        coalesce_buffers: 16.into(),
+        ..settings(ClockMode::FreeRunning).to_wire()
+    };
+    rig.command(opcode::CONFIGURE, coalesce.as_bytes(), 8);
+    rig.command(opcode::START, &[], 8);
+    let data_calls = rig.watch_notifications(queue::DATA);
+    let commands: [(u32, usize); 6] = [
+        (opcode::GET_STATUS, 80),
+        (opcode::RESET_COUNTERS, 8),
+        (99, 8),
+        (opcode::TRIGGER, 8),
+        (opcode::START, 8),
+        (opcode::FLUSH, 16),
+    ];
+    for (op, reply_len) in commands {
+        rig.post_read(10);
+        rig.kick(queue::DATA);
+        assert!(data_calls.read().is_err(), "coalesced: no notification yet");
+        rig.command(op, &[], reply_len);
+        assert!(data_calls.read().is_ok(), "opcode {op} notified");
+    }
+}
+
+/// spec: [6.8-1] requests made available together run one at a time, in order.
+#[test]
+fn control_requests_run_one_at_a_time_in_the_order_they_were_made_available() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let ops = [
+        opcode::GET_STATUS,
+        opcode::START,
+        opcode::GET_STATUS,
+        opcode::STOP,
+        opcode::GET_STATUS,
+    ];
+    let queued: Vec<(u16, u64)> = ops
+        .iter()
+        .map(|&op| rig.queue_command(op, 0, &[], 80))
+        .collect();
+    rig.kick(queue::CONTROL);
+    let used = rig.used(queue::CONTROL);
+    let heads: Vec<u16> = used.iter().map(|u| u.0).collect();
+    assert_eq!(heads, queued.iter().map(|q| q.0).collect::<Vec<_>>());
+    let states: Vec<u8> = [0, 2, 4]
+        .iter()
+        .map(|&i| {
+            let (status, payload) = rig.reply(queued[i].1, used[i].1);
+            assert_eq!(status, control::status::OK);
+            Status::read_from_bytes(&payload).expect("status").state
+        })
+        .collect();
+    let (stopped, running) = (DeviceState::Stopped as u8, DeviceState::Running as u8);
+    assert_eq!(states, [stopped, running, stopped]);
+}
+
+/// spec: [6.8-2] a malformed request, one with too small a reply area, or one answered
+/// BAD_SIZE is not executed: START does not start, FLUSH returns nothing.
+#[test]
+fn malformed_and_bad_size_requests_are_not_executed() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    rig.post_read(10);
+    rig.post_read(10);
+    rig.kick(queue::DATA);
+    let resp = rig.alloc(4096);
+    let (start, start_len) = rig.request(opcode::START, 0, &[]);
+    let (long_start, long_len) = rig.request(opcode::START, 0, &[0; 4089]);
+    let (short_payload, short_len) = rig.request(opcode::START, 0, &[0; 2]);
+    let (flush, flush_len) = rig.request(opcode::FLUSH, 0, &[]);
+    let (flush_payload, flush_payload_len) = rig.request(opcode::FLUSH, 0, &[0; 4]);
+    let cases: [(&str, Chain, Option<u32>); 7] = [
+        (
+            "no room for a reply",
+            vec![(start, start_len, R), (resp, 4, W)],
+            None,
+        ),
+        (
+            "readable after writable",
+            vec![(resp, 8, W), (start, start_len, R)],
+            None,
+        ),
+        (
+            "outside guest memory",
+            vec![(start, start_len, R), (MEM_SIZE as u64 - 4, 8, W)],
+            None,
+        ),
+        (
+            "request over 4096 bytes",
+            vec![(long_start, long_len, R), (resp, 8, W)],
+            Some(control::status::BAD_SIZE),
+        ),
+        (
+            "START with a payload",
+            vec![(short_payload, short_len, R), (resp, 8, W)],
+            Some(control::status::BAD_SIZE),
+        ),
+        (
+            "FLUSH without room for its reply",
+            vec![(flush, flush_len, R), (resp, 8, W)],
+            Some(control::status::BAD_SIZE),
+        ),
+        (
+            "FLUSH with a payload",
+            vec![(flush_payload, flush_payload_len, R), (resp, 16, W)],
+            Some(control::status::BAD_SIZE),
+        ),
+    ];
+    for (case, chain, answer) in cases {
+        let head = rig.make_available(queue::CONTROL, &chain);
+        rig.kick(queue::CONTROL);
+        let used = rig.used(queue::CONTROL);
+        let &(used_head, used_len) = used.last().expect("answered");
+        assert_eq!(used_head, head, "{case}");
+        match answer {
+            None => assert_eq!(used_len, 0, "{case}"),
+            Some(status) => assert_eq!(rig.reply(resp, used_len).0, status, "{case}"),
+        }
+        assert_eq!(rig.backend.card().state(), DeviceState::Stopped, "{case}");
+        assert_eq!(rig.backend.card().buffers_held(), 2, "{case}");
+        assert!(rig.used(queue::DATA).is_empty(), "{case}");
+    }
+    let (status, payload) = rig.command(opcode::FLUSH, &[], 16);
+    assert_eq!(status, control::status::OK);
+    let reply = FlushReply::read_from_bytes(&payload).expect("flush reply");
+    assert_eq!(
+        reply.buffers_returned.get(),
+        2,
+        "a good FLUSH does return them"
+    );
+}
+
+/// spec: [6.8-3] reserved fields of requests (command header, CONFIGURE, SET_TRIGGER) are
+/// ignored.
+#[test]
+fn reserved_fields_of_requests_are_ignored() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    rig.backend
+        .acked_features(1 << feature::VIRTIO_F_VERSION_1 | 1 << feature::DAQ_F_TRIGGER);
+    let send = |rig: &mut Rig, op: u32, payload: &[u8], reply_len: usize| {
+        let before = rig.used(queue::CONTROL).len();
+        let (_, resp) = rig.queue_command(op, 0xdead_beef, payload, reply_len);
+        rig.kick(queue::CONTROL);
+        let used_len = rig.used(queue::CONTROL)[before].1;
+        rig.reply(resp, used_len)
+    };
+    let configure = Configure {
+        channels: 3.into(),
+        reserved: [0xff; 7],
+        ..settings(ClockMode::Paced).to_wire()
+    };
+    assert_eq!(
+        send(&mut rig, opcode::CONFIGURE, configure.as_bytes(), 8).0,
+        control::status::OK
+    );
+    assert_eq!(rig.config().channels.get(), 3);
+    let trigger = TriggerConfig {
+        mode: trigger_mode::RISING,
+        reserved: 0xff,
+        post_frames: 1.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        send(&mut rig, opcode::SET_TRIGGER, trigger.as_bytes(), 8).0,
+        control::status::OK
+    );
+    assert_eq!(send(&mut rig, opcode::START, &[], 8).0, control::status::OK);
+    let (status, payload) = send(&mut rig, opcode::GET_STATUS, &[], 80);
+    assert_eq!(status, control::status::OK);
+    let status = Status::read_from_bytes(&payload).expect("status");
+    assert_eq!(status.state, DeviceState::Running as u8);
+}
+
+/// spec: [6.9-1] events go into event buffers one per buffer, used length 32 (the rest of a
+/// larger buffer untouched), in the order they occurred.
+#[test]
+fn events_are_written_one_per_buffer_in_order_with_used_length_32() {
+    use crate::model::scenario::Action;
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    for code in [7, 8, 9] {
+        rig.backend.inject(Action::Fault(code)); // raised before any buffer is posted
+    }
+    let mut slots = Vec::new();
+    for _ in 0..4 {
+        let addr = rig.alloc(64);
+        rig.mem
+            .write_slice(&[0x5a; 64], GuestAddress(addr))
+            .expect("fill");
+        slots.push((rig.make_available(queue::EVENT, &[(addr, 64, W)]), addr));
+    }
+    rig.kick(queue::EVENT);
+    rig.backend.inject(Action::Fault(10)); // raised with a buffer waiting
+    let used = rig.used(queue::EVENT);
+    assert_eq!(used.len(), 4);
+    for (i, ((head, addr), (used_head, used_len))) in slots.iter().zip(&used).enumerate() {
+        assert_eq!((head, *used_len), (used_head, 32));
+        let event = Event::read_from_bytes(&rig.read(*addr, 32)).expect("event");
+        assert_eq!(event.kind.get(), kind::FAULT);
+        assert_eq!(event.arg0.get(), 7 + i as u64, "in the order they occurred");
+        assert_eq!(
+            rig.read(addr + 32, 32),
+            vec![0x5a; 32],
+            "one event per buffer"
+        );
+    }
+}
+
+/// spec: [7-1] eventq rows: a readable descriptor or fewer than 32 writable bytes get used
+/// length 0, counted, nothing written; an event that cannot be written (the memory table
+/// changed under the buffer) gets used length 0 and counts in `events_lost`, not as a
+/// rejected request.
+#[test]
+fn event_queue_rows_of_the_malformed_request_table() {
+    use crate::model::scenario::Action;
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let sentinel = rig.alloc(64);
+    rig.mem
+        .write_slice(&[0x5a; 64], GuestAddress(sentinel))
+        .expect("fill");
+    let cases = [
+        vec![(sentinel, 64, R)],
+        vec![(sentinel, 31, W)],
+        vec![(sentinel, 16, W), (sentinel + 16, 15, W)],
+    ];
+    for (i, chain) in cases.iter().enumerate() {
+        let head = rig.make_available(queue::EVENT, chain);
+        rig.kick(queue::EVENT);
+        assert_eq!(rig.used(queue::EVENT).last(), Some(&(head, 0)), "case {i}");
+        assert_eq!(
+            rig.config().requests_rejected.get(),
+            i as u64 + 1,
+            "counted"
+        );
+    }
+    rig.backend.inject(Action::Fault(1));
+    assert_eq!(rig.read(sentinel, 64), vec![0x5a; 64], "nothing written");
+    rig.backend.pop_event_for_tests();
+    // A buffer in the upper half of guest memory, then a memory table without it.
+    let high = MEM_SIZE as u64 / 2 + 0x1000;
+    let head = rig.make_available(queue::EVENT, &[(high, 32, W)]);
+    rig.kick(queue::EVENT);
+    let smaller = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE / 2)]).expect("memory");
+    rig.backend
+        .update_memory(GuestMemoryAtomic::new(smaller))
+        .expect("memory table");
+    rig.backend.inject(Action::Fault(2));
+    assert_eq!(rig.used(queue::EVENT).last(), Some(&(head, 0)));
+    let config = rig.config();
+    assert_eq!(config.events_lost.get(), 1);
+    assert_eq!(config.requests_rejected.get(), 3, "not counted as rejected");
+}
+
+/// spec: [7-1] [7-2] broken chains (loop, `next` beyond the table, bad indirect tables, more
+/// than 64 descriptors, over 4 GiB, outside guest memory, readable after writable) get used
+/// length 0 on every queue, counted, nothing written and nothing else changed; good chains
+/// are served afterwards.
+#[test]
+fn broken_chains_on_every_queue_are_answered_with_used_length_zero_and_change_nothing_else() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let sentinel = rig.alloc(8192);
+    let tables = rig.alloc(16 * 65);
+    let count = MAX_CHAIN_DESCRIPTORS + 1;
+    for i in 0..count {
+        let flags = if i + 1 < count { W | NEXT } else { W };
+        let entry = desc(sentinel + 64 * i as u64, 64, flags, (i + 1) as u16);
+        rig.mem
+            .write_obj(entry, GuestAddress(tables + 16 * i as u64))
+            .expect("table");
+    }
+    let nested = rig.alloc(16);
+    rig.mem
+        .write_obj(
+            desc(tables, 32, VRING_DESC_F_INDIRECT as u16, 0),
+            GuestAddress(nested),
+        )
+        .expect("table");
+    let indirect = VRING_DESC_F_INDIRECT as u16;
+    let cases: [(&str, RawChain); 8] = [
+        (
+            "loop",
+            Box::new(move |head| {
+                vec![
+                    desc(sentinel, 64, W | NEXT, (head + 1) % QUEUE_SIZE),
+                    desc(sentinel + 64, 64, W | NEXT, head),
+                ]
+            }),
+        ),
+        (
+            "next beyond the table",
+            Box::new(move |_| vec![desc(sentinel, 64, W | NEXT, QUEUE_SIZE + 3)]),
+        ),
+        (
+            "indirect table of 24 bytes",
+            Box::new(move |_| vec![desc(tables, 24, indirect, 0)]),
+        ),
+        (
+            "indirect table inside an indirect table",
+            Box::new(move |_| vec![desc(nested, 16, indirect, 0)]),
+        ),
+        (
+            "65 descriptors",
+            Box::new(move |_| vec![desc(tables, 16 * count as u32, indirect, 0)]),
+        ),
+        (
+            "over 4 GiB",
+            Box::new(move |head| {
+                vec![
+                    desc(sentinel, 64, W | NEXT, (head + 1) % QUEUE_SIZE),
+                    desc(sentinel, u32::MAX, W, 0),
+                ]
+            }),
+        ),
+        (
+            "outside guest memory",
+            Box::new(|_| vec![desc(MEM_SIZE as u64 - 16, 64, W, 0)]),
+        ),
+        (
+            "readable after writable",
+            Box::new(move |head| {
+                vec![
+                    desc(sentinel, 64, W | NEXT, (head + 1) % QUEUE_SIZE),
+                    desc(sentinel + 64, 64, R, 0),
+                ]
+            }),
+        ),
+    ];
+    let without_rejections = |mut config: DaqConfig| {
+        config.requests_rejected.set(0);
+        config
+    };
+    let before = without_rejections(rig.config());
+    let mut rejected = 0;
+    for queue in [queue::DATA, queue::CONTROL, queue::EVENT] {
+        for (case, chain) in &cases {
+            rig.mem
+                .write_slice(&[0x5a; 8192], GuestAddress(sentinel))
+                .expect("fill");
+            let head = rig.make_available_raw(queue, chain);
+            rig.kick(queue);
+            rejected += 1;
+            assert_eq!(
+                rig.used(queue).last(),
+                Some(&(head, 0)),
+                "queue {queue}: {case}"
+            );
+            assert_eq!(
+                rig.read(sentinel, 8192),
+                vec![0x5a; 8192],
+                "queue {queue}: {case}: nothing written"
+            );
+            let config = rig.config();
+            assert_eq!(config.requests_rejected.get(), rejected, "{case}: counted");
+            assert_eq!(without_rejections(config), before, "{case}: nothing else");
+        }
+    }
+    assert_eq!(rig.backend.card().buffers_held(), 0);
+    // Every queue still serves good chains.
+    let event = rig.alloc(32);
+    rig.make_available(queue::EVENT, &[(event, 32, W)]);
+    rig.kick(queue::EVENT);
+    assert_eq!(rig.command(opcode::START, &[], 8).0, control::status::OK);
+    let (_, addr) = rig.post_read(1 << 10);
+    rig.kick(queue::DATA);
+    rig.command(opcode::FLUSH, &[], 16);
+    let header = rig.assert_counter_payload(addr);
+    assert_eq!(header.first_frame.get(), 0);
+    rig.backend.inject(crate::model::scenario::Action::Fault(5));
+    assert_eq!(rig.used(queue::EVENT).last().map(|u| u.1), Some(32));
+}
+
+/// spec: [7-1] controlq rows of the malformed-request table: each answer, and whether
+/// `requests_rejected` counts it.
+#[test]
+fn control_queue_rows_of_the_malformed_request_table() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let resp = rig.alloc(80);
+    let (short, _) = rig.request(opcode::START, 0, &[]);
+    let (start, start_len) = rig.request(opcode::START, 0, &[]);
+    let (long, long_len) = rig.request(opcode::START, 0, &[0; 4089]);
+    // Reply area under 8 bytes: used length 0, nothing written, counted.
+    rig.mem
+        .write_slice(&[0x77; 8], GuestAddress(resp))
+        .expect("fill");
+    let head = rig.make_available(queue::CONTROL, &[(start, start_len, R), (resp, 7, W)]);
+    rig.kick(queue::CONTROL);
+    assert_eq!(rig.used(queue::CONTROL).last(), Some(&(head, 0)));
+    assert_eq!(rig.read(resp, 8), vec![0x77; 8]);
+    assert_eq!(rig.config().requests_rejected.get(), 1);
+    let chains = [
+        (
+            "readable part under 8 bytes",
+            vec![(short, 7, R), (resp, 8, W)],
+        ),
+        (
+            "readable part over 4096 bytes",
+            vec![(long, long_len, R), (resp, 8, W)],
+        ),
+    ];
+    let mut rejected = 1;
+    for (case, chain) in chains {
+        let head = rig.make_available(queue::CONTROL, &chain);
+        rig.kick(queue::CONTROL);
+        let &(used_head, used_len) = rig.used(queue::CONTROL).last().expect("answered");
+        assert_eq!((used_head, used_len), (head, 8), "{case}");
+        assert_eq!(rig.reply(resp, used_len).0, control::status::BAD_SIZE);
+        rejected += 1;
+        assert_eq!(rig.config().requests_rejected.get(), rejected, "{case}");
+    }
+    let out_of_range = Configure {
+        channels: 0.into(),
+        ..settings(ClockMode::Paced).to_wire()
+    };
+    let unknown_code = Configure {
+        clock: 9,
+        ..settings(ClockMode::Paced).to_wire()
+    };
+    let rising = TriggerConfig {
+        mode: trigger_mode::RISING,
+        post_frames: 1.into(),
+        ..Default::default()
+    };
+    let current = settings(ClockMode::Paced).to_wire();
+    let commands: [ControlRow; 9] = [
+        (
+            "unknown opcode",
+            77,
+            &[],
+            8,
+            control::status::UNSUPPORTED,
+            true,
+        ),
+        (
+            "reply area too small",
+            opcode::GET_STATUS,
+            &[],
+            79,
+            control::status::BAD_SIZE,
+            true,
+        ),
+        (
+            "wrong payload size",
+            opcode::STOP,
+            &[0; 8],
+            8,
+            control::status::BAD_SIZE,
+            true,
+        ),
+        (
+            "TRIGGER without the feature",
+            opcode::TRIGGER,
+            &[],
+            8,
+            control::status::UNSUPPORTED,
+            true,
+        ),
+        (
+            "SET_TRIGGER without the feature",
+            opcode::SET_TRIGGER,
+            rising.as_bytes(),
+            8,
+            control::status::UNSUPPORTED,
+            true,
+        ),
+        (
+            "field out of range",
+            opcode::CONFIGURE,
+            out_of_range.as_bytes(),
+            8,
+            control::status::INVALID,
+            false,
+        ),
+        (
+            "unknown code",
+            opcode::CONFIGURE,
+            unknown_code.as_bytes(),
+            8,
+            control::status::INVALID,
+            false,
+        ),
+        ("START", opcode::START, &[], 8, control::status::OK, false),
+        (
+            "CONFIGURE while running",
+            opcode::CONFIGURE,
+            current.as_bytes(),
+            8,
+            control::status::BUSY,
+            false,
+        ),
+    ];
+    for (case, op, payload, reply_len, status, counted) in commands {
+        let before = rig.config().requests_rejected.get();
+        let (answer, payload) = rig.command(op, payload, reply_len);
+        assert_eq!(answer, status, "{case}");
+        assert!(payload.is_empty(), "{case}: a reply header only");
+        assert_eq!(
+            rig.config().requests_rejected.get(),
+            before + u64::from(counted),
+            "{case}"
+        );
+    }
+}
+
+/// spec: [7-1] an available index more than the queue size ahead, on any queue, puts the
+/// device in NEEDS_RESET with fault QUEUE_CORRUPT, not counted as a rejected request.
+#[test]
+fn a_corrupt_avail_index_on_any_queue_is_queue_corrupt_and_not_counted() {
+    for queue in [queue::DATA, queue::CONTROL, queue::EVENT] {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+        rig.queues[usize::from(queue)]
+            .avail()
+            .idx()
+            .store(QUEUE_SIZE + 1);
+        rig.kick(queue);
+        let config = rig.config();
+        assert_eq!(config.state, DeviceState::NeedsReset as u8, "queue {queue}");
+        assert_eq!(
+            config.fault_code.get(),
+            vdaq_wire::event::fault::QUEUE_CORRUPT
+        );
+        assert_eq!(config.requests_rejected.get(), 0, "queue {queue}");
+    }
+}
+
+/// spec: [7-1] an event buffer made available again while the device holds it puts the
+/// device in NEEDS_RESET with fault QUEUE_CORRUPT, not counted.
+#[test]
+fn an_event_buffer_made_available_twice_while_held_is_queue_corrupt() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let addr = rig.alloc(32);
+    rig.make_available(queue::EVENT, &[(addr, 32, W)]);
+    rig.next_desc[usize::from(queue::EVENT)] = 0;
+    rig.make_available(queue::EVENT, &[(addr, 32, W)]);
+    rig.kick(queue::EVENT);
+    let config = rig.config();
+    assert_eq!(config.state, DeviceState::NeedsReset as u8);
+    assert_eq!(
+        config.fault_code.get(),
+        vdaq_wire::event::fault::QUEUE_CORRUPT
+    );
+    assert_eq!(config.requests_rejected.get(), 0);
+}
+
+/// spec: [6.8-5] when several statuses apply, framing (5.x.6.8's first entry) comes before an unknown
+/// opcode and before NEEDS_RESET.
+#[test]
+fn request_framing_comes_first_in_the_status_precedence() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    assert_eq!(
+        rig.command(77, &[0; 4089], 8).0,
+        control::status::BAD_SIZE,
+        "over 4096 bytes, unknown opcode"
+    );
+    rig.queues[0].avail().idx().store(QUEUE_SIZE + 1);
+    rig.kick(queue::DATA);
+    assert_eq!(rig.backend.card().state(), DeviceState::NeedsReset);
+    assert_eq!(
+        rig.command(opcode::FLUSH, &[], 8).0,
+        control::status::BAD_SIZE,
+        "no room for FLUSH's reply, in NEEDS_RESET"
+    );
+    assert_eq!(rig.command(opcode::FLUSH, &[], 16).0, control::status::BUSY);
+}
+
+/// spec: [6.9-3] a TRIGGER event reaches eventq only after the buffer it names is on dataq's
+/// used ring, also while a scripted delay holds completed buffers back.
+#[test]
+fn a_trigger_event_waits_for_its_buffer_even_when_completions_are_delayed() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+    rig.backend.acked_features(feature::DEVICE_FEATURES);
+    let event_addr = rig.alloc(32);
+    rig.make_available(queue::EVENT, &[(event_addr, 32, W)]);
+    rig.kick(queue::EVENT);
+    rig.backend
+        .inject(crate::model::scenario::Action::DelayCompletions(
+            10_000_000_000,
+        ));
+    assert_eq!(rig.command(opcode::START, &[], 8).0, control::status::OK);
+    assert_eq!(rig.command(opcode::TRIGGER, &[], 8).0, control::status::OK);
+    rig.post_read(10);
+    rig.kick(queue::DATA);
+    let events = rig.used(queue::EVENT);
+    let data = rig.used(queue::DATA);
+    if let Some(&(_, 32)) = events.first() {
+        let event = Event::read_from_bytes(&rig.read(event_addr, 32)).expect("event");
+        assert_eq!(event.kind.get(), kind::TRIGGER);
+    }
+    assert!(
+        events.is_empty() || !data.is_empty(),
+        "TRIGGER event {events:?} before its buffer {data:?}"
+    );
 }

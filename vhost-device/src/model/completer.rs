@@ -61,6 +61,8 @@ pub(super) struct Posted<B> {
     /// TRIGGER events are raised when the buffer completes, so that each names the `sequence`
     /// it really got (or none, if the buffer could not be written).
     pub(super) triggers: Vec<u64>,
+    /// TRIGGER events of this buffer past what the backlog can hold, counted lost.
+    pub(super) triggers_lost: u32,
     /// The payload's first byte as written (0 while empty).
     pub(super) first_byte: u8,
     pub(super) crc: crc32fast::Hasher,
@@ -96,9 +98,12 @@ impl<B> Posted<B> {
             self.flags |= flags::TRIGGERED;
             self.trigger_frame = offset as u32;
         }
-        // More than the event backlog cannot be delivered anyway; those are lost events.
+        // More than the event backlog cannot be delivered anyway: those events are lost, and
+        // counted when the buffer completes.
         if self.triggers.len() < vdaq_wire::event::EVENT_BACKLOG {
             self.triggers.push(self.first_frame + offset);
+        } else {
+            self.triggers_lost += 1;
         }
     }
 }
@@ -208,6 +213,7 @@ impl<B: ReadBuffer> Card<B> {
             flags: 0,
             trigger_frame: 0,
             triggers: Vec::new(),
+            triggers_lost: 0,
             first_byte: 0,
             crc: crc32fast::Hasher::new(),
         });
@@ -359,7 +365,7 @@ impl<B: ReadBuffer> Card<B> {
         self.live.counters.requests_rejected += 1;
         warn!("read buffer became unwritable; returning it with used length 0");
         // Its trigger frames are lost with it: the events say so, as for a dropped frame.
-        self.raise_trigger_events(&broken.triggers, u64::MAX, now_ns);
+        self.raise_trigger_events(&broken.triggers, broken.triggers_lost, u64::MAX, now_ns);
         self.note_completion(now_ns);
         out.push(Completion {
             buffer: broken.buffer,
@@ -442,7 +448,7 @@ impl<B: ReadBuffer> Card<B> {
                 warn!("read buffer header write failed: {err}");
                 self.live.counters.requests_rejected += 1;
                 self.live.counters.frames_dropped += posted.filled;
-                self.raise_trigger_events(&posted.triggers, u64::MAX, now_ns);
+                self.raise_trigger_events(&posted.triggers, posted.triggers_lost, u64::MAX, now_ns);
                 // The frames (and the drops before them) go into the next header.
                 self.live.buffers.delivered_end = posted.first_frame - posted.dropped_before;
                 self.note_completion(now_ns);
@@ -457,7 +463,7 @@ impl<B: ReadBuffer> Card<B> {
         self.live.buffers.sequence += 1;
         self.live.counters.buffers_completed += 1;
         self.live.counters.frames_delivered += posted.filled;
-        self.raise_trigger_events(&posted.triggers, sequence, now_ns);
+        self.raise_trigger_events(&posted.triggers, posted.triggers_lost, sequence, now_ns);
         self.note_completion(now_ns);
         out.push(Completion {
             buffer: posted.buffer,
@@ -467,11 +473,14 @@ impl<B: ReadBuffer> Card<B> {
 
     /// One TRIGGER event per trigger frame, in stream order, naming the buffer (`sequence`,
     /// or all-ones when the frame did not reach the driver).
-    fn raise_trigger_events(&mut self, triggers: &[u64], sequence: u64, now_ns: u64) {
+    fn raise_trigger_events(&mut self, triggers: &[u64], lost: u32, sequence: u64, now_ns: u64) {
         let mut frames = triggers.to_vec();
         frames.sort_unstable();
         for frame in frames {
             self.push_event(kind::TRIGGER, now_ns, frame, sequence);
+        }
+        for _ in 0..lost {
+            self.count_event_lost();
         }
     }
 

@@ -113,20 +113,32 @@ impl FileSource {
             path: name.clone(),
             source,
         })?;
-        let bad = |reason: String| SourceError::Format {
-            path: name.clone(),
-            reason,
-        };
         let extension = path
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let source = match extension.as_str() {
-            "vdaqrec" => Self::from_recording(&bytes).map_err(bad)?,
-            "wav" => Self::from_wav(&bytes).map_err(bad)?,
-            "csv" => Self::from_csv(&bytes).map_err(bad)?,
-            _ => Self::from_raw(&bytes, format, channels).map_err(bad)?,
+        Self::parse(&name, &extension, &bytes, format, channels)
+    }
+
+    /// Parses a file's `bytes` as its `extension` says (`vdaqrec`, `wav`, `csv`, anything else
+    /// raw); `name` is for messages. Everything in `bytes` is untrusted.
+    pub fn parse(
+        name: &str,
+        extension: &str,
+        bytes: &[u8],
+        format: SampleFormat,
+        channels: u16,
+    ) -> Result<Self, SourceError> {
+        let bad = |reason: String| SourceError::Format {
+            path: name.to_string(),
+            reason,
+        };
+        let source = match extension {
+            "vdaqrec" => Self::from_recording(bytes).map_err(bad)?,
+            "wav" => Self::from_wav(bytes).map_err(bad)?,
+            "csv" => Self::from_csv(bytes).map_err(bad)?,
+            _ => Self::from_raw(bytes, format, channels).map_err(bad)?,
         };
         let mut source = source;
         // Whole frames only: a trailing partial frame is dropped, and at least one must stay.

@@ -867,7 +867,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_config, events_lost) != 100);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, model) != 104);
 	BUILD_BUG_ON(offsetof(struct vdaq_config, full_scale_uv) != 128);
-	BUILD_BUG_ON(offsetof(struct vdaq_config, reserved) != 132);
+	BUILD_BUG_ON(offsetof(struct vdaq_config, tick_us) != 132);
 	BUILD_BUG_ON(sizeof(struct vdaq_buffer_header) != VDAQ_HEADER_SIZE);
 	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, frame_count) != 32);
 	BUILD_BUG_ON(offsetof(struct vdaq_buffer_header, flags) != 44);

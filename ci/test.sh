@@ -4,7 +4,7 @@
 # Linux guest image (Debian's kernel fetched into build/linux, the vdaq module, the io_uring
 # application), then runs formatting and lint checks and every test of the workspace (unit,
 # queue-level, loopback, guest driver on the host, and end to end in QEMU with both guests),
-# and checkpatch.pl over the kernel module.
+# checkpatch.pl over the kernel module, and a few seconds of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
@@ -17,6 +17,7 @@ cargo fmt --all --check
 (cd guest-app && cargo fmt --check && cargo clippy --release --locked -- -D warnings)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+ci/fuzz-smoke.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -299,7 +299,19 @@ impl DaqBackend {
                     return Ok(());
                 }
             };
+            let size = virtio_queue::QueueT::size(vring.get_ref().get_queue());
             for chain in chains {
+                if chain.head_index() >= size {
+                    // An available-ring entry naming no descriptor: nothing can be returned
+                    // for it (a used entry needs a valid id), so the ring cannot be trusted.
+                    // Found by fuzzing (fuzz/, data_queue).
+                    self.errors.report(
+                        queue_name,
+                        format_args!("available entry names descriptor {}", chain.head_index()),
+                    );
+                    self.needs_reset(fault::QUEUE_CORRUPT);
+                    continue;
+                }
                 take(self, chain, &mem);
             }
             if !self.event_idx || !vring.enable_notification().map_err(to_io)? {

@@ -1588,3 +1588,29 @@ fn a_trigger_event_waits_for_its_buffer_even_when_completions_are_delayed() {
         "TRIGGER event {events:?} before its buffer {data:?}"
     );
 }
+
+/// spec: [7-1] an available entry naming a descriptor beyond the table cannot be answered (a
+/// used entry needs a valid id): the ring is corrupt, and the device enters NEEDS_RESET.
+/// Found by fuzzing (fuzz/, data_queue).
+#[test]
+fn an_available_entry_beyond_the_descriptor_table_puts_the_device_in_needs_reset() {
+    for queue in [queue::DATA, queue::CONTROL, queue::EVENT] {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+        let avail = rig.queues[usize::from(queue)].avail_addr();
+        mem.write_obj(QUEUE_SIZE + 7, GuestAddress(avail.0 + 4))
+            .expect("ring entry");
+        mem.write_obj(1u16, GuestAddress(avail.0 + 2))
+            .expect("avail idx");
+        rig.kick(queue);
+        assert_eq!(
+            rig.backend.card().state(),
+            DeviceState::NeedsReset,
+            "queue {queue}"
+        );
+        assert!(
+            rig.used(queue).is_empty(),
+            "queue {queue}: nothing to return"
+        );
+    }
+}

@@ -465,6 +465,27 @@ mod tests {
         assert!(request_from_words(&[]).is_err());
     }
 
+    /// A client's line can make the server buffer at most MAX_REQUEST bytes: a longer one is
+    /// skipped unread and answered with an error, and the connection goes on.
+    #[test]
+    fn an_oversized_request_is_refused_without_buffering_it_and_the_client_goes_on() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ctl.sock");
+        serve(&path, slot(), ControlLimits::default()).expect("serve");
+        let mut client = UnixStream::connect(&path).expect("connect");
+        let huge = vec![b'x'; 16 * MAX_REQUEST];
+        client.write_all(&huge).expect("send");
+        client.write_all(b"\n{\"cmd\":\"stats\"}\n").expect("send");
+        let mut replies = BufReader::new(client);
+        let mut line = String::new();
+        replies.read_line(&mut line).expect("first reply");
+        assert!(line.contains("longer than"), "{line}");
+        line.clear();
+        replies.read_line(&mut line).expect("second reply");
+        assert!(line.contains("\"ok\":true"), "served after it: {line}");
+    }
+
     #[test]
     fn the_socket_answers_line_by_line() {
         let dir = tempfile::tempdir().expect("tempdir");

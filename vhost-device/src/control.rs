@@ -137,35 +137,72 @@ fn serve_client(stream: UnixStream, slot: &DeviceSlot, idle_timeout: Duration) {
         return;
     };
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
     loop {
-        line.clear();
-        if reader.buffer().is_empty() && !readable_within(reader.get_ref(), idle_timeout) {
-            let _ = writeln!(
-                writer,
-                "{}",
-                error(format!("idle for {idle_timeout:?}; closing"))
-            );
-            return;
-        }
-        let read = std::io::Read::take(&mut reader, MAX_REQUEST as u64 + 1).read_line(&mut line);
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = if line.len() > MAX_REQUEST && !line.ends_with('\n') {
-            // Skip the rest of the oversized line without buffering it.
-            if !skip_line(&mut reader) {
+        let reply = match next_line(&mut reader, idle_timeout) {
+            Line::Request(line) if line.trim().is_empty() => continue,
+            Line::Request(line) => handle(line.trim(), slot),
+            Line::TooLong => error(format!("request longer than {MAX_REQUEST} bytes")),
+            Line::Idle => {
+                let _ = writeln!(
+                    writer,
+                    "{}",
+                    error(format!("idle for {idle_timeout:?}; closing"))
+                );
                 return;
             }
-            error(format!("request longer than {MAX_REQUEST} bytes"))
-        } else if line.trim().is_empty() {
-            continue;
-        } else {
-            handle(line.trim(), slot)
+            Line::End => return,
         };
         if writeln!(writer, "{reply}").is_err() {
             return;
+        }
+    }
+}
+
+/// What a client sent next.
+enum Line {
+    /// A line of at most [`MAX_REQUEST`] bytes (newline not included).
+    Request(String),
+    /// A longer line, skipped unread.
+    TooLong,
+    /// Nothing arrived for the idle timeout (also in the middle of a line).
+    Idle,
+    /// The client closed, or the connection failed.
+    End,
+}
+
+/// Reads the next line, buffering at most [`MAX_REQUEST`] bytes of it, and waiting at most
+/// `idle_timeout` for each piece: a client cannot hold its place by sending a line that never
+/// ends.
+fn next_line(reader: &mut BufReader<UnixStream>, idle_timeout: Duration) -> Line {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        if reader.buffer().is_empty() && !readable_within(reader.get_ref(), idle_timeout) {
+            return Line::Idle;
+        }
+        let (used, done) = match reader.fill_buf() {
+            Ok([]) | Err(_) => return Line::End,
+            Ok(bytes) => {
+                let (piece, done) = match bytes.iter().position(|&b| b == b'\n') {
+                    Some(at) => (&bytes[..at], true),
+                    None => (bytes, false),
+                };
+                if !too_long && line.len() + piece.len() <= MAX_REQUEST {
+                    line.extend_from_slice(piece);
+                } else {
+                    too_long = true;
+                    line = Vec::new();
+                }
+                (piece.len() + usize::from(done), done)
+            }
+        };
+        reader.consume(used);
+        if done {
+            return if too_long {
+                Line::TooLong
+            } else {
+                Line::Request(String::from_utf8_lossy(&line).into_owned())
+            };
         }
     }
 }
@@ -186,23 +223,6 @@ fn readable_within(stream: &UnixStream, timeout: Duration) -> bool {
             -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
             -1 | 0 => return false,
             _ => return true,
-        }
-    }
-}
-
-/// Discards input up to and including the next newline; false at end of input or error.
-fn skip_line(reader: &mut BufReader<UnixStream>) -> bool {
-    loop {
-        let (found, used) = match reader.fill_buf() {
-            Ok([]) | Err(_) => return false,
-            Ok(bytes) => match bytes.iter().position(|&b| b == b'\n') {
-                Some(at) => (true, at + 1),
-                None => (false, bytes.len()),
-            },
-        };
-        reader.consume(used);
-        if found {
-            return true;
         }
     }
 }

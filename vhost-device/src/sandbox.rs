@@ -214,12 +214,31 @@ fn install_sigsys_handler() -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// glibc's malloc works out its arena limit from the CPU count the first time a thread needs
+/// a new arena past the eighth, by opening /sys/devices/system/cpu/online: under the filter
+/// that open would end the process (seen with a ninth allocating thread). Setting the limit
+/// now, to glibc's own default (8 per CPU), keeps malloc from ever looking.
+fn fix_malloc_arena_limit() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only sets a malloc tunable; M_ARENA_MAX takes any positive count.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } == 0 {
+            log::warn!(
+                "sandbox: cannot set malloc's arena limit; many threads may trip the filter"
+            );
+        }
+    }
+}
+
 /// Enters the sandbox: every thread of the process, now and later, is filtered.
 pub fn enter(mode: SeccompMode, connects: bool) -> Result<(), SandboxError> {
     if mode == SeccompMode::Kill {
         install_sigsys_handler()?;
     }
     if let Some(program) = filter(mode, connects)? {
+        fix_malloc_arena_limit();
         seccompiler::apply_filter_all_threads(&program)
             .map_err(|e| SandboxError::Install(e.to_string()))?;
         log::info!(

@@ -91,6 +91,9 @@ pub struct VhostUserTransport {
     interrupts: InterruptSource,
     config_generation: Arc<AtomicU32>,
     first_error: RefCell<Option<String>>,
+    /// Declared last: dropped after the frontend connection, whose end makes the backend
+    /// close its side of the channel as well.
+    _backend_requests: Option<BackendRequests>,
 }
 
 impl std::fmt::Debug for VhostUserTransport {
@@ -153,8 +156,8 @@ impl VhostUserTransport {
             what: "config eventfd",
             source,
         })?;
-        if negotiated.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
-            serve_backend_requests(
+        let backend_requests = if negotiated.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            Some(serve_backend_requests(
                 &mut frontend,
                 negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK),
                 ConfigChangeRelay {
@@ -166,8 +169,10 @@ impl VhostUserTransport {
                         }
                     })?,
                 },
-            )?;
-        }
+            )?)
+        } else {
+            None
+        };
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -225,6 +230,7 @@ impl VhostUserTransport {
             interrupts,
             config_generation,
             first_error: RefCell::new(None),
+            _backend_requests: backend_requests,
         })
     }
 
@@ -532,13 +538,36 @@ impl Drop for InterruptThread {
     }
 }
 
-/// Hands the backend its request channel and serves it from a thread of its own, as long as
-/// the backend keeps its end open.
+/// The thread serving the backend-request channel. vhost's `FrontendReqHandler` keeps its own
+/// copy of the channel's other end, so the thread would never see the channel close: on drop,
+/// a shutdown of its socket ends the wait, and the thread is joined.
+struct BackendRequests {
+    /// A second descriptor of the handler's socket (the same socket: shutting it down ends
+    /// the handler's receive).
+    socket: std::os::fd::OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BackendRequests {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on a descriptor this struct owns; it only changes the socket's
+        // state, which both descriptors share.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Hands the backend its request channel and serves it from a thread of its own, until the
+/// backend closes its end or the returned guard is dropped.
 fn serve_backend_requests(
     frontend: &mut Frontend,
     reply_ack: bool,
     relay: ConfigChangeRelay,
-) -> Result<(), TransportError> {
+) -> Result<BackendRequests, TransportError> {
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
     let mut handler =
         FrontendReqHandler::new(Arc::new(relay)).map_err(|err| TransportError::VhostUser {
             request: "backend-request channel",
@@ -548,12 +577,24 @@ fn serve_backend_requests(
     frontend
         .set_backend_request_fd(&handler.get_tx_raw_fd())
         .map_err(vu("SET_BACKEND_REQ_FD"))?;
-    std::thread::Builder::new()
+    // SAFETY: the handler owns this descriptor and is alive here; the borrow ends before the
+    // handler moves into its thread, and only a duplicate is kept.
+    let socket = unsafe { BorrowedFd::borrow_raw(handler.as_raw_fd()) }
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| TransportError::Os {
+            what: "backend-request socket",
+            source,
+        })?;
+    let thread = std::thread::Builder::new()
         .name("vhost-user backend requests".into())
         .spawn(move || while handler.handle_request().is_ok() {})
         .map_err(|source| TransportError::Os {
             what: "backend-request thread",
             source,
         })?;
-    Ok(())
+    Ok(BackendRequests {
+        socket,
+        thread: Some(thread),
+    })
 }

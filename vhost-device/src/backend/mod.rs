@@ -37,7 +37,6 @@ use log::warn;
 use thiserror::Error;
 use vdaq_wire::event::fault;
 use vdaq_wire::queue;
-use vhost::vhost_user::Backend;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
@@ -113,7 +112,9 @@ pub struct DaqBackend {
     timer_armed: bool,
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
-    frontend: Option<Backend>,
+    /// Sends configuration-change notifications on the backend-request channel, from a
+    /// thread of its own (one per connection; see `notify.rs`).
+    config_notifier: Option<notify::ConfigNotifier>,
     vrings: Vec<VringRwLock>,
     event_slots: VecDeque<EventSlot>,
     completions: Vec<Completion<GuestBuffer>>,
@@ -186,7 +187,7 @@ impl DaqBackend {
             timer_armed: false,
             exit_consumer,
             exit_notifier,
-            frontend: None,
+            config_notifier: None,
             vrings: Vec::new(),
             event_slots: VecDeque::new(),
             completions: Vec::new(),

@@ -1,8 +1,10 @@
 //! Telling the driver: used-buffer notifications as the driver's suppression allows, and the
 //! one configuration-change notification for NEEDS_RESET.
 
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
 use log::{debug, info, warn};
-use vhost::vhost_user::VhostUserFrontendReqHandler;
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -64,9 +66,8 @@ impl DaqBackend {
 
     /// Tells the driver, once, that the device entered NEEDS_RESET.
     pub(super) fn notify_needs_reset(&mut self) {
-        if self.needs_reset_notified || self.frontend.is_none() {
-            // Without the backend-request channel yet, the next pump after it is set up
-            // sends the notification.
+        if self.needs_reset_notified || self.config_notifier.is_none() {
+            // Without the backend-request channel yet, `set_backend_req_fd` sends it.
             return;
         }
         self.needs_reset_notified = true;
@@ -75,25 +76,95 @@ impl DaqBackend {
         self.notify_config_change("entered NEEDS_RESET");
     }
 
+    /// Starts the thread that sends configuration-change notifications on `frontend`'s
+    /// channel (and ends the previous connection's).
+    pub(super) fn start_config_notifier(&mut self, frontend: Backend) {
+        match ConfigNotifier::start(frontend) {
+            Ok(notifier) => self.config_notifier = Some(notifier),
+            Err(err) => warn!("cannot start the config-change notifier: {err}"),
+        }
+    }
+
     /// Sends the driver a configuration-change notification (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
     /// on the backend-request channel; the frontend turns it into a config interrupt and a new
     /// config generation).
     pub(super) fn notify_config_change(&mut self, why: &'static str) {
-        let Some(frontend) = self.frontend.clone() else {
+        let Some(notifier) = &self.config_notifier else {
             debug!("config change ({why}) not notified: no backend-request channel");
             return;
         };
-        self.config_notifications += 1;
-        // Sent from its own thread: with REPLY_ACK the send waits for the frontend, which
-        // first reads the new config space (GET_CONFIG), served under this backend's lock.
-        let sent = std::thread::Builder::new()
-            .name("vdaq config-change".into())
-            .spawn(move || match frontend.handle_config_change() {
-                Ok(_) => debug!("config change notified: {why}"),
-                Err(err) => info!("config-change notification ({why}) not delivered: {err}"),
-            });
-        if let Err(err) = sent {
-            warn!("cannot send config-change notification: {err}");
+        if notifier.request(why) {
+            self.config_notifications += 1;
+        } else {
+            debug!("config change ({why}) covered by the notification still pending");
         }
+    }
+}
+
+/// The thread that sends configuration-change notifications, and what it is asked to send.
+///
+/// A thread of its own: with REPLY_ACK a send waits for the frontend, which first reads the
+/// new config space (GET_CONFIG), served under the backend's lock. At most one notification
+/// waits: changes made before it is sent are covered by it (the driver reads the whole
+/// space), so a flood of changes piles up neither threads nor messages. A mutex and a condvar
+/// rather than a channel: they need only futex(2), inside the sandbox's allowlist.
+pub(super) struct ConfigNotifier {
+    shared: Arc<(Mutex<NotifierState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct NotifierState {
+    pending: Option<&'static str>,
+    closed: bool,
+}
+
+impl ConfigNotifier {
+    fn start(frontend: Backend) -> std::io::Result<Self> {
+        let shared = Arc::new((Mutex::new(NotifierState::default()), Condvar::new()));
+        let worker = shared.clone();
+        std::thread::Builder::new()
+            .name("vdaq config-change".into())
+            .spawn(move || {
+                let (state, wake) = &*worker;
+                loop {
+                    let why = {
+                        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                        while state.pending.is_none() && !state.closed {
+                            state = wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        match state.pending.take() {
+                            Some(why) => why,
+                            None => return,
+                        }
+                    };
+                    match frontend.handle_config_change() {
+                        Ok(_) => debug!("config change notified: {why}"),
+                        Err(err) => {
+                            info!("config-change notification ({why}) not delivered: {err}")
+                        }
+                    }
+                }
+            })?;
+        Ok(ConfigNotifier { shared })
+    }
+
+    /// Asks for a notification; false if one is pending already (it covers this change).
+    fn request(&self, why: &'static str) -> bool {
+        let (state, wake) = &*self.shared;
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.pending.is_some() {
+            return false;
+        }
+        state.pending = Some(why);
+        wake.notify_one();
+        true
+    }
+}
+
+impl Drop for ConfigNotifier {
+    fn drop(&mut self) {
+        let (state, wake) = &*self.shared;
+        state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        wake.notify_one();
     }
 }

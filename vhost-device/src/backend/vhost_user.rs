@@ -136,7 +136,11 @@ impl VhostUserBackendMut for DaqBackend {
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) {
-        self.frontend = Some(backend);
+        self.start_config_notifier(backend);
+        if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
+            // The fault came before the channel: the driver is told now.
+            self.notify_needs_reset();
+        }
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -80,8 +80,8 @@ impl<B: ReadBuffer> Card<B> {
         }
     }
 
-    /// Applies new settings (only while stopped). Held buffers are re-sized to the new frame
-    /// size; one too small for a single frame is returned with BAD_BUFFER.
+    /// Applies new settings (only while stopped). A change of the frame size returns every held
+    /// buffer first, empty and FLUSHED, in order; otherwise held buffers stay held.
     pub fn configure(
         &mut self,
         settings: Settings,

@@ -69,8 +69,8 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 	payload = (u64)le32_to_cpu(h.frame_count) * le16_to_cpu(h.channels) * ss;
 	if (payload != used - VDAQ_HEADER_SIZE)
 		goto invalid;
-	/* whole frames of the configured size (spec 5.x.6.3) */
-	if (payload && vd->frame_bytes && payload % vd->frame_bytes)
+	/* whole frames of the configured frame (spec 5.x.6.2) */
+	if (payload && le16_to_cpu(h.channels) * ss != vd->frame_bytes)
 		goto invalid;
 	dropped = le64_to_cpu(h.dropped_frames);
 	vd->cnt.dropped_frames += dropped;

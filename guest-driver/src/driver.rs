@@ -675,9 +675,11 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         match header {
             Ok(header)
                 if header.frame_count.get() > 0
-                    && (used - HEADER_SIZE) % self.frame_bytes.max(1) != 0 =>
+                    && (header.format != self.settings.format
+                        || header.channels != self.settings.channels) =>
             {
-                // Spec 5.x.6.3: a payload is whole frames of the configured size.
+                // Spec 5.x.6.2: a payload is whole frames of the configured frame: format and
+                // channels as the driver configured them, not whatever the header claims.
                 ReadOutcome::Invalid { used }
             }
             Ok(header) => ReadOutcome::Data(header),

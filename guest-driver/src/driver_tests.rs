@@ -1454,7 +1454,8 @@ fn expected_outcome(written: &BufferHeader, len: usize, used: usize) -> ReadOutc
         buffer_status::BAD_BUFFER => ReadOutcome::Rejected,
         buffer_status::OK
             if written.payload_bytes() == Some(used - HEADER_SIZE)
-                && (written.frame_count.get() == 0 || (used - HEADER_SIZE) % FRAME == 0) =>
+                && (written.frame_count.get() == 0
+                    || (written.format == FORMAT as u8 && written.channels.get() == CHANNELS)) =>
         {
             ReadOutcome::Data(*written)
         }

@@ -93,12 +93,13 @@ mod tests {
         let me = usage(std::process::id()).expect("our own /proc entry");
         assert!(me.rss_kib > 0);
         assert!(me.fds >= 3, "stdin, stdout, stderr at least: {}", me.fds);
-        let before = me.fds;
-        let extra: Vec<std::fs::File> = (0..5)
+        // Other tests of this binary open and close descriptors meanwhile: only what this test
+        // holds is certain.
+        let extra: Vec<std::fs::File> = (0..50)
             .map(|_| std::fs::File::open("/proc/self/status").expect("open"))
             .collect();
-        let after = usage(std::process::id()).expect("again").fds;
-        assert!(after >= before + 5, "{before} → {after}");
+        let during = usage(std::process::id()).expect("again").fds;
+        assert!(during >= 50 + 3, "50 files held: {during}");
         drop(extra);
         assert!(me.threads >= 1);
         assert_eq!(usage(u32::MAX), None, "no such process");

@@ -684,7 +684,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, SessionError> {
                     backend,
                     qemu,
                 });
-                next_sample += every;
+                next_sample = Instant::now() + every;
             }
         }
     }

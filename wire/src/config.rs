@@ -15,7 +15,7 @@ pub const MODEL_LEN: usize = 24;
 /// The counters are live: every read returns the device's current values, but a 64-bit
 /// counter read as two 32-bit accesses can tear; GET_STATUS returns one consistent snapshot.
 /// The device raises a configuration-change notification when it enters NEEDS_RESET and
-/// when its operator changes settings while it runs (never for counters).
+/// when its operator changes settings (never for counters or the driver's own commands).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct DaqConfig {

@@ -7,6 +7,7 @@ use vdaq_driver::irq::IrqState;
 use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
 use vdaq_wire::buffer::BufferHeader;
 use vdaq_wire::check::StreamVerifier;
+use vdaq_wire::config::DaqConfig;
 use vdaq_wire::event::kind;
 use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
 use vdaq_wire::SampleFormat;
@@ -258,8 +259,9 @@ pub fn run<T: Transport>(
     };
     let channels = config.channels.get();
     // Twice the longest a notification may be held back, so coalescing is never taken for a
-    // lost interrupt.
-    let watchdog_ns = WATCHDOG_NS.max(2 * config.notification_delay_bound_ns());
+    // lost interrupt: from the settings the driver goes by (re-read on each config change).
+    let watchdog_after =
+        |settings: &DaqConfig| WATCHDOG_NS.max(2 * settings.notification_delay_bound_ns());
     // Buffers whose header names the counter signal are checked sample by sample, whatever
     // the signal was at the start (a scenario may switch it while streaming).
     let counter = true;
@@ -331,7 +333,7 @@ pub fn run<T: Transport>(
         if irq.interrupts() != watched_interrupts || !driver.completions_waiting() {
             watched_interrupts = irq.interrupts();
             quiet_since = now;
-        } else if !irq.is_pending() && now - quiet_since >= watchdog_ns {
+        } else if !irq.is_pending() && now - quiet_since >= watchdog_after(driver.settings()) {
             report.watchdog_recoveries += 1;
             crate::println!("vdaq: watchdog: completions waiting without an interrupt; recovering");
             irq.raise();

@@ -21,7 +21,11 @@ impl DaqBackend {
         // (a FLUSH returns them, a STOP sees them), whichever kick the event loop took first.
         if let Some(data_vring) = vrings.get(usize::from(queue::DATA)) {
             if data_vring.get_ref().is_enabled() {
-                self.process_data_queue(data_vring)?;
+                if let Err(err) = self.process_data_queue(data_vring) {
+                    // The commands are answered all the same.
+                    self.errors
+                        .report("data", format_args!("before a command: {err}"));
+                }
             }
         }
         self.drain_available(control_vring, "control", |this, chain, mem| {

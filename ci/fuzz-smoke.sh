@@ -18,8 +18,8 @@ for target in $(cargo +nightly fuzz list); do
     # A scratch copy: the committed corpus stays as it is.
     scratch=$(mktemp -d)
     cp -r "corpus/$target/." "$scratch/"
-    if ! out=$(cargo +nightly fuzz run -O "$target" "$scratch" -- \
-        -max_total_time="$seconds" -detect_leaks="$leaks" 2>&1); then
+    if ! out=$(ASAN_OPTIONS="detect_leaks=$leaks" cargo +nightly fuzz run -O "$target" \
+        "$scratch" -- -max_total_time="$seconds" -detect_leaks="$leaks" 2>&1); then
         echo "$out" | tail -40
         echo "fuzz-smoke: $target failed (input in fuzz/artifacts/$target)"
         exit 1

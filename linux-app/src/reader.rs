@@ -120,7 +120,7 @@ struct Reader<'p> {
     verifier: StreamVerifier,
     /// Device clock minus ours.
     offset_ns: i64,
-    latencies_us: Vec<u32>,
+    latencies_us: vdaq_wire::latency::LatencyRecord,
     first_sample_logged: bool,
     /// Reads that ended with an error other than cancellation.
     unexpected: u64,
@@ -286,7 +286,7 @@ impl Reader<'_> {
                 let sampled = header.timestamp_ns.get() as i64 - self.offset_ns;
                 let latency_us = (now as i64 - sampled).max(0) as u64 / 1000;
                 self.latencies_us
-                    .push(latency_us.min(u64::from(u32::MAX)) as u32);
+                    .record(latency_us.min(u64::from(u32::MAX)) as u32);
             }
             Ok(_) => {}
             Err(err) => {
@@ -422,7 +422,7 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         next_sequence: 0,
         verifier,
         offset_ns,
-        latencies_us: Vec::new(),
+        latencies_us: vdaq_wire::latency::LatencyRecord::default(),
         first_sample_logged: false,
         unexpected: 0,
         cancelled: 0,
@@ -594,12 +594,9 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     let stats = reader.verifier.stats();
     report.record_stream(&stats, reader.channels);
     report.guest_time_ns = stream_end - start;
-    reader.latencies_us.sort_unstable();
-    report.record_timing(&reader.latencies_us);
-    println!(
-        "{}",
-        vdaq_wire::latency::HistogramLine(&reader.latencies_us)
-    );
+    report.record_throughput();
+    let histogram = std::mem::take(&mut reader.latencies_us).finish(report);
+    println!("{histogram}");
 
     let trailing = trailing_drops(
         report.device_produced,

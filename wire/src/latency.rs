@@ -54,6 +54,113 @@ impl fmt::Display for HistogramLine<'_> {
     }
 }
 
+/// Latencies counted per bucket: constant memory however long a run lasts (a guest that kept
+/// every latency ran out of heap after ~7 M completions of a free-running soak). It prints as
+/// the same line as [`HistogramLine`] over the same latencies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    counts: [u64; BUCKETS],
+    total: u64,
+    max_us: u32,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: [0; BUCKETS],
+            total: 0,
+            max_us: 0,
+        }
+    }
+}
+
+impl Histogram {
+    /// Counts one latency.
+    pub fn record(&mut self, us: u32) {
+        let bucket = bucket_of(u64::from(us)).min(BUCKETS - 1);
+        self.counts[bucket] = self.counts[bucket].saturating_add(1);
+        self.total = self.total.saturating_add(1);
+        self.max_us = self.max_us.max(us);
+    }
+
+    /// Latencies counted.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The largest latency counted (exact).
+    pub fn max_us(&self) -> u32 {
+        self.max_us
+    }
+
+    /// The latency at `per_mille` ‰ (as [`crate::report::percentile`] picks it from sorted
+    /// latencies) to the histogram's resolution: the lower edge of its bucket, at most
+    /// [`Histogram::max_us`]. 0 when empty.
+    pub fn percentile_us(&self, per_mille: u64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let index = (self.total.saturating_mul(per_mille) / 1000).min(self.total - 1);
+        let mut below = 0u64;
+        for (bucket, &count) in self.counts.iter().enumerate() {
+            below += count;
+            if below > index {
+                return bucket_low_us(bucket).min(u64::from(self.max_us));
+            }
+        }
+        u64::from(self.max_us)
+    }
+}
+
+impl fmt::Display for Histogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(LATENCY_PREFIX.trim_end())?;
+        for (bucket, &count) in self.counts.iter().enumerate() {
+            if count > 0 {
+                write!(f, " {}:{}", bucket_low_us(bucket), count)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Latencies for a report: every one up to [`KEPT_LATENCIES`] (exact percentiles), and all of
+/// them in a [`Histogram`] (its percentiles once there were more).
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, Default)]
+pub struct LatencyRecord {
+    kept: alloc::vec::Vec<u32>,
+    histogram: Histogram,
+}
+
+/// Latencies a [`LatencyRecord`] keeps one by one (4 MiB).
+pub const KEPT_LATENCIES: usize = 1 << 20;
+
+#[cfg(feature = "alloc")]
+impl LatencyRecord {
+    /// Counts one latency.
+    pub fn record(&mut self, us: u32) {
+        if self.kept.len() < KEPT_LATENCIES {
+            self.kept.push(us);
+        }
+        self.histogram.record(us);
+    }
+
+    /// Percentiles and maximum into `report`; exact while every latency was kept.
+    pub fn finish(mut self, report: &mut crate::report::Report<'_>) -> Histogram {
+        if self.histogram.total() as usize <= self.kept.len() {
+            self.kept.sort_unstable();
+            report.latency_p50_us = crate::report::percentile(&self.kept, 500);
+            report.latency_p99_us = crate::report::percentile(&self.kept, 990);
+        } else {
+            report.latency_p50_us = self.histogram.percentile_us(500);
+            report.latency_p99_us = self.histogram.percentile_us(990);
+        }
+        report.latency_max_us = u64::from(self.histogram.max_us());
+        self.histogram
+    }
+}
+
 /// One bucket as read back: `[low_us, high_us)` held `count` latencies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BucketCount {
@@ -142,5 +249,31 @@ mod tests {
         assert!(parsed[2].is_none());
         assert!(parsed[3].is_none(), "11 is inside bucket [10, 12)");
         assert!(parsed[4].is_none());
+    }
+
+    #[test]
+    fn a_histogram_prints_the_same_line_as_the_sorted_latencies_and_bounds_percentiles() {
+        let mut latencies: [u32; 9] = [0, 3, 9, 10, 100, 130, 5000, 5001, u32::MAX];
+        latencies.sort_unstable();
+        let mut histogram = Histogram::default();
+        for &us in latencies.iter().rev() {
+            histogram.record(us);
+        }
+        assert_eq!(
+            histogram.to_string(),
+            HistogramLine(&latencies).to_string(),
+            "the same line, in constant memory"
+        );
+        assert_eq!(histogram.total(), 9);
+        assert_eq!(histogram.max_us(), u32::MAX);
+        for per_mille in [0, 500, 990, 1000] {
+            let exact = crate::report::percentile(&latencies, per_mille as usize);
+            let approx = histogram.percentile_us(per_mille);
+            assert!(
+                approx <= exact && exact <= bucket_low_us(bucket_of(approx) + 1),
+                "‰{per_mille}: {approx} is the lower edge of {exact}'s bucket"
+            );
+        }
+        assert_eq!(Histogram::default().percentile_us(500), 0);
     }
 }

@@ -12,6 +12,9 @@
 
 #![no_std]
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 // clap's derives name `std` paths; the feature is for host tools only.
 #[cfg(feature = "clap")]
 extern crate std;

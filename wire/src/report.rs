@@ -229,11 +229,16 @@ impl Report<'_> {
         self.crc_errors = stats.crc_errors;
     }
 
+    /// Verified throughput from `bytes` and `guest_time_ns`.
+    pub fn record_throughput(&mut self) {
+        self.throughput_mib_s =
+            self.bytes as f64 / (1024.0 * 1024.0) / (self.guest_time_ns as f64 / 1e9);
+    }
+
     /// Fills throughput (over `guest_time_ns`, set before) and latency percentiles from the
     /// per-buffer latencies, sorted.
     pub fn record_timing(&mut self, sorted_latencies_us: &[u32]) {
-        self.throughput_mib_s =
-            self.bytes as f64 / (1024.0 * 1024.0) / (self.guest_time_ns as f64 / 1e9);
+        self.record_throughput();
         self.latency_p50_us = percentile(sorted_latencies_us, 500);
         self.latency_p99_us = percentile(sorted_latencies_us, 990);
         self.latency_max_us = sorted_latencies_us.last().copied().map_or(0, u64::from);

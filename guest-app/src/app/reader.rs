@@ -1,8 +1,6 @@
 //! The application: keeps N reads in flight like overlapped I/O, drains completions the way a
 //! completion port is drained, verifies every sample, halts while waiting, and reports.
 
-use alloc::vec::Vec;
-
 use vdaq_driver::irq::IrqState;
 use vdaq_driver::{DaqDriver, DmaBuffer, DriverError, DriverOptions, ReadOutcome, Wait};
 use vdaq_wire::buffer::BufferHeader;
@@ -55,7 +53,7 @@ struct Consumer {
     hashed_frames: u64,
     offset: i64,
     consume_delay_us: u64,
-    latencies_us: Vec<u32>,
+    latencies_us: vdaq_wire::latency::LatencyRecord,
     first_logged: bool,
     unexpected: u64,
     resubmit_failed: bool,
@@ -143,7 +141,7 @@ impl Consumer {
         let sampled = header.timestamp_ns.get() as i64 - self.offset;
         let latency_us = (now as i64 - sampled).max(0) as u64 / 1000;
         self.latencies_us
-            .push(latency_us.min(u64::from(u32::MAX)) as u32);
+            .record(latency_us.min(u64::from(u32::MAX)) as u32);
     }
 }
 
@@ -313,7 +311,7 @@ pub fn run<T: Transport>(
         hashed_frames: 0,
         offset,
         consume_delay_us: params.consume_delay_us,
-        latencies_us: Vec::new(),
+        latencies_us: vdaq_wire::latency::LatencyRecord::default(),
         first_logged: false,
         unexpected: 0,
         resubmit_failed: false,
@@ -426,7 +424,7 @@ pub fn run<T: Transport>(
     consumer.drain(&mut driver, &mut verifier, &mut report, false);
     let unexpected = consumer.unexpected;
     report.stream_hash = consumer.hash.unwrap_or(0);
-    let mut latencies_us = consumer.latencies_us;
+    let latencies_us = consumer.latencies_us;
     while let Some(event) = driver.next_event() {
         match event.kind.get() {
             kind::OVERRUN => report.overrun_event_frames += event.arg0.get(),
@@ -457,9 +455,9 @@ pub fn run<T: Transport>(
     report.rejected = driver_stats.rejected;
     report.invalid = driver_stats.invalid;
     report.guest_time_ns = stream_end - start;
-    latencies_us.sort_unstable();
-    report.record_timing(&latencies_us);
-    crate::println!("{}", vdaq_wire::latency::HistogramLine(&latencies_us));
+    report.record_throughput();
+    let histogram = latencies_us.finish(&mut report);
+    crate::println!("{histogram}");
     if params.consume_only {
         report.consume_only_mib_s = consume_only_rate(params, format, channels);
     }

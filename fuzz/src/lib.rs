@@ -83,6 +83,8 @@ pub struct Rig<'m> {
     /// The device found a ring corrupt (NEEDS_RESET) at some point: entries it could not
     /// answer stay unanswered, also after the reset that follows.
     ring_corrupted: bool,
+    /// Rings stopped so far (bit per queue).
+    stopped: u8,
 }
 
 /// Guest memory for one run.
@@ -162,6 +164,7 @@ impl<'m> Rig<'m> {
             queues,
             made_available: [0; 3],
             ring_corrupted: false,
+            stopped: 0,
         }
     }
 
@@ -232,9 +235,18 @@ impl<'m> Rig<'m> {
             .expect("handle_event reports guest errors, never fails");
     }
 
-    /// The frontend stops `queue`'s ring (as at reset or VM pause).
+    /// The frontend stops `queue`'s ring (as at reset or VM pause): the device returns what it
+    /// holds there, and the ring is not served again. Once every ring stopped, the device
+    /// resets and forgets what it held (the frontend would set the rings up anew), so the
+    /// rings' positions are no longer compared from then on.
     pub fn stop(&mut self, queue: u16) {
-        let _ = self.backend.stop_vring(u32::from(queue % queue::COUNT));
+        let queue = queue % queue::COUNT;
+        let _ = self.backend.stop_vring(u32::from(queue));
+        self.vrings[usize::from(queue)].set_queue_ready(false);
+        self.stopped |= 1 << queue;
+        if self.stopped == 0b111 {
+            self.ring_corrupted = true;
+        }
     }
 
     /// A configuration read of `size` bytes at `offset`: never more than the space.

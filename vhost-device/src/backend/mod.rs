@@ -333,6 +333,13 @@ impl DaqBackend {
         // must not overtake the buffer it names (spec 5.x.6.9).
         if self.delayed.is_empty() {
             if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
+                if self.card.has_events() && self.event_slots.is_empty() {
+                    // Event buffers made available whose kick this device has not seen (yet):
+                    // take them rather than let events wait for the next kick.
+                    if let Err(err) = self.process_event_queue(events) {
+                        self.errors.report("event", format_args!("{err}"));
+                    }
+                }
                 self.deliver_events(events);
             }
         }

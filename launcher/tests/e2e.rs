@@ -222,10 +222,15 @@ fn e2e_interrupting_the_launcher_leaves_no_process_or_socket() {
 
 /// Runs with a scenario from scenarios/.
 fn vdaq_scenario(scenario: &str, extra: &[&str]) -> (bool, Value) {
+    vdaq_scenario_on("q35", scenario, extra)
+}
+
+/// [`vdaq_scenario`] on `machine`.
+fn vdaq_scenario_on(machine: &str, scenario: &str, extra: &[&str]) -> (bool, Value) {
     let path = format!("{}/../scenarios/{scenario}", env!("CARGO_MANIFEST_DIR"));
     let mut args = vec![
         "--machine",
-        "q35",
+        machine,
         "--accel",
         "tcg",
         "--duration",
@@ -444,22 +449,7 @@ fn e2e_needs_reset_is_recovered_and_streaming_resumes() {
 /// spec: [4-3] [6.13-1] through QEMU's generic device, on virtio-mmio.
 #[test]
 fn e2e_microvm_needs_reset_arrives_as_a_configuration_interrupt_over_mmio() {
-    let path = format!(
-        "{}/../scenarios/needs-reset.toml",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let (ok, report) = vdaq(&[
-        "--machine",
-        "microvm",
-        "--accel",
-        "tcg",
-        "--duration",
-        "1.5",
-        "--rate",
-        "1000000",
-        "--scenario",
-        &path,
-    ]);
+    let (ok, report) = vdaq_scenario_on("microvm", "needs-reset.toml", &["--rate", "1000000"]);
     assert!(ok, "{}", report["failure"]);
     assert_eq!(report["transport"], "mmio");
     assert!(

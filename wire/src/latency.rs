@@ -33,24 +33,18 @@ pub fn bucket_low_us(index: usize) -> u64 {
     (4 + quarter) << (octave - 2)
 }
 
-/// Writes the histogram of `sorted_us` (latencies in µs, ascending) as the line's body:
-/// `low:count` for each non-empty bucket, separated by spaces.
+/// Writes the histogram of `sorted_us` (latencies in µs) as the line: `low:count` for each
+/// non-empty bucket, separated by spaces (the [`Histogram`] of those latencies).
 #[derive(Clone, Copy, Debug)]
 pub struct HistogramLine<'a>(pub &'a [u32]);
 
 impl fmt::Display for HistogramLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(LATENCY_PREFIX.trim_end())?;
-        let mut rest = self.0;
-        while let Some(&first) = rest.first() {
-            let bucket = bucket_of(u64::from(first));
-            let high = bucket_low_us(bucket + 1);
-            // Sorted: the bucket's members are the prefix below its upper edge.
-            let count = rest.partition_point(|&us| u64::from(us) < high);
-            write!(f, " {}:{}", bucket_low_us(bucket), count)?;
-            rest = &rest[count..];
+        let mut histogram = Histogram::default();
+        for &us in self.0 {
+            histogram.record(us);
         }
-        Ok(())
+        histogram.fmt(f)
     }
 }
 

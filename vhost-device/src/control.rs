@@ -264,6 +264,10 @@ pub fn handle(line: &str, slot: &DeviceSlot) -> Value {
                     .map(str::to_string),
                 freq_hz: request.get("freq_hz").and_then(Value::as_f64),
                 amplitude: field("amplitude").map(|a| u16::try_from(a).unwrap_or(u16::MAX)),
+                field: request
+                    .get("field")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
             };
             match Action::from_fields(name, &fields) {
                 Ok(action) => {

@@ -9,8 +9,11 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
+use log::warn;
+
 use super::chain::{read_segments, validate_chain, write_segments};
 use super::{DaqBackend, MemorySnapshot};
+use crate::model::violations::{Violation, UNDEFINED_STATUS};
 
 impl DaqBackend {
     pub(super) fn process_control_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
@@ -30,25 +33,31 @@ impl DaqBackend {
         }
         self.drain_available(control_vring, "control", |this, chain, mem| {
             let head = chain.head_index();
-            let used_len = this.execute_command(chain, mem, vrings);
-            this.put_used(control_vring, "control", head, used_len);
-            this.signal(control_vring);
+            match this.execute_command(chain, mem, vrings) {
+                Some(used_len) => {
+                    this.put_used(control_vring, "control", head, used_len);
+                    this.signal(control_vring);
+                }
+                // Scripted (`reply_never`): the chain stays with the device until reset.
+                None => this.withheld_replies += 1,
+            }
         })
     }
 
-    /// Runs one control request; returns the used length of its reply.
+    /// Runs one control request; returns the used length of its reply, or None if a scripted
+    /// violation withholds the reply.
     pub(super) fn execute_command(
         &mut self,
         chain: DescriptorChain<MemorySnapshot>,
         mem: &GuestMemoryMmap<()>,
         vrings: &[VringRwLock],
-    ) -> u32 {
+    ) -> Option<u32> {
         let layout = match validate_chain(chain, mem) {
             Ok(layout) => layout,
             Err(err) => {
                 self.errors.report("control", err);
                 self.card.count_rejected();
-                return 0;
+                return Some(0);
             }
         };
         let reply_space = layout.writable_bytes();
@@ -56,24 +65,49 @@ impl DaqBackend {
             self.errors
                 .report("control", "no room for the reply header");
             self.card.count_rejected();
-            return 0;
+            return Some(0);
         }
-        let reply = |this: &mut Self, status: CommandStatus, payload: &[u8]| -> u32 {
+        // A scripted protocol violation for this reply, if one is armed.
+        let lie = self.card.take_violation(Violation::is_reply);
+        if lie == Some(Violation::ReplyNever) {
+            warn!("scripted violation: a command is never answered");
+            return None;
+        }
+        let reply = |this: &mut Self, status: CommandStatus, payload: &[u8]| -> Option<u32> {
             let mut bytes = vec![0u8; control::HEADER_BYTES + payload.len()];
             let written = control::encode_reply(status, payload, &mut bytes)
                 .map_err(|err| format!("{err:?}"))
                 .and_then(|len| {
+                    if lie == Some(Violation::ReplyBadStatus) {
+                        // The status is the reply's first field (spec 5.x.6.8).
+                        bytes[..4].copy_from_slice(&UNDEFINED_STATUS.to_le_bytes());
+                    }
                     write_segments(mem, &layout.writable, 0, &bytes[..len])
                         .map(|()| len)
                         .map_err(|err| err.to_string())
                 });
-            match written {
+            let used_len = match written {
                 Ok(len) => len as u32,
                 Err(err) => {
                     this.errors.report("control", err);
                     0
                 }
-            }
+            };
+            Some(match lie {
+                Some(Violation::ReplyShort) => {
+                    warn!("scripted violation: a reply's used length is under its header");
+                    control::HEADER_BYTES as u32 / 2
+                }
+                Some(Violation::ReplyLong) => {
+                    warn!("scripted violation: a reply's used length is beyond its area");
+                    u32::try_from(reply_space + 64).unwrap_or(u32::MAX)
+                }
+                Some(Violation::ReplyBadStatus) => {
+                    warn!("scripted violation: a reply with status {UNDEFINED_STATUS:#x}");
+                    used_len
+                }
+                _ => used_len,
+            })
         };
         let request_len = layout.readable_bytes();
         if !(control::HEADER_BYTES..=control::MAX_REQUEST_BYTES).contains(&request_len) {

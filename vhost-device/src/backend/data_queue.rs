@@ -76,7 +76,7 @@ impl DaqBackend {
                 // Before add_used: the driver cannot have touched the buffer yet.
                 recorder.record(&completion.buffer, completion.used_len as usize);
             }
-            self.put_used(vring, "data", completion.buffer.head, completion.used_len);
+            self.put_read(vring, &completion);
         }
         // The emptied vector keeps its capacity for the next completions.
         self.completions = ready;

@@ -17,6 +17,7 @@
 //! | `guest_errors.rs` | rate-limited reporting of guest errors |
 //! | `memory_table.rs` | the frontend's memory regions checked against their files |
 //! | `vhost_user.rs` | the `VhostUserBackendMut` implementation |
+//! | `violations.rs` | the card breaking the virtqueue protocol on purpose (scripted) |
 
 mod chain;
 mod control_queue;
@@ -27,6 +28,7 @@ mod memory_table;
 mod notify;
 mod recorder;
 mod vhost_user;
+mod violations;
 
 use std::collections::VecDeque;
 use std::io;
@@ -134,6 +136,10 @@ pub struct DaqBackend {
     config_notifications: u64,
     /// Closes this connection (a scenario's `disconnect`).
     connection: Option<vhost_user_backend::ShutdownHandle>,
+    /// Command replies withheld by a scripted `reply_never`.
+    withheld_replies: u64,
+    /// Used-buffer interrupts withheld by a scripted `no_interrupts`.
+    interrupts_withheld: u64,
 }
 
 impl std::fmt::Debug for DaqBackend {
@@ -199,6 +205,8 @@ impl DaqBackend {
             needs_reset_notified: false,
             config_notifications: 0,
             connection: None,
+            withheld_replies: 0,
+            interrupts_withheld: 0,
         })
     }
 
@@ -237,6 +245,12 @@ impl DaqBackend {
     /// Configuration-change notifications sent so far on this connection.
     pub fn config_notifications(&self) -> u64 {
         self.config_notifications
+    }
+
+    /// Command replies a scripted `reply_never` withheld, and used-buffer interrupts a
+    /// scripted `no_interrupts` withheld, on this connection.
+    pub fn withheld(&self) -> (u64, u64) {
+        (self.withheld_replies, self.interrupts_withheld)
     }
 
     /// Lets the backend close its own connection (scenario `disconnect`).
@@ -328,6 +342,7 @@ impl DaqBackend {
         self.card.advance(now, &mut self.completions);
         if let Some(data) = vrings.get(usize::from(queue::DATA)) {
             self.publish_completions(data, false);
+            self.commit_interrupt_storm(data);
         }
         // Events wait while a scripted delay holds completed buffers back: a TRIGGER event
         // must not overtake the buffer it names (spec 5.x.6.9).

@@ -938,7 +938,10 @@ fn buffers_a_command_completes_are_returned_and_notified_before_its_reply() {
             .expect("ring")
             .next()
             .expect("the request");
-        let used_len = rig.backend.execute_command(chain, &guard, &rig.vrings);
+        let used_len = rig
+            .backend
+            .execute_command(chain, &guard, &rig.vrings)
+            .expect("answered");
         assert_eq!(rig.reply(resp_addr, used_len).0, control::status::OK);
         assert!(
             !rig.used(queue::DATA).is_empty(),
@@ -1620,4 +1623,227 @@ fn an_available_entry_beyond_the_descriptor_table_puts_the_device_in_needs_reset
             "queue {queue}: nothing to return"
         );
     }
+}
+
+// The card breaking the protocol on purpose (scenario actions and `ctl inject`).
+
+use crate::model::scenario::Action;
+use crate::model::violations::{ConfigLie, HeaderLie, Violation};
+use vdaq_wire::config::IdentityError;
+
+/// A free-running rig with `violation` armed, then one 100-frame read posted and completed.
+/// Returns the rig, the read's head and its address.
+fn complete_one_read_with(mem: &GuestMemoryMmap<()>, violation: Violation) -> (Rig<'_>, u16, u64) {
+    let mut rig = Rig::new(mem, ClockMode::FreeRunning, 1024);
+    rig.backend.inject(Action::Violate(violation));
+    let (head, addr) = rig.post_read(100);
+    rig.kick(queue::DATA);
+    assert_eq!(rig.command(opcode::START, &[], 8).0, control::status::OK);
+    (rig, head, addr)
+}
+
+const READ_LEN: u32 = (HEADER_SIZE + 100 * 8) as u32;
+
+#[test]
+fn scripted_used_lengths_lie_over_the_buffer_and_under_the_header() {
+    let mem = memory();
+    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedLenOverBuffer);
+    assert_eq!(rig.used(queue::DATA), vec![(head, READ_LEN + 64)]);
+    let mem = memory();
+    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedLenUnderHeader);
+    assert_eq!(rig.used(queue::DATA), vec![(head, HEADER_SIZE as u32 / 2)]);
+}
+
+#[test]
+fn scripted_used_ids_name_no_descriptor_or_one_not_in_flight_or_repeat() {
+    let mem = memory();
+    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedIdOutOfRange);
+    assert_eq!(
+        rig.used(queue::DATA),
+        vec![(QUEUE_SIZE, READ_LEN), (head, READ_LEN)]
+    );
+    let mem = memory();
+    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedIdNotInFlight);
+    let used = rig.used(queue::DATA);
+    assert_eq!(used.len(), 2);
+    assert_ne!(used[0].0, head, "names another descriptor");
+    assert!(used[0].0 < QUEUE_SIZE, "in range");
+    assert_eq!(used[1], (head, READ_LEN));
+    let mem = memory();
+    let (rig, head, _) = complete_one_read_with(&mem, Violation::CompleteTwice);
+    assert_eq!(
+        rig.used(queue::DATA),
+        vec![(head, READ_LEN), (head, READ_LEN)]
+    );
+}
+
+#[test]
+fn a_scripted_used_index_jump_moves_the_index_with_nothing_written_and_keeps_counting() {
+    let mem = memory();
+    let (mut rig, _, _) = complete_one_read_with(&mem, Violation::UsedIndexJump(0));
+    let used = rig.queues[usize::from(queue::DATA)].used();
+    assert_eq!(used.idx().load(), 1 + QUEUE_SIZE, "jumps by the queue size");
+    rig.post_read(100);
+    rig.kick(queue::DATA);
+    let used = rig.queues[usize::from(queue::DATA)].used();
+    assert_eq!(
+        used.idx().load(),
+        2 + QUEUE_SIZE,
+        "later entries follow the jump"
+    );
+    let mem = memory();
+    let (rig, _, _) = complete_one_read_with(&mem, Violation::UsedIndexJump(3));
+    assert_eq!(rig.queues[usize::from(queue::DATA)].used().idx().load(), 4);
+}
+
+#[test]
+fn scripted_header_lies_change_exactly_their_field_of_the_next_buffer_with_frames() {
+    let truth = {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+        let (_, addr) = rig.post_read(100);
+        rig.kick(queue::DATA);
+        rig.command(opcode::START, &[], 8);
+        rig.header_at(addr)
+    };
+    for lie in [
+        HeaderLie::FrameCount,
+        HeaderLie::Channels,
+        HeaderLie::Format,
+        HeaderLie::Sequence,
+        HeaderLie::FirstFrame,
+        HeaderLie::Timestamp,
+    ] {
+        let mem = memory();
+        let (mut rig, _, addr) = complete_one_read_with(&mem, Violation::Header(lie));
+        let header = rig.header_at(addr);
+        let mut expected = truth;
+        expected.timestamp_ns = header.timestamp_ns;
+        expected.crc32 = header.crc32;
+        match lie {
+            HeaderLie::FrameCount => expected.frame_count.set(101),
+            HeaderLie::Channels => expected.channels.set(3),
+            HeaderLie::Format => expected.format = SampleFormat::F32 as u8,
+            HeaderLie::Sequence => expected.sequence.set(1),
+            HeaderLie::FirstFrame => expected.first_frame.set(1),
+            HeaderLie::Timestamp => assert_eq!(header.timestamp_ns.get(), 0),
+        }
+        assert_eq!(header, expected, "{lie:?}");
+        // Only one buffer lies: the next one tells the truth.
+        let (_, next) = rig.post_read(100);
+        rig.kick(queue::DATA);
+        let next = rig.header_at(next);
+        assert_eq!(
+            (
+                next.sequence.get(),
+                next.first_frame.get(),
+                next.channels.get()
+            ),
+            (1, 100, 2),
+            "{lie:?}"
+        );
+    }
+}
+
+#[test]
+fn scripted_replies_are_short_long_of_undefined_status_or_never_sent() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let reply_len = 8 + 80;
+    let answer = |rig: &mut Rig<'_>, violation: Violation| {
+        rig.backend.inject(Action::Violate(violation));
+        let before = rig.used(queue::CONTROL).len();
+        let (head, resp_addr) = rig.queue_command(opcode::GET_STATUS, 0, &[], reply_len);
+        rig.kick(queue::CONTROL);
+        let used = rig.used(queue::CONTROL);
+        (head, resp_addr, used[before..].to_vec())
+    };
+    let (head, _, used) = answer(&mut rig, Violation::ReplyShort);
+    assert_eq!(used, vec![(head, 4)]);
+    let (head, _, used) = answer(&mut rig, Violation::ReplyLong);
+    assert_eq!(used, vec![(head, reply_len as u32 + 64)]);
+    let (head, resp, used) = answer(&mut rig, Violation::ReplyBadStatus);
+    assert_eq!(used, vec![(head, 8 + 72)]);
+    assert_eq!(rig.reply(resp, used[0].1).0, 0xbad);
+    let (_, _, used) = answer(&mut rig, Violation::ReplyNever);
+    assert!(used.is_empty(), "never answered: {used:?}");
+    assert_eq!(rig.backend.withheld(), (1, 0));
+    // The next command is answered as usual.
+    let (status, _) = rig.command(opcode::GET_STATUS, &[], reply_len);
+    assert_eq!(status, 0);
+}
+
+#[test]
+fn a_scripted_impossible_config_space_fails_identification_and_survives_reset() {
+    for (lie, expected) in [
+        (ConfigLie::Channels, IdentityError::Channels(0)),
+        (
+            ConfigLie::MaxChannels,
+            IdentityError::MaxChannels(vdaq_wire::MAX_CHANNELS + 1),
+        ),
+        (ConfigLie::Format, IdentityError::Format(0xee)),
+        (ConfigLie::Rate, IdentityError::Rates),
+        (ConfigLie::Fifo, IdentityError::Fifo),
+        (
+            ConfigLie::Firmware,
+            IdentityError::FirmwareMajor(vdaq_wire::FIRMWARE_VERSION + (1 << 16)),
+        ),
+        (ConfigLie::Model, IdentityError::Model),
+        (ConfigLie::State, IdentityError::State(0xee)),
+    ] {
+        let mem = memory();
+        let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+        assert!(rig.config().identify().is_ok());
+        rig.backend.inject(Action::Violate(Violation::Config(lie)));
+        assert_eq!(
+            rig.config().identify().map(|_| ()),
+            Err(expected),
+            "{lie:?}"
+        );
+        rig.backend.reset_device();
+        assert_eq!(
+            rig.config().identify().map(|_| ()),
+            Err(expected),
+            "{lie:?} after reset"
+        );
+    }
+}
+
+#[test]
+fn a_scripted_unknown_event_reaches_the_event_queue() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let event_addr = rig.alloc(32);
+    rig.make_available(queue::EVENT, &[(event_addr, 32, W)]);
+    rig.kick(queue::EVENT);
+    rig.backend.inject(Action::Violate(Violation::UnknownEvent));
+    assert_eq!(rig.used(queue::EVENT), vec![(0, 32)]);
+    let event = Event::read_from_bytes(&rig.read(event_addr, 32)).expect("event");
+    assert_eq!(
+        event.kind.get(),
+        crate::model::violations::UNKNOWN_EVENT_KIND
+    );
+}
+
+#[test]
+fn scripted_interrupt_storms_and_silence() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::FreeRunning, 1024);
+    rig.command(opcode::START, &[], 8);
+    let calls = rig.watch_notifications(queue::DATA);
+    rig.backend
+        .inject(Action::Violate(Violation::InterruptStorm(7)));
+    assert_eq!(
+        calls.read().expect("storm"),
+        7,
+        "7 interrupts, nothing used"
+    );
+    assert!(rig.used(queue::DATA).is_empty());
+    rig.backend
+        .inject(Action::Violate(Violation::NoInterrupts(60 * 1_000_000_000)));
+    let (head, _) = rig.post_read(100);
+    rig.kick(queue::DATA);
+    assert_eq!(rig.used(queue::DATA), vec![(head, READ_LEN)]);
+    assert!(calls.read().is_err(), "no interrupt for the completion");
+    assert!(rig.backend.withheld().1 >= 1);
 }

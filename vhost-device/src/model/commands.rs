@@ -222,6 +222,13 @@ impl<B: ReadBuffer> Card<B> {
 
     /// The configuration space as the driver sees it now.
     pub fn config_space(&self) -> DaqConfig {
+        let mut config = self.true_config_space();
+        self.apply_config_lie(&mut config);
+        config
+    }
+
+    /// The configuration space as the card's state says it should be.
+    fn true_config_space(&self) -> DaqConfig {
         let mut model = [0u8; MODEL_LEN];
         let name = vdaq_wire::MODEL_NAME;
         model[..name.len()].copy_from_slice(name);

@@ -421,7 +421,7 @@ impl<B: ReadBuffer> Card<B> {
                 let _ = posted.buffer.write_payload(0, &[posted.first_byte ^ 0xff]);
             }
         }
-        let header = BufferHeader {
+        let mut header = BufferHeader {
             sequence: self.live.buffers.sequence.into(),
             first_frame: posted.first_frame.into(),
             timestamp_ns: posted.timestamp_ns.into(),
@@ -442,6 +442,9 @@ impl<B: ReadBuffer> Card<B> {
             .into(),
             reserved1: 0.into(),
         };
+        if posted.filled > 0 {
+            self.apply_header_lie(&mut header);
+        }
         let used_len = match posted.buffer.write_header(&header) {
             Ok(()) => HEADER_SIZE + posted.filled as usize * frame_bytes,
             Err(err) => {

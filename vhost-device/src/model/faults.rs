@@ -6,6 +6,7 @@ use vdaq_wire::event::kind;
 
 use super::scenario::{Action, Scenario, Timeline};
 use super::settings::Settings;
+use super::violations::{HeaderLie, Violation};
 use super::{Card, ReadBuffer, NS_PER_SEC};
 
 /// Scripted faults in force.
@@ -25,6 +26,14 @@ pub(super) struct Faults {
     pub(super) disconnect_requested: bool,
     /// Completed buffers are held back until this device time.
     pub(super) delay_completions_until_ns: u64,
+    /// Violations armed for the backend to commit (used ring, replies), oldest first.
+    pub(super) violations: std::collections::VecDeque<Violation>,
+    /// Header lies armed for the next buffers with frames, oldest first.
+    pub(super) header_lies: std::collections::VecDeque<HeaderLie>,
+    /// No used-buffer interrupt before this real time.
+    pub(super) no_interrupts_until_ns: u64,
+    /// Interrupts an interrupt storm still owes.
+    pub(super) interrupt_storm: u32,
 }
 
 impl<B: ReadBuffer> Card<B> {
@@ -104,6 +113,7 @@ impl<B: ReadBuffer> Card<B> {
                 self.live.trigger.software_at = Some(self.live.clock.next_frame);
             }
             Action::Disconnect => self.live.faults.disconnect_requested = true,
+            Action::Violate(violation) => self.violate(violation, now_ns),
             Action::SetSignal {
                 signal,
                 freq_mhz,

@@ -17,6 +17,7 @@
 //! | `trigger.rs` | software and level/edge triggers |
 //! | `signal_changes.rs` | signal changes mid-stream and the file source |
 //! | `faults.rs` | the scenario timeline and scripted faults |
+//! | `violations.rs` | the card breaking the protocol on purpose |
 //! | `events.rs` | the event backlog and NEEDS_RESET |
 //! | `commands.rs` | control commands, STATUS and the configuration space |
 
@@ -32,6 +33,7 @@ pub mod signal;
 mod signal_changes;
 pub mod source;
 mod trigger;
+pub mod violations;
 
 use std::collections::VecDeque;
 
@@ -110,6 +112,8 @@ pub struct Counters {
     pub interrupts_dropped: u64,
     /// Buffers a scenario corrupted.
     pub buffers_corrupted: u64,
+    /// Protocol violations a scenario or the control socket armed (`violations.rs`).
+    pub violations_armed: u64,
 }
 
 /// The acquisition card: what survives a device reset, and the state a reset returns to
@@ -138,6 +142,9 @@ struct Kept {
     source: Option<std::sync::Arc<source::FileSource>>,
     /// Render block (see [`RENDER_BLOCK_BYTES`]).
     scratch: Vec<u8>,
+    /// An impossible configuration-space value shown from a `bad_config` on, across resets
+    /// (a card whose firmware is broken stays broken).
+    config_lie: Option<violations::ConfigLie>,
 }
 
 /// The card's state from power-on (or reset) on, stage by stage.
@@ -213,6 +220,7 @@ impl<B: ReadBuffer> Card<B> {
                 scenario: None,
                 source: None,
                 scratch: vec![0; RENDER_BLOCK_BYTES],
+                config_lie: None,
             },
             live: Live::power_on(defaults, None),
         })

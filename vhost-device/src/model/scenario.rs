@@ -12,13 +12,17 @@
 //! Actions: `drop_interrupts` (count), `delay_completions` (duration_ms: completed buffers
 //! are held back), `stall` (duration_ms: the FIFO is not drained),
 //! `corrupt_crc` (count: buffers with a wrong CRC), `fault` (code: a FAULT event),
-//! `needs_reset`, `trigger`, `disconnect` (close the vhost-user connection).
+//! `needs_reset`, `trigger`, `disconnect` (close the vhost-user connection), and the
+//! protocol violations of [`super::violations`] (`used_len_over`, `bad_header`, `reply_never`,
+//! …).
 //! Invalid files are rejected with the line and the reason.
 
 use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 use vdaq_wire::SignalKind;
+
+use super::violations::{Violation, ViolationError};
 
 /// Why a scenario file was rejected.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -71,6 +75,8 @@ pub enum Action {
         /// New amplitude (‰), or unchanged.
         amplitude_permille: Option<u16>,
     },
+    /// The card breaks the protocol or the spec on purpose.
+    Violate(Violation),
 }
 
 /// Parameters an action may take (scenario step fields, control-socket request fields).
@@ -88,6 +94,8 @@ pub struct ActionFields {
     pub freq_hz: Option<f64>,
     /// `amplitude` (‰).
     pub amplitude: Option<u16>,
+    /// `field` (which field `bad_header` or `bad_config` makes lie).
+    pub field: Option<String>,
 }
 
 /// Why a scenario step or a control-socket `inject` names no valid action.
@@ -111,10 +119,14 @@ pub enum ActionError {
     /// An amplitude above full scale.
     #[error("amplitude is in per mille: 0 ..= 1000")]
     Amplitude,
+    /// A protocol violation with missing or bad parameters.
+    #[error(transparent)]
+    Violation(#[from] ViolationError),
     /// No such action.
     #[error(
         "unknown action \"{0}\" (known: drop_interrupts, delay_completions, stall, \
-         corrupt_crc, fault, needs_reset, trigger, disconnect, set_signal)"
+         corrupt_crc, fault, needs_reset, trigger, disconnect, set_signal, and the violations {names})",
+        names = super::violations::NAMES
     )]
     Unknown(String),
 }
@@ -175,7 +187,17 @@ impl Action {
                     amplitude_permille: fields.amplitude,
                 }
             }
-            other => return Err(ActionError::Unknown(other.to_owned())),
+            other => {
+                return match Violation::from_fields(
+                    other,
+                    fields.field.as_deref(),
+                    count,
+                    duration_ms,
+                )? {
+                    Some(violation) => Ok(Action::Violate(violation)),
+                    None => Err(ActionError::Unknown(other.to_owned())),
+                }
+            }
         })
     }
 }
@@ -221,6 +243,7 @@ struct StepSpec {
     signal: Option<String>,
     freq_hz: Option<f64>,
     amplitude: Option<u16>,
+    field: Option<String>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -251,6 +274,7 @@ impl Scenario {
                 signal: spec.signal,
                 freq_hz: spec.freq_hz,
                 amplitude: spec.amplitude,
+                field: spec.field,
             };
             let action =
                 Action::from_fields(&spec.action, &fields).map_err(|err| bad(err.to_string()))?;
@@ -420,6 +444,65 @@ duration_ms = 5
             assert_eq!(err.line, line, "{text:?}: {err}");
             assert!(err.reason.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn parses_every_protocol_violation_and_names_what_a_bad_one_lacks() {
+        use super::super::violations::{ConfigLie, HeaderLie};
+        let step = |action: &str, extra: &str| {
+            let text = format!("[[step]]\nat_ms = 1\naction = \"{action}\"\n{extra}");
+            Scenario::parse(&text).map(|s| s.steps[0].action)
+        };
+        for (action, extra, expected) in [
+            ("used_len_over", "", Violation::UsedLenOverBuffer),
+            ("used_len_under_header", "", Violation::UsedLenUnderHeader),
+            ("used_id_out_of_range", "", Violation::UsedIdOutOfRange),
+            ("used_id_not_in_flight", "", Violation::UsedIdNotInFlight),
+            ("complete_twice", "", Violation::CompleteTwice),
+            ("used_index_jump", "", Violation::UsedIndexJump(0)),
+            ("used_index_jump", "count = 5", Violation::UsedIndexJump(5)),
+            (
+                "bad_header",
+                "field = \"timestamp\"",
+                Violation::Header(HeaderLie::Timestamp),
+            ),
+            ("reply_short", "", Violation::ReplyShort),
+            ("reply_long", "", Violation::ReplyLong),
+            ("reply_bad_status", "", Violation::ReplyBadStatus),
+            ("reply_never", "", Violation::ReplyNever),
+            (
+                "bad_config",
+                "field = \"max_channels\"",
+                Violation::Config(ConfigLie::MaxChannels),
+            ),
+            ("unknown_event", "", Violation::UnknownEvent),
+            ("interrupt_storm", "count = 9", Violation::InterruptStorm(9)),
+            (
+                "no_interrupts",
+                "duration_ms = 2",
+                Violation::NoInterrupts(2_000_000),
+            ),
+        ] {
+            assert_eq!(
+                step(action, extra),
+                Ok(Action::Violate(expected)),
+                "{action} {extra}"
+            );
+        }
+        for (action, extra, needle) in [
+            ("bad_header", "", "field = frame_count"),
+            ("bad_header", "field = \"colour\"", "field = frame_count"),
+            ("bad_config", "", "field = channels"),
+            ("interrupt_storm", "", "count 1 ..= 100000"),
+            ("interrupt_storm", "count = 100001", "count 1 ..= 100000"),
+            ("no_interrupts", "", "duration_ms"),
+            ("used_index_jump", "count = 0", "count 1 ..= 32768"),
+        ] {
+            let err = step(action, extra).expect_err(action);
+            assert!(err.reason.contains(needle), "{action} {extra}: {err}");
+        }
+        let unknown = step("explode", "").expect_err("unknown");
+        assert!(unknown.reason.contains("reply_never"), "{unknown}");
     }
 
     #[test]

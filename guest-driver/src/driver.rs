@@ -12,6 +12,7 @@ use vdaq_wire::control::{
     self, opcode, CommandStatus, Configure, FlushReply, Opcode, Status, TriggerConfig,
 };
 use vdaq_wire::event::{Event, EVENT_SIZE};
+use vdaq_wire::violation::Violation;
 use vdaq_wire::{feature, queue, ClockMode, DeviceState, SampleFormat, SignalKind};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -106,6 +107,9 @@ pub struct DriverOptions {
 pub trait Wait {
     /// Waits once.
     fn wait(&mut self) -> bool;
+    /// A new bounded wait begins (a command was sent): a wait with a deadline per command
+    /// restarts it here.
+    fn restart(&mut self) {}
 }
 
 /// Identifies a submitted read.
@@ -170,6 +174,13 @@ pub struct DriverStats {
     /// Command replies found on the control ring only by the look the driver takes after its
     /// wait gave up (a lost interrupt).
     pub replies_after_timeout: u64,
+    /// Command replies found on the control ring by the look the driver takes at each
+    /// wake-up of a command wait with no interrupt pending (a lost or withheld interrupt).
+    pub replies_polled: u64,
+    /// Protocol violations of the device detected ([`DaqDriver::violation`] has the first).
+    pub violations: u64,
+    /// Events of kinds this driver does not know, ignored (spec 5.x.6.9).
+    pub unknown_events: u64,
 }
 
 /// Result of [`DaqDriver::recover`].
@@ -241,6 +252,11 @@ pub struct DaqDriver<H: Hal, T: Transport> {
     needs_reset: bool,
     /// A used ring returned an entry the driver cannot take.
     ring_corrupt: bool,
+    /// Data-queue tokens of accepted reads, oldest first: the device completes accepted
+    /// reads in the order they were made available (spec 5.x.6.2).
+    order: VecDeque<u16>,
+    /// The first protocol violation of the device detected.
+    violation: Option<Violation>,
     stats: DriverStats,
 }
 
@@ -388,6 +404,8 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             shutting_down: false,
             needs_reset: false,
             ring_corrupt: false,
+            order: VecDeque::with_capacity(DATA_QUEUE_SIZE),
+            violation: None,
             stats: DriverStats::default(),
         };
         driver.refresh_settings()?;
@@ -467,9 +485,22 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.data.can_pop() || self.control.can_pop() || self.events.can_pop()
     }
 
-    /// Whether the device reported NEEDS_RESET.
+    /// Whether the device reported NEEDS_RESET (or broke the protocol so that it must be
+    /// reset).
     pub fn needs_reset(&self) -> bool {
         self.needs_reset
+    }
+
+    /// The first protocol violation of the device detected, if any (the device is untrusted:
+    /// a violation is counted, reported and survived, never trusted).
+    pub fn violation(&self) -> Option<Violation> {
+        self.violation
+    }
+
+    fn note_violation(&mut self, violation: Violation) {
+        self.stats.violations += 1;
+        log::error!("{}", violation.describe());
+        self.violation.get_or_insert(violation);
     }
 
     /// Submits a read: the buffer belongs to the device until its [`Completion`] comes back
@@ -516,6 +547,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         });
         self.in_flight += 1;
         self.data_added += 1;
+        self.order.push_back(token);
         Ok(id)
     }
 
@@ -609,6 +641,12 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 return;
             }
         }
+        if self.settings.identify().is_err() {
+            // Spec 5.x.4: values no vdaq card can have; nothing it says can be trusted until
+            // a reset (recovery checks the identity again).
+            self.note_violation(Violation::ConfigImpossible);
+            self.needs_reset = true;
+        }
         if self.settings.state == DeviceState::NeedsReset as u8 {
             self.needs_reset = true;
         }
@@ -617,14 +655,35 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     fn drain_data(&mut self) -> usize {
         let mut found = 0;
         while let Some(token) = self.data.peek_used() {
-            let Some(mut slot) = self
+            let in_flight = self
                 .table
-                .get_mut(usize::from(token))
-                .and_then(Option::take)
-            else {
-                // A token the driver never submitted: the ring is corrupt.
-                log::error!("data queue returned unknown token {token}");
+                .get(usize::from(token))
+                .is_some_and(Option::is_some);
+            if !in_flight {
+                // A token the driver never submitted, or one not in flight (completed
+                // twice, a used index that jumped): the ring is corrupt. Each pass takes a
+                // slot or stops, so harvesting is bounded by the queue size.
+                log::error!("data queue returned token {token}, not in flight");
+                self.note_violation(if usize::from(token) >= DATA_QUEUE_SIZE {
+                    Violation::UsedIdOutOfRange
+                } else {
+                    Violation::UsedIdNotInFlight
+                });
                 self.ring_corrupt = true;
+                return found;
+            }
+            if self.order.front() != Some(&token) {
+                // The device completes the reads it took in the order they were made
+                // available (spec 5.x.6.2; this driver posts no buffer the device refuses
+                // at once). Out of order, this may be a stale entry (a used index that
+                // jumped) for a buffer the device still writes into: it stays in the table,
+                // untouched and not freed, until the device is reset (`recover`).
+                log::error!("data queue returned token {token} before older reads");
+                self.note_violation(Violation::CompletionOrder);
+                self.ring_corrupt = true;
+                return found;
+            }
+            let Some(mut slot) = self.table[usize::from(token)].take() else {
                 return found;
             };
             // SAFETY: this is the buffer that was added with `token`.
@@ -642,11 +701,18 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             };
             self.in_flight -= 1;
             found += 1;
+            self.order.pop_front();
             let outcome = if slot.cancelled {
                 self.stats.cancelled += 1;
                 ReadOutcome::Cancelled
             } else {
-                self.judge(&slot.buffer, used)
+                match self.judge(&slot.buffer, used) {
+                    Ok(outcome) => outcome,
+                    Err(violation) => {
+                        self.note_violation(violation);
+                        ReadOutcome::Invalid { used }
+                    }
+                }
             };
             match outcome {
                 ReadOutcome::Data(_) => self.stats.completed += 1,
@@ -666,25 +732,33 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
 
     /// Checks a returned buffer's used length and header against what was submitted (the
     /// wire crate's per-completion checks; the application verifies the stream).
-    fn judge(&self, buffer: &DmaBuffer<H>, used: usize) -> ReadOutcome {
+    /// Anything the device got wrong is the violation it names.
+    fn judge(&self, buffer: &DmaBuffer<H>, used: usize) -> Result<ReadOutcome, Violation> {
         if used == 0 {
-            return ReadOutcome::Rejected;
+            return Ok(ReadOutcome::Rejected);
         }
-        let header = check::completed_header(buffer.as_slice(), used)
-            .and_then(|header| check::check_payload_length(&header, used).map(|()| header));
-        match header {
-            Ok(header)
-                if header.frame_count.get() > 0
-                    && (header.format != self.settings.format
-                        || header.channels != self.settings.channels) =>
-            {
-                // Spec 5.x.6.2: a payload is whole frames of the configured frame: format and
-                // channels as the driver configured them, not whatever the header claims.
-                ReadOutcome::Invalid { used }
+        let header = match check::completed_header(buffer.as_slice(), used) {
+            Ok(header) => header,
+            Err(StreamError::Status(buffer_status::BAD_BUFFER)) => {
+                return Ok(ReadOutcome::Rejected)
             }
-            Ok(header) => ReadOutcome::Data(header),
-            Err(StreamError::Status(buffer_status::BAD_BUFFER)) => ReadOutcome::Rejected,
-            Err(_) => ReadOutcome::Invalid { used },
+            Err(StreamError::UsedLength { .. }) if used > buffer.len() => {
+                return Err(Violation::UsedLengthOverBuffer)
+            }
+            Err(StreamError::UsedLength { .. }) => return Err(Violation::UsedLengthUnderHeader),
+            Err(_) => return Err(Violation::HeaderMalformed),
+        };
+        if header.frame_count.get() > 0
+            && (header.format != self.settings.format || header.channels != self.settings.channels)
+        {
+            // Spec 5.x.6.2: a payload is whole frames of the configured frame: format and
+            // channels as the driver configured them, not whatever the header claims.
+            return Err(Violation::HeaderConfiguration);
+        }
+        match check::check_payload_length(&header, used) {
+            Ok(()) => Ok(ReadOutcome::Data(header)),
+            Err(StreamError::Format) => Err(Violation::HeaderMalformed),
+            Err(_) => Err(Violation::HeaderLength),
         }
     }
 
@@ -694,6 +768,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         };
         let Some(mut pending) = self.command.take() else {
             log::error!("control queue returned a buffer no command is waiting for");
+            self.note_violation(Violation::ReplyUnsolicited);
             self.ring_corrupt = true;
             return 0;
         };
@@ -702,6 +777,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 "control queue returned token {token}, expected {}",
                 pending.token
             );
+            self.note_violation(Violation::ReplyUnsolicited);
             self.command = Some(pending);
             self.ring_corrupt = true;
             return 0;
@@ -715,13 +791,20 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             )
         };
         let reply = match used {
-            Ok(used) if used as usize <= pending.reply.len() => {
-                control::decode_reply(&pending.reply.as_slice()[..used as usize])
-                    .map(|(status, payload)| (status, payload.to_vec()))
-                    .map_err(|_| DriverError::BadReply(pending.opcode))
-            }
-            _ => Err(DriverError::BadReply(pending.opcode)),
+            Ok(used) if used as usize > pending.reply.len() => Err(Violation::ReplyLong),
+            Ok(used) => control::decode_reply(&pending.reply.as_slice()[..used as usize])
+                .map_err(|_| Violation::ReplyShort)
+                .and_then(|(status, payload)| match CommandStatus::from_code(status) {
+                    Some(_) => Ok((status, payload.to_vec())),
+                    None => Err(Violation::ReplyStatus),
+                }),
+            // The token was checked: popping cannot fail.
+            Err(_) => Err(Violation::ReplyUnsolicited),
         };
+        let reply = reply.map_err(|violation| {
+            self.note_violation(violation);
+            DriverError::BadReply(pending.opcode)
+        });
         match &reply {
             Ok((status, _)) => log::trace!("opcode {} answered {status}", pending.opcode),
             Err(_) => log::warn!("opcode {}: malformed reply", pending.opcode),
@@ -750,9 +833,18 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             if let Ok(used) = used {
                 if used as usize >= EVENT_SIZE {
                     if let Ok(event) = Event::read_from_bytes(&buffer.as_slice()[..EVENT_SIZE]) {
-                        if event.kind.get() == vdaq_wire::event::kind::NEEDS_RESET {
-                            self.needs_reset = true;
+                        use vdaq_wire::event::kind;
+                        match event.kind.get() {
+                            kind::OVERRUN | kind::TRIGGER | kind::FAULT => {}
+                            kind::NEEDS_RESET => self.needs_reset = true,
+                            unknown => {
+                                // Spec 5.x.6.9: changes nothing (a newer minor may define
+                                // it).
+                                log::warn!("event of unknown kind {unknown} ignored");
+                                self.stats.unknown_events += 1;
+                            }
                         }
+                        // The application sees every event as it came.
                         self.received_events.push_back(event);
                         self.stats.events += 1;
                     }
@@ -847,6 +939,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         if self.control.should_notify() {
             self.transport.notify(queue::CONTROL);
         }
+        wait.restart();
         loop {
             self.service();
             if let Some(reply) = self.command_reply.take() {
@@ -856,7 +949,15 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 // The control ring cannot be trusted: no reply will come; recover() resets.
                 return Err(DriverError::NeedsReset);
             }
-            if !wait.wait() {
+            let waited = wait.wait();
+            if waited && !self.irq.is_pending() && self.control.can_pop() {
+                // A reply on the ring and no interrupt for it (lost or withheld): take it
+                // now, as the data queue's watchdog does, instead of waiting out the timeout.
+                self.stats.replies_polled += 1;
+                self.irq.raise();
+                continue;
+            }
+            if !waited {
                 // Spec 5.x.6.8: the reply may be there with its interrupt lost.
                 self.irq.raise();
                 self.service();
@@ -867,7 +968,10 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 if self.ring_corrupt {
                     return Err(DriverError::NeedsReset);
                 }
-                // The command stays queued; its buffers are reclaimed when it completes.
+                // The command stays queued (its buffers are reclaimed when it completes, or
+                // at the reset recovery does); a device that does not answer must be reset.
+                self.note_violation(Violation::ReplyMissing);
+                self.needs_reset = true;
                 return Err(DriverError::Timeout);
             }
         }
@@ -974,6 +1078,31 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         Ok(reply.buffers_returned.get())
     }
 
+    /// With the device reset (it touches nothing any more): every read still in flight is
+    /// the application's again, as `Reclaimed`; the pending command and the event buffers
+    /// are dropped. Returns the reads reclaimed.
+    fn reclaim_all(&mut self) -> usize {
+        let mut reclaimed = 0;
+        for slot in self.table.iter_mut() {
+            if let Some(slot) = slot.take() {
+                reclaimed += 1;
+                self.in_flight -= 1;
+                self.completions.push_back(Completion {
+                    id: slot.id,
+                    buffer: slot.buffer,
+                    used_len: 0,
+                    outcome: ReadOutcome::Reclaimed,
+                });
+            }
+        }
+        self.order.clear();
+        self.command = None;
+        for slot in &mut self.event_slots {
+            slot.take();
+        }
+        reclaimed
+    }
+
     /// Recovers a device in NEEDS_RESET: reads its counters, resets it (a vhost-user device
     /// returns the reads it holds while its rings stop), takes back every read, and
     /// initialises it again. Reads come back as completions; the device is stopped and has
@@ -990,23 +1119,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         // the used ring, everything else is ours again.
         self.drain_data();
         let returned = self.completions.len() - completed_before;
-        let mut reclaimed = 0;
-        for slot in self.table.iter_mut() {
-            if let Some(slot) = slot.take() {
-                reclaimed += 1;
-                self.in_flight -= 1;
-                self.completions.push_back(Completion {
-                    id: slot.id,
-                    buffer: slot.buffer,
-                    used_len: 0,
-                    outcome: ReadOutcome::Reclaimed,
-                });
-            }
-        }
-        self.command = None;
-        for slot in &mut self.event_slots {
-            slot.take();
-        }
+        let reclaimed = self.reclaim_all();
         // Initialise again, as after power-on. (A failure from here on leaves the device
         // initialising and the driver in NEEDS_RESET; dropping the driver resets the device.)
         let features = self.transport.begin_init(Features(self.features)).0;
@@ -1028,7 +1141,13 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         self.data_added_at_notify = 0;
         self.needs_reset = false;
         self.ring_corrupt = false;
-        self.refresh_settings()?;
+        let config = self.refresh_settings()?;
+        if let Err(err) = config.identify() {
+            self.transport.set_status(DeviceStatus::FAILED);
+            self.note_violation(Violation::ConfigImpossible);
+            self.needs_reset = true;
+            return Err(DriverError::NotVdaq(err));
+        }
         for _ in 0..EVENT_BUFFERS {
             self.post_event_buffer()?;
         }
@@ -1042,8 +1161,24 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
 
     /// Stops acquisition, takes every read back from the device (FLUSH), checks the device
     /// holds none, and resets it. The returned reads are in [`Self::next_completion`].
+    ///
+    /// If the device does not cooperate (a command fails or is never answered, reads do not
+    /// come back), the device is reset all the same and every read still in flight comes
+    /// back as `Reclaimed`: no request stays pending.
     pub fn shutdown(&mut self, wait: &mut impl Wait) -> Result<ShutdownReport, DriverError> {
         self.shutting_down = true;
+        let result = self.drain_for_shutdown(wait);
+        // Reset: the device forgets its rings; what it still holds is ours again.
+        self.transport.set_status(DeviceStatus::empty());
+        self.drain_data();
+        let reclaimed = self.reclaim_all();
+        if reclaimed > 0 {
+            log::warn!("shutdown: {reclaimed} reads taken back after the reset");
+        }
+        result
+    }
+
+    fn drain_for_shutdown(&mut self, wait: &mut impl Wait) -> Result<ShutdownReport, DriverError> {
         let in_flight_at_start = self.in_flight;
         let completed_before = self.completions.len();
         self.stop(wait)?;
@@ -1065,11 +1200,6 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
         }
         let status = self.status(wait)?;
         let returned = self.completions.len() - completed_before;
-        // Reset: the device forgets its rings; event buffers are ours again.
-        self.transport.set_status(DeviceStatus::empty());
-        for slot in &mut self.event_slots {
-            slot.take();
-        }
         Ok(ShutdownReport {
             in_flight_at_start,
             returned,

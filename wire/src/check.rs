@@ -68,6 +68,27 @@ pub enum StreamError {
     },
 }
 
+impl StreamError {
+    /// What went wrong, for a report's `failure`.
+    pub const fn describe(&self) -> &'static str {
+        match self {
+            StreamError::UsedLength { .. } => "used length does not fit the buffer",
+            StreamError::Status(_) => "buffer header status not OK",
+            StreamError::Format => "buffer format or channels differ from the stream's",
+            StreamError::PayloadLength { .. } => {
+                "buffer frame count disagrees with its used length"
+            }
+            StreamError::Sequence { .. } => "buffer sequence skipped or repeated",
+            StreamError::FrameGap { .. } => "frames missing or repeated without a reported drop",
+            StreamError::OverrunFlag => "dropped frames and the OVERRUN flag disagree",
+            StreamError::Pattern { .. } => "samples failed verification",
+            StreamError::Crc { .. } => "payload CRC mismatch",
+            StreamError::MissingCrc => "buffer without the CRC required",
+            StreamError::Timestamp { .. } => "buffer timestamp earlier than the previous one",
+        }
+    }
+}
+
 /// The header of one completed read buffer: the used length fits the posted `buffer` and
 /// holds a header, and the header's status is OK. Stateless — what a driver checks of every
 /// completion; [`StreamVerifier`] adds the stream's continuity on top.

@@ -28,6 +28,7 @@ pub mod latency;
 pub mod pattern;
 pub mod report;
 pub mod scan;
+pub mod violation;
 
 pub use zerocopy;
 

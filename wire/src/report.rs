@@ -70,6 +70,11 @@ pub struct Report<'a> {
     pub rejected: u64,
     /// Reads with inconsistent used length or header.
     pub invalid: u64,
+    /// Protocol violations of the device the driver detected (the first is named in
+    /// `failure`).
+    pub protocol_violations: u64,
+    /// Events of kinds the driver does not know (ignored, as the spec says).
+    pub unknown_events: u64,
     /// Reads in flight the application kept.
     pub reads_in_flight: u64,
     /// Bytes per read buffer.
@@ -162,6 +167,8 @@ impl Report<'_> {
             ("found_on_recheck", self.found_on_recheck),
             ("rejected", self.rejected),
             ("invalid", self.invalid),
+            ("protocol_violations", self.protocol_violations),
+            ("unknown_events", self.unknown_events),
             ("reads_in_flight", self.reads_in_flight),
             ("buffer_bytes", self.buffer_bytes),
             ("guest_time_ns", self.guest_time_ns),
@@ -370,6 +377,8 @@ mod tests {
             found_on_recheck: 13,
             rejected: 14,
             invalid: 15,
+            protocol_violations: 151,
+            unknown_events: 152,
             reads_in_flight: 16,
             buffer_bytes: 17,
             guest_time_ns: 18,

@@ -2,6 +2,7 @@
 //! to the driver's top half, run the reader, print the report, exit through isa-debug-exit.
 
 mod hal;
+mod logger;
 mod mmio;
 mod params;
 mod pci;
@@ -113,6 +114,7 @@ fn run_mmio(params: &Params, cmdline: &'static str, id: u16) -> Result<Outcome, 
 /// The application entry point, called by the arch layer.
 pub fn run(boot: &BootInfo) -> ! {
     let params = Params::parse(boot.cmdline);
+    logger::init();
     crate::println!("vdaq guest: {:?}", params);
     interrupts::set_handler(TICK_VECTOR, tick);
     time::start_periodic_timer(TICK_VECTOR, 10_000);

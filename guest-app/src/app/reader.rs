@@ -19,6 +19,10 @@ use crate::arch::{interrupts, time};
 /// least: longer when the device may legitimately hold the notification back (coalescing).
 const WATCHDOG_NS: u64 = 30_000_000;
 
+/// How long a command may go unanswered before the device counts as broken (spec [6.8-11]:
+/// a device answers within 1 s).
+const COMMAND_TIMEOUT_NS: u64 = 2_000_000_000;
+
 /// Halts until an interrupt, with a deadline (the periodic timer guarantees wake-ups).
 pub struct HaltWait {
     pub irq: &'static IrqState,
@@ -29,6 +33,10 @@ impl Wait for HaltWait {
     fn wait(&mut self) -> bool {
         halt_unless_pending(self.irq);
         time::now_ns() < self.deadline_ns
+    }
+
+    fn restart(&mut self) {
+        self.deadline_ns = time::now_ns() + COMMAND_TIMEOUT_NS;
     }
 }
 
@@ -57,6 +65,8 @@ struct Consumer {
     first_logged: bool,
     unexpected: u64,
     resubmit_failed: bool,
+    /// The first verification error: it names the run's failure.
+    first_error: Option<vdaq_wire::check::StreamError>,
 }
 
 impl Consumer {
@@ -76,6 +86,7 @@ impl Consumer {
                     match verifier.check(done.buffer.as_slice(), done.used_len) {
                         Ok(_) => self.measure(&header, now, report),
                         Err(err) => {
+                            self.first_error.get_or_insert(err);
                             if verifier.stats().errors <= 3 {
                                 crate::println!("vdaq: buffer failed verification: {err:?}");
                             }
@@ -246,7 +257,16 @@ pub fn run<T: Transport>(
         Ok(driver) => driver,
         Err(err) => {
             crate::println!("vdaq: driver init failed: {err:?}");
-            return fail(report, "driver initialisation failed");
+            return fail(
+                report,
+                match err {
+                    DriverError::NotVdaq(_) => {
+                        "device is not a usable vdaq card (identity or configuration space)"
+                    }
+                    DriverError::FeaturesRefused(_) => "device refused the features",
+                    _ => "driver initialisation failed",
+                },
+            );
         }
     };
     let Ok(config) = driver.config() else {
@@ -277,7 +297,10 @@ pub fn run<T: Transport>(
     for _ in 0..8 {
         let before = time::now_ns();
         let Ok(status) = driver.status(&mut wait) else {
-            return fail(report, "GET_STATUS failed");
+            let why = driver
+                .violation()
+                .map_or("GET_STATUS failed", |v| v.describe());
+            return fail(report, why);
         };
         let after = time::now_ns();
         let round_trip = after - before;
@@ -300,7 +323,8 @@ pub fn run<T: Transport>(
         }
     }
     if driver.start(&mut wait).is_err() {
-        return fail(report, "START failed");
+        let why = driver.violation().map_or("START failed", |v| v.describe());
+        return fail(report, why);
     }
     let start = time::now_ns();
     let deadline = start + stream_ns;
@@ -315,6 +339,7 @@ pub fn run<T: Transport>(
         first_logged: false,
         unexpected: 0,
         resubmit_failed: false,
+        first_error: None,
     };
     let mut failure: Option<&'static str> = None;
     // Streams before a device reset (epochs) are verified and accounted on their own.
@@ -341,6 +366,14 @@ pub fn run<T: Transport>(
         consumer.drain(&mut driver, &mut verifier, &mut report, true);
         if consumer.resubmit_failed {
             failure.get_or_insert("resubmit failed");
+        }
+        // A violation the driver cannot recover from by a reset, or a buffer that failed
+        // verification, ends the run at once, named.
+        if let Some(violation) = driver.violation().filter(|v| !v.resets_device()) {
+            failure.get_or_insert(violation.describe());
+        }
+        if let Some(err) = &consumer.first_error {
+            failure.get_or_insert(err.describe());
         }
         let now = time::now_ns();
         if now >= next_progress {
@@ -463,6 +496,12 @@ pub fn run<T: Transport>(
     }
 
     // The verdict.
+    report.protocol_violations = driver_stats.violations;
+    report.unknown_events = driver_stats.unknown_events;
+    // A device violation comes first: what failed after it (a recovery without counters, a
+    // shutdown) is its consequence. One the driver recovered from still fails the run: the
+    // reads it spoiled are lost, and the device must be fixed.
+    let failure = driver.violation().map(|v| v.describe()).or(failure);
     report.failure = failure.unwrap_or(if driver.needs_reset() {
         "device needs reset"
     } else {

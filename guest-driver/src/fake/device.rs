@@ -425,6 +425,19 @@ impl FakeDevice {
         self.with_state(|s| s.queues[usize::from(index)].used_idx = used_idx);
     }
 
+    /// Moves queue `index`'s used index `count` entries on with nothing written (a device
+    /// breaking the ring: the driver meets stale entries).
+    pub fn jump_used_index(&self, index: u16, count: u16) {
+        let queue = self.queue(index);
+        let used_idx = queue.used_idx.wrapping_add(count);
+        ring_write(
+            queue.device_area + RING_IDX,
+            &U16::new(used_idx),
+            "used.idx",
+        );
+        self.with_state(|s| s.queues[usize::from(index)].used_idx = used_idx);
+    }
+
     /// Returns `chain` with used length `len` (the correct id: its head).
     pub fn complete(&self, chain: &Chain, len: u32) {
         self.put_used(chain.queue, u32::from(chain.head), len);
@@ -524,8 +537,8 @@ pub type Step = Box<dyn FnMut(&FakeDevice)>;
 /// step and the end of the script return false, as a deadline passing.
 pub struct FakeWait {
     device: FakeDevice,
-    /// `None`: the wait gives up.
-    steps: VecDeque<Option<Step>>,
+    /// What the device does at each wait, and whether that wait gives up.
+    steps: VecDeque<(Option<Step>, bool)>,
     /// `wait()` calls so far.
     pub waits: usize,
 }
@@ -551,14 +564,21 @@ impl FakeWait {
 
     /// Adds a step.
     pub fn then(mut self, step: impl FnMut(&FakeDevice) + 'static) -> Self {
-        self.steps.push_back(Some(Box::new(step)));
+        self.steps.push_back((Some(Box::new(step)), false));
+        self
+    }
+
+    /// Adds a step where the device does something and the wait gives up all the same (the
+    /// deadline passes as the device acts).
+    pub fn then_time_out(mut self, step: impl FnMut(&FakeDevice) + 'static) -> Self {
+        self.steps.push_back((Some(Box::new(step)), true));
         self
     }
 
     /// Adds a step where the wait gives up (its deadline passes) and the device does nothing;
     /// the script goes on at the next wait.
     pub fn time_out(mut self) -> Self {
-        self.steps.push_back(None);
+        self.steps.push_back((None, true));
         self
     }
 
@@ -583,11 +603,13 @@ impl Wait for FakeWait {
     fn wait(&mut self) -> bool {
         self.waits += 1;
         match self.steps.pop_front() {
-            Some(Some(mut step)) => {
-                step(&self.device);
-                true
+            Some((step, gives_up)) => {
+                if let Some(mut step) = step {
+                    step(&self.device);
+                }
+                !gives_up
             }
-            Some(None) | None => false,
+            None => false,
         }
     }
 }

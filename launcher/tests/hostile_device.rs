@@ -1,0 +1,232 @@
+//! End to end: the card breaks the protocol on purpose (scenario actions of
+//! `vhost-device/src/model/violations.rs`, see scenarios/README.md), and the reference guest
+//! detects each violation, never crashes or hangs, recovers where a reset can (and says what
+//! happened), or fails the run at once with a `failure` that names the violation. Nothing
+//! stays pending: the device holds no buffer at the end.
+
+use serde_json::Value;
+
+mod common;
+use common::{n, vdaq};
+
+/// A one-step scenario (`at_ms` 300, the rest as given) in a file of its own.
+fn scenario_file(name: &str, steps: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vdaq-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scenario dir");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, steps).expect("scenario file");
+    path
+}
+
+/// Runs the reference guest (q35, TCG) for 1.5 s with `action` (and its `fields`) at 300 ms.
+fn hostile(action: &str, fields: &str) -> (bool, Value) {
+    let name = format!("{action}-{}", fields.replace(['"', ' ', '='], ""));
+    let steps = format!("[[step]]\nat_ms = 300\naction = \"{action}\"\n{fields}\n");
+    hostile_steps(&name, &steps)
+}
+
+fn hostile_steps(name: &str, steps: &str) -> (bool, Value) {
+    let path = scenario_file(name, steps);
+    let path = path.to_str().expect("utf-8 path");
+    vdaq(&[
+        "--machine",
+        "q35",
+        "--accel",
+        "tcg",
+        "--duration",
+        "1.5",
+        "--scenario",
+        path,
+    ])
+}
+
+/// The run failed, naming one of `names`, with the violation counted.
+fn assert_named(ok: bool, report: &Value, names: &[&str]) {
+    assert!(!ok, "a violation must not pass: {report}");
+    assert_eq!(report["pass"], false);
+    let failure = report["failure"].as_str().expect("failure");
+    assert!(
+        names.contains(&failure),
+        "failure {failure:?}, expected one of {names:?}"
+    );
+}
+
+/// The run failed naming `name`, the driver counted a violation, and the device holds nothing.
+fn assert_violation(ok: bool, report: &Value, names: &[&str]) {
+    assert_named(ok, report, names);
+    assert!(n(report, "protocol_violations") >= 1, "{report}");
+}
+
+const NOT_IN_FLIGHT: &str = "device violation: used id names a buffer not in flight";
+const OUT_OF_ORDER: &str = "device violation: read completed out of order";
+
+/// A ring the driver cannot trust: it resets the device, takes every read back and streams
+/// again; the run still fails, naming the violation.
+fn assert_recovered_ring(ok: bool, report: &Value, names: &[&str]) {
+    assert_violation(ok, report, names);
+    assert!(
+        n(report, "reset_recoveries") >= 1,
+        "the driver reset the device: {report}"
+    );
+    assert_eq!(n(report, "device_held_after"), 0);
+    assert_eq!(
+        n(report, "shutdown_returned"),
+        n(report, "shutdown_in_flight"),
+        "shutdown got every read back"
+    );
+}
+
+#[test]
+fn e2e_hostile_used_length_over_the_buffer_is_named() {
+    let (ok, report) = hostile("used_len_over", "");
+    assert_violation(
+        ok,
+        &report,
+        &["device violation: used length beyond the buffer"],
+    );
+    assert_eq!(n(&report, "device_held_after"), 0);
+}
+
+#[test]
+fn e2e_hostile_used_length_under_the_header_is_named() {
+    let (ok, report) = hostile("used_len_under_header", "");
+    assert_violation(
+        ok,
+        &report,
+        &["device violation: used length under the header"],
+    );
+    assert_eq!(n(&report, "device_held_after"), 0);
+}
+
+#[test]
+fn e2e_hostile_used_id_out_of_range_is_recovered_by_a_reset() {
+    let (ok, report) = hostile("used_id_out_of_range", "");
+    assert_recovered_ring(
+        ok,
+        &report,
+        &["device violation: used id names no descriptor"],
+    );
+}
+
+#[test]
+fn e2e_hostile_used_id_not_in_flight_is_recovered_by_a_reset() {
+    let (ok, report) = hostile("used_id_not_in_flight", "");
+    // A descriptor the device does not hold may be one the driver posted a moment ago: then
+    // the driver meets it as a read completed before its elders.
+    assert_recovered_ring(ok, &report, &[NOT_IN_FLIGHT, OUT_OF_ORDER]);
+}
+
+#[test]
+fn e2e_hostile_buffer_completed_twice_is_recovered_by_a_reset() {
+    let (ok, report) = hostile("complete_twice", "");
+    assert_recovered_ring(ok, &report, &[NOT_IN_FLIGHT, OUT_OF_ORDER]);
+}
+
+#[test]
+fn e2e_hostile_used_index_jump_is_recovered_by_a_reset() {
+    let (ok, report) = hostile("used_index_jump", "");
+    assert_recovered_ring(ok, &report, &[NOT_IN_FLIGHT, OUT_OF_ORDER]);
+}
+
+#[test]
+fn e2e_hostile_header_lies_are_each_named() {
+    for (field, names) in [
+        (
+            "frame_count",
+            &["device violation: header frame count disagrees with the used length"][..],
+        ),
+        (
+            "channels",
+            &["device violation: header format or channels contradict the configuration"],
+        ),
+        (
+            "format",
+            &["device violation: header format or channels contradict the configuration"],
+        ),
+        ("sequence", &["buffer sequence skipped or repeated"]),
+        (
+            "first_frame",
+            &["frames missing or repeated without a reported drop"],
+        ),
+        (
+            "timestamp",
+            &["buffer timestamp earlier than the previous one"],
+        ),
+    ] {
+        let (ok, report) = hostile("bad_header", &format!("field = \"{field}\""));
+        assert_named(ok, &report, names);
+        assert_eq!(n(&report, "device_held_after"), 0, "{field}");
+    }
+}
+
+#[test]
+fn e2e_hostile_replies_short_long_and_of_undefined_status_are_named() {
+    for (action, name) in [
+        (
+            "reply_short",
+            "device violation: command reply shorter than its header",
+        ),
+        (
+            "reply_long",
+            "device violation: command reply beyond its area",
+        ),
+        (
+            "reply_bad_status",
+            "device violation: command reply with undefined status",
+        ),
+    ] {
+        // The next command after 300 ms is shutdown's STOP.
+        let (ok, report) = hostile(action, "");
+        assert_violation(ok, &report, &[name]);
+    }
+}
+
+#[test]
+fn e2e_hostile_command_never_answered_times_out_and_nothing_stays_pending() {
+    let (ok, report) = hostile("reply_never", "");
+    assert_violation(ok, &report, &["device violation: command never answered"]);
+}
+
+#[test]
+fn e2e_hostile_impossible_configuration_space_is_named() {
+    for field in ["channels", "format", "firmware"] {
+        let (ok, report) = hostile("bad_config", &format!("field = \"{field}\""));
+        assert_violation(
+            ok,
+            &report,
+            &["device violation: configuration space holds impossible values"],
+        );
+        assert!(n(&report, "config_interrupts") >= 1, "{field}: notified");
+    }
+}
+
+#[test]
+fn e2e_hostile_unknown_events_are_ignored_and_counted() {
+    let (ok, report) = hostile("unknown_event", "");
+    assert!(ok, "{}", report["failure"]);
+    assert_eq!(n(&report, "unknown_events"), 1);
+    assert_eq!(n(&report, "protocol_violations"), 0);
+}
+
+#[test]
+fn e2e_hostile_interrupt_storm_is_survived() {
+    let (ok, report) = hostile("interrupt_storm", "count = 20000");
+    assert!(ok, "{}", report["failure"]);
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert_eq!(n(&report, "device_held_after"), 0);
+}
+
+#[test]
+fn e2e_hostile_silence_is_found_by_the_watchdog_and_commands_still_complete() {
+    // Silence while streaming (the data watchdog), and again over shutdown's commands (their
+    // replies are found without interrupts).
+    let (ok, report) = hostile_steps(
+        "silence",
+        "[[step]]\nat_ms = 300\naction = \"no_interrupts\"\nduration_ms = 300\n\
+         [[step]]\nat_ms = 1200\naction = \"no_interrupts\"\nduration_ms = 5000\n",
+    );
+    assert!(ok, "{}", report["failure"]);
+    assert!(n(&report, "watchdog_recoveries") >= 1, "{report}");
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert_eq!(n(&report, "device_held_after"), 0);
+}

@@ -125,6 +125,9 @@ struct vdaq_counters {
 	u64 bytes;
 	u64 watchdog_recoveries;
 	u64 config_changes;
+	u64 violations;
+	u64 first_violation;
+	u64 unknown_events;
 };
 
 struct vdaq_dev {
@@ -141,6 +144,11 @@ struct vdaq_dev {
 	bool removing;
 	bool needs_reset;		/* recovery scheduled */
 	struct list_head posted;	/* struct vdaq_req, oldest first */
+	/*
+	 * Reads the device returned out of order: it may still write into
+	 * them (a stale used entry), so they complete only after the reset.
+	 */
+	struct list_head suspect;
 	unsigned int nr_posted;		/* all of @posted */
 	unsigned int nr_iio_posted;	/* of which IIO capture buffers */
 	bool chardev_started;		/* START through /dev/vdaqN, no STOP since */
@@ -148,6 +156,8 @@ struct vdaq_dev {
 	bool iio_events;		/* an IIO threshold event has the trigger */
 	struct vdaq_iio *iio;		/* NULL: no IIO device */
 	unsigned int frame_bytes;	/* 0: unknown format */
+	u16 channels;			/* as configured (config space) */
+	u8 format;
 	unsigned int dataq_size;
 	struct vdaq_counters cnt;
 
@@ -185,6 +195,8 @@ void vdaq_put(struct vdaq_dev *vd);
 void vdaq_get(struct vdaq_dev *vd);
 void vdaq_schedule_reset(struct vdaq_dev *vd, const char *why);
 void vdaq_refresh_frame_bytes(struct vdaq_dev *vd);
+void vdaq_note_violation(struct vdaq_dev *vd, unsigned int code,
+			 const char *what);
 void vdaq_read_config(struct vdaq_dev *vd, struct vdaq_config *cfg);
 bool vdaq_alive(struct vdaq_dev *vd);
 

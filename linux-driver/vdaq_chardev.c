@@ -45,6 +45,8 @@
 void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 			unsigned int used)
 {
+	unsigned int code = VDAQ_VIOLATION_HEADER_MALFORMED;
+	const char *what = "malformed buffer header";
 	struct vdaq_buffer_header h;
 	u64 payload, dropped;
 	unsigned int ss;
@@ -54,8 +56,16 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 		vd->cnt.rejected++;
 		goto fail;
 	}
-	if (used < VDAQ_HEADER_SIZE || used > req->len)
+	if (used > req->len) {
+		code = VDAQ_VIOLATION_USED_LEN_OVER;
+		what = "used length beyond the buffer";
 		goto invalid;
+	}
+	if (used < VDAQ_HEADER_SIZE) {
+		code = VDAQ_VIOLATION_USED_LEN_UNDER_HEADER;
+		what = "used length under the header";
+		goto invalid;
+	}
 	if (sg_pcopy_to_buffer(req->sgt.sgl, req->sgt.orig_nents, &h,
 			       sizeof(h), 0) != sizeof(h))
 		goto invalid;
@@ -63,15 +73,22 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 		vd->cnt.rejected++;
 		goto fail;
 	}
+	/* whole frames of the configured frame (spec 5.x.6.2) */
+	if (h.frame_count && (h.format != vd->format ||
+			      le16_to_cpu(h.channels) != vd->channels)) {
+		code = VDAQ_VIOLATION_HEADER_CONFIGURATION;
+		what = "header format or channels contradict the configuration";
+		goto invalid;
+	}
 	ss = vdaq_sample_bytes(h.format);
 	if (h.status != VDAQ_BUF_STATUS_OK || !ss || !h.channels)
 		goto invalid;
 	payload = (u64)le32_to_cpu(h.frame_count) * le16_to_cpu(h.channels) * ss;
-	if (payload != used - VDAQ_HEADER_SIZE)
+	if (payload != used - VDAQ_HEADER_SIZE) {
+		code = VDAQ_VIOLATION_HEADER_LENGTH;
+		what = "header frame count disagrees with the used length";
 		goto invalid;
-	/* whole frames of the configured frame (spec 5.x.6.2) */
-	if (payload && le16_to_cpu(h.channels) * ss != vd->frame_bytes)
-		goto invalid;
+	}
 	dropped = le64_to_cpu(h.dropped_frames);
 	vd->cnt.dropped_frames += dropped;
 	if (le16_to_cpu(h.flags) & VDAQ_BUF_OVERRUN)
@@ -86,6 +103,10 @@ invalid:
 	dev_warn_ratelimited(vd->misc.this_device,
 			     "invalid completion: used %u of %zu bytes\n",
 			     used, req->len);
+	vdaq_note_violation(vd, code, what);
+	vd->cnt.errors++;
+	req->result = -EPROTO;
+	return;
 fail:
 	vd->cnt.errors++;
 	req->result = -EIO;
@@ -761,6 +782,9 @@ static long vdaq_ioctl_stats(struct vdaq_dev *vd, void __user *argp)
 	s.bytes = vd->cnt.bytes;
 	s.watchdog_recoveries = vd->cnt.watchdog_recoveries;
 	s.config_changes = vd->cnt.config_changes;
+	s.violations = vd->cnt.violations;
+	s.first_violation = vd->cnt.first_violation;
+	s.unknown_events = vd->cnt.unknown_events;
 	spin_unlock_irq(&vd->lock);
 	return copy_to_user(argp, &s, sizeof(s)) ? -EFAULT : 0;
 }

@@ -40,8 +40,8 @@ void vdaq_ctrl_complete(struct vdaq_dev *vd, unsigned int used)
 {
 	lockdep_assert_held(&vd->lock);
 	if (!vd->ctrl_busy) {
-		dev_warn_ratelimited(vd->misc.this_device,
-				     "control reply nobody waits for\n");
+		vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_UNSOLICITED,
+				    "control reply nobody waits for");
 		return;
 	}
 	vd->ctrl_used = used;
@@ -61,7 +61,9 @@ int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
 	struct vdaq_ctrl_buf *ctrl = vd->ctrl;
 	struct scatterlist out, in, *sgs[2] = { &out, &in };
 	unsigned long timeout = msecs_to_jiffies(vdaq_cmd_timeout_ms);
-	unsigned int used;
+	unsigned long slice = msecs_to_jiffies(vdaq_watchdog_ms ?: 100);
+	unsigned long deadline;
+	unsigned int used, status;
 	bool notify;
 	int err;
 
@@ -95,10 +97,23 @@ int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
 	if (notify)
 		virtqueue_notify(vd->vqs[VDAQ_QUEUE_CONTROL]);
 
-	if (!wait_for_completion_timeout(&vd->ctrl_done, timeout)) {
+	/*
+	 * Waits in slices of the watchdog period, running the bottom half
+	 * after each: a reply whose interrupt was lost (or withheld) is found
+	 * then, not at the timeout.
+	 */
+	deadline = jiffies + timeout;
+	while (!wait_for_completion_timeout(&vd->ctrl_done, slice)) {
+		if (time_after_eq(jiffies, deadline))
+			break;
+		queue_work(vdaq_wq, &vd->bh_work);
+	}
+	if (!completion_done(&vd->ctrl_done)) {
 		spin_lock_irq(&vd->lock);
 		if (vd->ctrl_busy) {
 			vd->ctrl_stuck = true;
+			vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_MISSING,
+					    "command never answered");
 			spin_unlock_irq(&vd->lock);
 			dev_err(vd->misc.this_device,
 				"command %u: no reply within %u ms, resetting the device\n",
@@ -110,9 +125,28 @@ int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
 	}
 
 	used = vd->ctrl_used;
-	if (used < sizeof(ctrl->resp))
+	if (!used)
 		return -EPROTO;	/* used length 0: the device refused the chain */
-	err = vdaq_status_to_errno(le32_to_cpu(ctrl->resp.status));
+	err = 0;
+	spin_lock_irq(&vd->lock);
+	status = le32_to_cpu(ctrl->resp.status);
+	if (used > sizeof(ctrl->resp) + reply_len) {
+		vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_LONG,
+				    "command reply beyond its area");
+		err = -EPROTO;
+	} else if (used < sizeof(ctrl->resp)) {
+		vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_SHORT,
+				    "command reply shorter than its header");
+		err = -EPROTO;
+	} else if (status > VDAQ_STATUS_BUSY) {
+		vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_STATUS,
+				    "command reply with undefined status");
+		err = -EPROTO;
+	}
+	spin_unlock_irq(&vd->lock);
+	if (err)
+		return err;
+	err = vdaq_status_to_errno(status);
 	if (err)
 		return err;
 	if (used < sizeof(ctrl->resp) + reply_len)

@@ -116,6 +116,8 @@ void vdaq_refresh_frame_bytes(struct vdaq_dev *vd)
 	bytes = vdaq_sample_bytes(format) * channels;
 	spin_lock_irq(&vd->lock);
 	vd->frame_bytes = bytes;
+	vd->channels = channels;
+	vd->format = format;
 	spin_unlock_irq(&vd->lock);
 	if (!bytes)
 		dev_warn(&vdev->dev, "config: %u channels, format %u: no frame size\n",
@@ -174,6 +176,22 @@ static int vdaq_check_identity(struct vdaq_dev *vd)
 	dev_info(&vdev->dev, "vdaq card \"%.*s\" firmware %u.%u, %u channels max, state %u\n",
 		 len, cfg.model, fw >> 16, fw & 0xffff, max_ch, cfg.state);
 	return 0;
+}
+
+/*
+ * The device broke the protocol (vd->lock held): counted, the first kept for
+ * VDAQ_IOC_GET_STATS, logged. The device is untrusted: nothing it returned
+ * in violation is used.
+ */
+void vdaq_note_violation(struct vdaq_dev *vd, unsigned int code,
+			 const char *what)
+{
+	lockdep_assert_held(&vd->lock);
+	vd->cnt.violations++;
+	if (!vd->cnt.first_violation)
+		vd->cnt.first_violation = code;
+	dev_err_ratelimited(vd->misc.this_device, "device violation: %s\n",
+			    what);
 }
 
 /* The top half: for every queue, and for the shared MSI-X vector. */
@@ -240,6 +258,22 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 		switch (q) {
 		case VDAQ_QUEUE_DATA:
 			req = token;
+			if (req != list_first_entry(&vd->posted, struct vdaq_req,
+						    node)) {
+				/*
+				 * Reads complete in the order they were made
+				 * available (spec 5.x.6.2). This may be a stale
+				 * entry (a used index that jumped) for pages the
+				 * device still writes: keep them pinned until the
+				 * reset.
+				 */
+				vdaq_note_violation(vd,
+						    VDAQ_VIOLATION_COMPLETION_ORDER,
+						    "read completed out of order");
+				list_move_tail(&req->node, &vd->suspect);
+				__vdaq_schedule_reset(vd);
+				break;
+			}
 			list_del(&req->node);
 			vd->nr_posted--;
 			if (req->iio)
@@ -250,8 +284,9 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 			break;
 		case VDAQ_QUEUE_CONTROL:
 			if (token != vd->ctrl)
-				dev_warn_ratelimited(vd->misc.this_device,
-						     "unknown control token\n");
+				vdaq_note_violation(vd,
+						    VDAQ_VIOLATION_REPLY_UNSOLICITED,
+						    "unknown control token");
 			else
 				vdaq_ctrl_complete(vd, len);
 			break;
@@ -273,6 +308,10 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 				       VDAQ_EVENT_RING;
 				vd->ring[slot] = *ev;
 				vd->ring_len++;
+				/* spec 5.x.6.9: unknown kinds change nothing */
+				if (le32_to_cpu(ev->kind) < VDAQ_EVENT_OVERRUN ||
+				    le32_to_cpu(ev->kind) > VDAQ_EVENT_NEEDS_RESET)
+					vd->cnt.unknown_events++;
 				vdaq_iio_event(vd, ev);
 				if (le32_to_cpu(ev->kind) ==
 				    VDAQ_EVENT_NEEDS_RESET) {
@@ -358,6 +397,16 @@ static void vdaq_bh(struct work_struct *work)
 			/* false: buffers arrived since the drain, go again */
 		} while (!virtqueue_enable_cb(vd->vqs[q]) &&
 			 !virtqueue_is_broken(vd->vqs[q]));
+		/*
+		 * The virtio core refused a used entry (an id out of range or
+		 * naming no buffer head) and marked the ring broken: only a
+		 * reset brings the queue back.
+		 */
+		if (virtqueue_is_broken(vd->vqs[q]) && !vd->needs_reset) {
+			vdaq_note_violation(vd, VDAQ_VIOLATION_USED_ID_REFUSED,
+					    "used id out of range or naming no buffer");
+			__vdaq_schedule_reset(vd);
+		}
 	}
 	if (watchdog && found)
 		vd->cnt.watchdog_recoveries++;
@@ -429,7 +478,7 @@ static void vdaq_teardown(struct vdaq_dev *vd, int err)
 {
 	struct virtio_device *vdev = vd->vdev;
 	unsigned int q, reclaimed = 0;
-	struct vdaq_req *req;
+	struct vdaq_req *req, *next;
 	LIST_HEAD(done);
 	void *token;
 
@@ -450,6 +499,18 @@ static void vdaq_teardown(struct vdaq_dev *vd, int err)
 	spin_lock_irq(&vd->lock);
 	for (q = 0; q < VDAQ_QUEUE_COUNT; q++)
 		vdaq_drain_queue(vd, q, &done, false);
+	/* the device is reset: reads it returned out of order are ours now */
+	list_for_each_entry_safe(req, next, &vd->suspect, node) {
+		list_move_tail(&req->node, &done);
+		vd->nr_posted--;
+		if (req->iio)
+			vd->nr_iio_posted--;
+		req->state = VDAQ_REQ_DONE;
+		req->result = err;
+		vd->cnt.reclaimed++;
+		vd->cnt.errors++;
+		reclaimed++;
+	}
 	while ((token = virtqueue_detach_unused_buf(vd->vqs[VDAQ_QUEUE_DATA]))) {
 		req = token;
 		list_del(&req->node);
@@ -500,6 +561,20 @@ static void vdaq_reset_work(struct work_struct *work)
 		goto out;
 	}
 	spin_unlock_irq(&vd->lock);
+	if (vdaq_check_identity(vd)) {
+		/*
+		 * Spec 5.x.4: values no vdaq card can have (after a
+		 * configuration change). Nothing the device says can be
+		 * trusted: reset it, return every read, leave it down.
+		 */
+		spin_lock_irq(&vd->lock);
+		vdaq_note_violation(vd, VDAQ_VIOLATION_CONFIG_IMPOSSIBLE,
+				    "configuration space holds impossible values");
+		spin_unlock_irq(&vd->lock);
+		vdaq_teardown(vd, -EPROTO);
+		virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED);
+		goto out;
+	}
 	if (!need && virtio_cread8(vdev, offsetof(struct vdaq_config, state)) ==
 	    VDAQ_STATE_NEEDS_RESET) {
 		dev_warn(&vdev->dev, "config state NEEDS_RESET, fault %u\n",
@@ -614,6 +689,9 @@ VDAQ_COUNTER_ATTR(found_on_recheck);
 VDAQ_COUNTER_ATTR(resets);
 VDAQ_COUNTER_ATTR(bytes);
 VDAQ_COUNTER_ATTR(watchdog_recoveries);
+VDAQ_COUNTER_ATTR(violations);
+VDAQ_COUNTER_ATTR(first_violation);
+VDAQ_COUNTER_ATTR(unknown_events);
 
 static ssize_t pending_show(struct device *dev, struct device_attribute *attr,
 			    char *buf)
@@ -681,6 +759,9 @@ static struct attribute *vdaq_attrs[] = {
 	&dev_attr_resets.attr,
 	&dev_attr_bytes.attr,
 	&dev_attr_watchdog_recoveries.attr,
+	&dev_attr_violations.attr,
+	&dev_attr_first_violation.attr,
+	&dev_attr_unknown_events.attr,
 	&dev_attr_features.attr,
 	&dev_attr_state.attr,
 	NULL,
@@ -700,6 +781,7 @@ static int vdaq_probe(struct virtio_device *vdev)
 	mutex_init(&vd->ctrl_mutex);
 	init_completion(&vd->ctrl_done);
 	INIT_LIST_HEAD(&vd->posted);
+	INIT_LIST_HEAD(&vd->suspect);
 	INIT_WORK(&vd->bh_work, vdaq_bh);
 	INIT_WORK(&vd->cancel_work, vdaq_cancel_work);
 	INIT_WORK(&vd->reset_work, vdaq_reset_work);
@@ -893,7 +975,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_event, arg0) != 16);
 	BUILD_BUG_ON(sizeof(struct vdaq_info) != 168);
 	BUILD_BUG_ON(sizeof(struct vdaq_events) != 8 + VDAQ_EVENTS_MAX * 32);
-	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 18 * 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 21 * 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_cmd_hdr) != 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_resp_hdr) != 8);
 	BUILD_BUG_ON(offsetof(struct vdaq_ctrl_buf, payload) != 8);

@@ -11,6 +11,7 @@ use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
 use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::violation::Violation;
 use vdaq_wire::zerocopy::FromBytes;
 use vdaq_wire::SampleFormat;
 
@@ -40,6 +41,31 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 fn now_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// The first protocol violation of the device the driver detected, if any.
+fn violation(device: &Device) -> Option<Violation> {
+    device
+        .stats()
+        .ok()
+        .and_then(|stats| Violation::from_code(stats.first_violation))
+}
+
+/// `result`, or — when the device broke the protocol, which is why a command failed — its
+/// default: the run goes on to report the violation, not the failed command.
+fn unless_violation<T: Default>(
+    device: &Device,
+    result: io::Result<T>,
+    what: &'static str,
+) -> Result<T, Fatal> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(err) if violation(device).is_some() => {
+            println!("vdaq-app: {what} after a device violation: {err}");
+            Ok(T::default())
+        }
+        Err(err) => Err(Fatal(what, err)),
+    }
 }
 
 /// Why the run could not be carried out at all.
@@ -130,6 +156,10 @@ struct Reader<'p> {
     cancel_targets: BTreeSet<usize>,
     /// Cancel requests answered.
     cancels_answered: u64,
+    /// A read came back -EPROTO: the driver found the device breaking the protocol.
+    violation_seen: bool,
+    /// The first verification error: it names the run's failure.
+    first_error: Option<vdaq_wire::check::StreamError>,
 }
 
 impl Reader<'_> {
@@ -265,6 +295,10 @@ impl Reader<'_> {
             self.cancelled += 1;
             return;
         }
+        if result == -libc::EPROTO {
+            // The driver found a protocol violation in this read (VDAQ_IOC_GET_STATS names it).
+            self.violation_seen = true;
+        }
         let Ok(used) = usize::try_from(result) else {
             self.unexpected += 1;
             if self.unexpected <= 3 {
@@ -290,6 +324,7 @@ impl Reader<'_> {
             }
             Ok(_) => {}
             Err(err) => {
+                self.first_error.get_or_insert(err);
                 if self.verifier.stats().errors <= 3 {
                     println!("vdaq-app: buffer failed verification: {err:?}");
                 }
@@ -428,6 +463,8 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         cancelled: 0,
         cancel_targets: BTreeSet::new(),
         cancels_answered: 0,
+        violation_seen: false,
+        first_error: None,
     };
     stream(&mut reader, device, &mut report)?;
     if params.consume_only {
@@ -467,6 +504,10 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     while now_ns() < deadline {
         reader.wait(Duration::from_millis(10)).map_err(io_error)?;
         reader.drain(report, true).map_err(io_error)?;
+        // A device violation or a buffer that failed verification ends the run at once.
+        if reader.first_error.is_some() || reader.violation_seen {
+            break;
+        }
         let now = now_ns();
         if now >= next_progress {
             let stats = reader.verifier.stats();
@@ -480,6 +521,9 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
                 stats.payload_bytes
             );
             next_progress = now + params.progress_ms * 1_000_000;
+            if violation(&device).is_some() {
+                break;
+            }
         }
         if now >= start + stream_ns / 2 {
             match params.mode {
@@ -529,7 +573,7 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
 
     // Shutdown: every read in flight must come back.
     let mut in_flight_at_start = reader.in_flight.len() as u64;
-    let status = if close_early {
+    let (status, device_violation) = if close_early {
         // close() with reads pending in the device: the driver must take this process's
         // reads back. Stop first, and wait until every read in flight reached the device
         // (io-wq may still be posting some; a read not yet issued when the fd goes would
@@ -562,27 +606,21 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
             .map_err(|e| Fatal("VDAQ_IOC_STATUS failed", e))?;
         finish_events(&again, report);
         fill_driver_stats(&again, report);
-        status
+        (status, violation(&again))
     } else {
         // Reads resubmitted in the last pass go to the kernel first, so the FLUSH below
         // finds them in the device.
         reader.ring.submit().map_err(io_error)?;
-        device
-            .stop()
-            .map_err(|e| Fatal("VDAQ_IOC_STOP failed", e))?;
-        device
-            .flush()
-            .map_err(|e| Fatal("VDAQ_IOC_FLUSH failed", e))?;
+        unless_violation(&device, device.stop(), "VDAQ_IOC_STOP failed")?;
+        unless_violation(&device, device.flush(), "VDAQ_IOC_FLUSH failed")?;
         let returned = reader
             .collect_all(report, SHUTDOWN_TIMEOUT, Some(&device))
             .map_err(io_error)?;
         report.shutdown_returned = returned as u64;
-        let status = device
-            .status()
-            .map_err(|e| Fatal("VDAQ_IOC_STATUS failed", e))?;
+        let status = unless_violation(&device, device.status(), "VDAQ_IOC_STATUS failed")?;
         finish_events(&device, report);
         fill_driver_stats(&device, report);
-        status
+        (status, violation(&device))
     };
     report.shutdown_in_flight = in_flight_at_start;
     report.device_held_after = status.buffers_held.get();
@@ -606,8 +644,11 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     if reader.cancelled > 0 {
         println!("vdaq-app: {} reads came back cancelled", reader.cancelled);
     }
-    // This application's own checks, then every guest's.
+    // A device violation first (what failed after it is its consequence), then this
+    // application's own checks, then every guest's.
     failure = failure
+        .or(device_violation.map(Violation::describe))
+        .or(reader.first_error.as_ref().map(|err| err.describe()))
         .or(if !reader.in_flight.is_empty() {
             Some("reads in flight never came back")
         } else if params.mode == Mode::Cancel && (!cancel_done || cancel_late > 0) {
@@ -643,6 +684,8 @@ fn fill_driver_stats(device: &Device, report: &mut Report<'_>) {
         report.rejected = stats.rejected;
         report.invalid = stats.invalid;
         report.watchdog_recoveries = stats.watchdog_recoveries;
+        report.protocol_violations = stats.violations;
+        report.unknown_events = stats.unknown_events;
     }
 }
 

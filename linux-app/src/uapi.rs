@@ -127,6 +127,12 @@ pub struct Stats {
     pub watchdog_recoveries: u64,
     /// Configuration-change notifications.
     pub config_changes: u64,
+    /// Protocol violations of the device the driver detected.
+    pub violations: u64,
+    /// The first one's code (`vdaq_wire::violation::Violation::code`), 0 if none.
+    pub first_violation: u64,
+    /// Events of kinds the driver ignores.
+    pub unknown_events: u64,
 }
 
 #[cfg(test)]
@@ -148,7 +154,7 @@ mod tests {
     /// (C expression, value the Rust side has).
     fn expectations() -> Vec<(&'static str, u64)> {
         let u = |v: usize| v as u64;
-        vec![
+        let mut list = vec![
             ("sizeof(struct vdaq_config)", u(size_of::<DaqConfig>())),
             (
                 "offsetof(struct vdaq_config, rate_hz)",
@@ -269,6 +275,14 @@ mod tests {
                 "offsetof(struct vdaq_stats, config_changes)",
                 u(offset_of!(Stats, config_changes)),
             ),
+            (
+                "offsetof(struct vdaq_stats, first_violation)",
+                u(offset_of!(Stats, first_violation)),
+            ),
+            (
+                "offsetof(struct vdaq_stats, unknown_events)",
+                u(offset_of!(Stats, unknown_events)),
+            ),
             ("VDAQ_IOC_GET_CONFIG", u64::from(GET_CONFIG)),
             ("VDAQ_IOC_CONFIGURE", u64::from(CONFIGURE)),
             ("VDAQ_IOC_START", u64::from(START)),
@@ -297,7 +311,62 @@ mod tests {
             ("VDAQ_EVENTS_MAX", u(EVENTS_MAX)),
             ("VDAQ_TRANSPORT_PCI", u64::from(TRANSPORT_PCI)),
             ("VDAQ_TRANSPORT_MMIO", u64::from(TRANSPORT_MMIO)),
-        ]
+        ];
+        // The violation codes the driver reports, as the wire crate numbers them.
+        use vdaq_wire::violation::Violation;
+        let codes = [
+            (
+                "VDAQ_VIOLATION_USED_LEN_OVER",
+                Violation::UsedLengthOverBuffer,
+            ),
+            (
+                "VDAQ_VIOLATION_USED_LEN_UNDER_HEADER",
+                Violation::UsedLengthUnderHeader,
+            ),
+            ("VDAQ_VIOLATION_HEADER_LENGTH", Violation::HeaderLength),
+            (
+                "VDAQ_VIOLATION_HEADER_CONFIGURATION",
+                Violation::HeaderConfiguration,
+            ),
+            (
+                "VDAQ_VIOLATION_HEADER_MALFORMED",
+                Violation::HeaderMalformed,
+            ),
+            (
+                "VDAQ_VIOLATION_USED_ID_OUT_OF_RANGE",
+                Violation::UsedIdOutOfRange,
+            ),
+            (
+                "VDAQ_VIOLATION_USED_ID_NOT_IN_FLIGHT",
+                Violation::UsedIdNotInFlight,
+            ),
+            (
+                "VDAQ_VIOLATION_COMPLETION_ORDER",
+                Violation::CompletionOrder,
+            ),
+            ("VDAQ_VIOLATION_USED_ID_REFUSED", Violation::UsedIdRefused),
+            ("VDAQ_VIOLATION_REPLY_SHORT", Violation::ReplyShort),
+            ("VDAQ_VIOLATION_REPLY_LONG", Violation::ReplyLong),
+            ("VDAQ_VIOLATION_REPLY_STATUS", Violation::ReplyStatus),
+            ("VDAQ_VIOLATION_REPLY_MISSING", Violation::ReplyMissing),
+            (
+                "VDAQ_VIOLATION_REPLY_UNSOLICITED",
+                Violation::ReplyUnsolicited,
+            ),
+            (
+                "VDAQ_VIOLATION_CONFIG_IMPOSSIBLE",
+                Violation::ConfigImpossible,
+            ),
+        ];
+        assert_eq!(
+            codes.len(),
+            Violation::ALL.len(),
+            "every violation has a code"
+        );
+        for (name, violation) in codes {
+            list.push((name, violation.code()));
+        }
+        list
     }
 
     #[test]

@@ -233,7 +233,30 @@ struct vdaq_stats {
 	__u64 bytes;			/* bytes returned by reads */
 	__u64 watchdog_recoveries;	/* lost interrupts the watchdog covered */
 	__u64 config_changes;		/* configuration-change notifications */
+	__u64 violations;		/* device protocol violations detected */
+	__u64 first_violation;		/* VDAQ_VIOLATION_* of the first, 0 none */
+	__u64 unknown_events;		/* events of kinds this driver ignores */
 };
+
+/*
+ * Protocol violations of the device the driver detects (vdaq_stats), the
+ * codes of vdaq_wire::violation::Violation.
+ */
+#define VDAQ_VIOLATION_USED_LEN_OVER		1	/* used length > buffer */
+#define VDAQ_VIOLATION_USED_LEN_UNDER_HEADER	2	/* 0 < used < header */
+#define VDAQ_VIOLATION_HEADER_LENGTH		3	/* frame_count vs used */
+#define VDAQ_VIOLATION_HEADER_CONFIGURATION	4	/* format/channels */
+#define VDAQ_VIOLATION_HEADER_MALFORMED		5	/* status, format code */
+#define VDAQ_VIOLATION_USED_ID_OUT_OF_RANGE	6
+#define VDAQ_VIOLATION_USED_ID_NOT_IN_FLIGHT	7
+#define VDAQ_VIOLATION_COMPLETION_ORDER		8	/* before older reads */
+#define VDAQ_VIOLATION_USED_ID_REFUSED		9	/* the ring broke */
+#define VDAQ_VIOLATION_REPLY_SHORT		10
+#define VDAQ_VIOLATION_REPLY_LONG		11
+#define VDAQ_VIOLATION_REPLY_STATUS		12	/* undefined status */
+#define VDAQ_VIOLATION_REPLY_MISSING		13	/* never answered */
+#define VDAQ_VIOLATION_REPLY_UNSOLICITED	14
+#define VDAQ_VIOLATION_CONFIG_IMPOSSIBLE	15
 
 #define VDAQ_IOC_MAGIC			0xDA
 

@@ -22,6 +22,9 @@ pub enum Violation {
     UsedIdNotInFlight,
     /// A read with data completed while an older accepted read was still in flight.
     CompletionOrder,
+    /// A used entry the driver's virtio core refused (an id out of range, or one naming no
+    /// buffer head: Linux marks the ring broken without saying which to the driver).
+    UsedIdRefused,
     /// A command reply shorter than the reply header.
     ReplyShort,
     /// A command reply's used length beyond the reply area.
@@ -54,6 +57,9 @@ impl Violation {
                 "device violation: used id names a buffer not in flight"
             }
             Violation::CompletionOrder => "device violation: read completed out of order",
+            Violation::UsedIdRefused => {
+                "device violation: used id out of range or naming no buffer (ring broken)"
+            }
             Violation::ReplyShort => "device violation: command reply shorter than its header",
             Violation::ReplyLong => "device violation: command reply beyond its area",
             Violation::ReplyStatus => "device violation: command reply with undefined status",
@@ -75,14 +81,61 @@ impl Violation {
             Violation::UsedIdOutOfRange
                 | Violation::UsedIdNotInFlight
                 | Violation::CompletionOrder
+                | Violation::UsedIdRefused
                 | Violation::ReplyUnsolicited
         )
+    }
+}
+
+impl Violation {
+    /// Every violation, in code order.
+    pub const ALL: [Violation; 15] = [
+        Violation::UsedLengthOverBuffer,
+        Violation::UsedLengthUnderHeader,
+        Violation::HeaderLength,
+        Violation::HeaderConfiguration,
+        Violation::HeaderMalformed,
+        Violation::UsedIdOutOfRange,
+        Violation::UsedIdNotInFlight,
+        Violation::CompletionOrder,
+        Violation::UsedIdRefused,
+        Violation::ReplyShort,
+        Violation::ReplyLong,
+        Violation::ReplyStatus,
+        Violation::ReplyMissing,
+        Violation::ReplyUnsolicited,
+        Violation::ConfigImpossible,
+    ];
+
+    /// The code a driver reports it by (the Linux driver's `VDAQ_VIOLATION_*`, in
+    /// `struct vdaq_stats`): 1 and up, 0 meaning none.
+    pub fn code(self) -> u64 {
+        Self::ALL
+            .iter()
+            .position(|v| *v == self)
+            .map_or(0, |i| i as u64 + 1)
+    }
+
+    /// The violation of a code, None for 0 and unknown codes.
+    pub fn from_code(code: u64) -> Option<Self> {
+        let index = usize::try_from(code.checked_sub(1)?).ok()?;
+        Self::ALL.get(index).copied()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::Violation;
+
+    #[test]
+    fn codes_round_trip_and_start_at_one() {
+        for (i, v) in Violation::ALL.iter().enumerate() {
+            assert_eq!(v.code(), i as u64 + 1);
+            assert_eq!(Violation::from_code(v.code()), Some(*v));
+        }
+        assert_eq!(Violation::from_code(0), None);
+        assert_eq!(Violation::from_code(16), None);
+    }
 
     #[test]
     fn every_violation_has_its_own_description() {
@@ -95,6 +148,7 @@ mod tests {
             Violation::UsedIdOutOfRange,
             Violation::UsedIdNotInFlight,
             Violation::CompletionOrder,
+            Violation::UsedIdRefused,
             Violation::ReplyShort,
             Violation::ReplyLong,
             Violation::ReplyStatus,
@@ -102,6 +156,7 @@ mod tests {
             Violation::ReplyUnsolicited,
             Violation::ConfigImpossible,
         ];
+        assert_eq!(all, Violation::ALL);
         for (i, a) in all.iter().enumerate() {
             assert!(a.describe().starts_with("device violation: "));
             for b in &all[i + 1..] {

@@ -1,6 +1,6 @@
 //! End to end: the card breaks the protocol on purpose (scenario actions of
 //! `vhost-device/src/model/violations.rs`, see scenarios/README.md), and the reference guest
-//! detects each violation, never crashes or hangs, recovers where a reset can (and says what
+//! and the Linux guest (kernel driver and io_uring application) detect each violation, never crashes or hangs, recovers where a reset can (and says what
 //! happened), or fails the run at once with a `failure` that names the violation. Nothing
 //! stays pending: the device holds no buffer at the end.
 
@@ -20,15 +20,52 @@ fn scenario_file(name: &str, steps: &str) -> std::path::PathBuf {
 
 /// Runs the reference guest (q35, TCG) for 1.5 s with `action` (and its `fields`) at 300 ms.
 fn hostile(action: &str, fields: &str) -> (bool, Value) {
-    let name = format!("{action}-{}", fields.replace(['"', ' ', '='], ""));
-    let steps = format!("[[step]]\nat_ms = 300\naction = \"{action}\"\n{fields}\n");
-    hostile_steps(&name, &steps)
+    hostile_steps(
+        Guest::BareMetal,
+        &name_of(action, fields),
+        &step(action, fields),
+    )
 }
 
-fn hostile_steps(name: &str, steps: &str) -> (bool, Value) {
-    let path = scenario_file(name, steps);
+/// [`hostile`] with the Linux guest.
+fn hostile_linux(action: &str, fields: &str) -> (bool, Value) {
+    hostile_steps(
+        Guest::Linux,
+        &name_of(action, fields),
+        &step(action, fields),
+    )
+}
+
+fn name_of(action: &str, fields: &str) -> String {
+    format!("{action}-{}", fields.replace(['"', ' ', '='], ""))
+}
+
+fn step(action: &str, fields: &str) -> String {
+    format!("[[step]]\nat_ms = 300\naction = \"{action}\"\n{fields}\n")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    BareMetal,
+    Linux,
+}
+
+/// The Linux guest's kernel and initramfs, built once for all tests of this binary.
+fn linux_image() -> &'static (String, String) {
+    static IMAGE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| match vdaq_launcher::tools::linux_image(None, false) {
+        Ok(vdaq_launcher::session::GuestImage::Linux { kernel, initrd }) => {
+            (kernel.display().to_string(), initrd.display().to_string())
+        }
+        other => panic!("the Linux guest image: {other:?}"),
+    })
+}
+
+fn hostile_steps(guest: Guest, name: &str, steps: &str) -> (bool, Value) {
+    let suffix = if guest == Guest::Linux { "-linux" } else { "" };
+    let path = scenario_file(&format!("{name}{suffix}"), steps);
     let path = path.to_str().expect("utf-8 path");
-    vdaq(&[
+    let mut args = vec![
         "--machine",
         "q35",
         "--accel",
@@ -37,7 +74,19 @@ fn hostile_steps(name: &str, steps: &str) -> (bool, Value) {
         "1.5",
         "--scenario",
         path,
-    ])
+    ];
+    if guest == Guest::Linux {
+        let (kernel, initrd) = linux_image();
+        args.extend([
+            "--guest",
+            "linux",
+            "--linux-kernel",
+            kernel.as_str(),
+            "--linux-initrd",
+            initrd.as_str(),
+        ]);
+    }
+    vdaq(&args)
 }
 
 /// The run failed, naming one of `names`, with the violation counted.
@@ -221,6 +270,7 @@ fn e2e_hostile_silence_is_found_by_the_watchdog_and_commands_still_complete() {
     // Silence while streaming (the data watchdog), and again over shutdown's commands (their
     // replies are found without interrupts).
     let (ok, report) = hostile_steps(
+        Guest::BareMetal,
         "silence",
         "[[step]]\nat_ms = 300\naction = \"no_interrupts\"\nduration_ms = 300\n\
          [[step]]\nat_ms = 1200\naction = \"no_interrupts\"\nduration_ms = 5000\n",
@@ -228,5 +278,136 @@ fn e2e_hostile_silence_is_found_by_the_watchdog_and_commands_still_complete() {
     assert!(ok, "{}", report["failure"]);
     assert!(n(&report, "watchdog_recoveries") >= 1, "{report}");
     assert_eq!(n(&report, "verify_errors"), 0);
+    assert_eq!(n(&report, "device_held_after"), 0);
+}
+
+// The Linux guest: the kernel driver detects, counts (sysfs, VDAQ_IOC_GET_STATS) and names
+// each violation; reads it cannot trust stay pinned until it resets the device; the io_uring
+// application fails the run at once naming it, and every read comes back.
+
+/// The Linux run failed naming one of `names`, and shutdown got every read back.
+fn assert_linux_named(ok: bool, report: &Value, names: &[&str]) {
+    assert_named(ok, report, names);
+    assert_eq!(n(report, "device_held_after"), 0);
+    assert_eq!(
+        n(report, "shutdown_returned"),
+        n(report, "shutdown_in_flight"),
+        "every read came back"
+    );
+}
+
+const RING_BROKEN: &str =
+    "device violation: used id out of range or naming no buffer (ring broken)";
+
+#[test]
+fn e2e_linux_hostile_used_ring_violations_are_named_and_every_read_comes_back() {
+    for action in [
+        "used_id_out_of_range",
+        "used_id_not_in_flight",
+        "complete_twice",
+        "used_index_jump",
+    ] {
+        let (ok, report) = hostile_linux(action, "");
+        // The virtio core refuses an id out of range or naming no head; a stale entry naming
+        // a read in flight is one completed before its elders.
+        assert_linux_named(ok, &report, &[RING_BROKEN, OUT_OF_ORDER]);
+        assert!(n(&report, "protocol_violations") >= 1, "{action}");
+    }
+}
+
+#[test]
+fn e2e_linux_hostile_lying_completions_are_named() {
+    for (action, fields, name) in [
+        (
+            "used_len_over",
+            "",
+            "device violation: used length beyond the buffer",
+        ),
+        (
+            "used_len_under_header",
+            "",
+            "device violation: used length under the header",
+        ),
+        (
+            "bad_header",
+            "field = \"frame_count\"",
+            "device violation: header frame count disagrees with the used length",
+        ),
+        (
+            "bad_header",
+            "field = \"channels\"",
+            "device violation: header format or channels contradict the configuration",
+        ),
+        (
+            "bad_header",
+            "field = \"format\"",
+            "device violation: header format or channels contradict the configuration",
+        ),
+        (
+            "bad_header",
+            "field = \"sequence\"",
+            "buffer sequence skipped or repeated",
+        ),
+        (
+            "bad_header",
+            "field = \"timestamp\"",
+            "buffer timestamp earlier than the previous one",
+        ),
+    ] {
+        let (ok, report) = hostile_linux(action, fields);
+        assert_linux_named(ok, &report, &[name]);
+    }
+}
+
+#[test]
+fn e2e_linux_hostile_replies_and_config_space_are_named() {
+    for (action, fields, name) in [
+        (
+            "reply_short",
+            "",
+            "device violation: command reply shorter than its header",
+        ),
+        (
+            "reply_long",
+            "",
+            "device violation: command reply beyond its area",
+        ),
+        (
+            "reply_bad_status",
+            "",
+            "device violation: command reply with undefined status",
+        ),
+        (
+            "reply_never",
+            "",
+            "device violation: command never answered",
+        ),
+        (
+            "bad_config",
+            "field = \"channels\"",
+            "device violation: configuration space holds impossible values",
+        ),
+    ] {
+        let (ok, report) = hostile_linux(action, fields);
+        assert_linux_named(ok, &report, &[name]);
+        assert_eq!(n(&report, "protocol_violations"), 1, "{action}");
+    }
+}
+
+#[test]
+fn e2e_linux_hostile_unknown_events_storms_and_silence_are_survived() {
+    let (ok, report) = hostile_linux("unknown_event", "");
+    assert!(ok, "{}", report["failure"]);
+    assert_eq!(n(&report, "unknown_events"), 1);
+    let (ok, report) = hostile_linux("interrupt_storm", "count = 20000");
+    assert!(ok, "{}", report["failure"]);
+    let (ok, report) = hostile_steps(
+        Guest::Linux,
+        "silence",
+        "[[step]]\nat_ms = 300\naction = \"no_interrupts\"\nduration_ms = 300\n\
+         [[step]]\nat_ms = 1200\naction = \"no_interrupts\"\nduration_ms = 5000\n",
+    );
+    assert!(ok, "{}", report["failure"]);
+    assert!(n(&report, "watchdog_recoveries") >= 1, "{report}");
     assert_eq!(n(&report, "device_held_after"), 0);
 }

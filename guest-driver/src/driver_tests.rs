@@ -662,6 +662,7 @@ fn ok_reply_with_a_longer_payload_is_read_up_to_its_structure() {
 }
 
 /// spec: [6.8-10] the wait for a reply is bounded: a silent device is a timeout.
+/// spec: [6.8-12] and the device is reset.
 #[test]
 fn timeout_leaves_the_command_pending_until_the_device_answers() {
     let mut rig = rig();
@@ -961,6 +962,7 @@ fn header_in_another_format_than_the_stream_is_invalid() {
     );
 }
 
+/// spec: [7-5] a read completed out of order is kept until the reset.
 #[test]
 fn a_read_with_data_completed_before_an_older_one_is_a_violation_and_the_ring_is_not_trusted() {
     let mut rig = rig();
@@ -1001,6 +1003,7 @@ fn a_read_with_data_completed_before_an_older_one_is_a_violation_and_the_ring_is
     );
 }
 
+/// spec: [7-6] a used index far ahead: stale entries are neither data nor harvested forever.
 #[test]
 fn stale_used_entries_after_a_used_index_jump_are_not_taken_as_data() {
     let mut rig = rig();
@@ -2221,6 +2224,7 @@ fn needs_reset_in_the_configuration_space_stops_reads_until_the_device_is_reset(
 // Protocol violations are named (issue: the device is untrusted)
 // ---------------------------------------------------------------------------------------------
 
+/// spec: [7-4] used lengths and headers checked before the contents are used.
 #[test]
 fn each_lie_of_a_completion_is_the_violation_it_names() {
     type Lie = (&'static str, fn(&mut BufferHeader) -> u32, Violation);
@@ -2277,6 +2281,7 @@ fn each_lie_of_a_completion_is_the_violation_it_names() {
     }
 }
 
+/// spec: [7-4] replies checked: size and status.
 #[test]
 fn each_lie_of_a_reply_is_the_violation_it_names() {
     type Lie = (&'static str, Vec<u8>, u32, Violation);

@@ -1016,6 +1016,7 @@ fn every_control_command_is_a_notification_point() {
 }
 
 /// spec: [6.8-1] requests made available together run one at a time, in order.
+/// spec: [6.8-11] each is answered within the kick that made it available.
 #[test]
 fn control_requests_run_one_at_a_time_in_the_order_they_were_made_available() {
     let mem = memory();

@@ -128,6 +128,11 @@ struct vdaq_counters {
 	u64 violations;
 	u64 first_violation;
 	u64 unknown_events;
+	u64 resets_with_status;
+	u64 before_reset_produced;
+	u64 before_reset_delivered;
+	u64 before_reset_dropped;
+	u64 before_reset_pending;
 };
 
 struct vdaq_dev {

@@ -785,6 +785,11 @@ static long vdaq_ioctl_stats(struct vdaq_dev *vd, void __user *argp)
 	s.violations = vd->cnt.violations;
 	s.first_violation = vd->cnt.first_violation;
 	s.unknown_events = vd->cnt.unknown_events;
+	s.resets_with_status = vd->cnt.resets_with_status;
+	s.before_reset_produced = vd->cnt.before_reset_produced;
+	s.before_reset_delivered = vd->cnt.before_reset_delivered;
+	s.before_reset_dropped = vd->cnt.before_reset_dropped;
+	s.before_reset_pending = vd->cnt.before_reset_pending;
 	spin_unlock_irq(&vd->lock);
 	return copy_to_user(argp, &s, sizeof(s)) ? -EFAULT : 0;
 }

@@ -595,6 +595,13 @@ static void vdaq_reset_work(struct work_struct *work)
 			 le64_to_cpu(st.frames_pending),
 			 le64_to_cpu(st.buffers_held));
 		vdaq_iio_reset_loss(vd, le64_to_cpu(st.frames_pending));
+		spin_lock_irq(&vd->lock);
+		vd->cnt.resets_with_status++;
+		vd->cnt.before_reset_produced += le64_to_cpu(st.frames_produced);
+		vd->cnt.before_reset_delivered += le64_to_cpu(st.frames_delivered);
+		vd->cnt.before_reset_dropped += le64_to_cpu(st.frames_dropped);
+		vd->cnt.before_reset_pending += le64_to_cpu(st.frames_pending);
+		spin_unlock_irq(&vd->lock);
 	}
 	vdaq_teardown(vd, -EIO);
 	spin_lock_irq(&vd->lock);
@@ -975,7 +982,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_event, arg0) != 16);
 	BUILD_BUG_ON(sizeof(struct vdaq_info) != 168);
 	BUILD_BUG_ON(sizeof(struct vdaq_events) != 8 + VDAQ_EVENTS_MAX * 32);
-	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 21 * 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 26 * 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_cmd_hdr) != 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_resp_hdr) != 8);
 	BUILD_BUG_ON(offsetof(struct vdaq_ctrl_buf, payload) != 8);

@@ -571,6 +571,43 @@ fn e2e_linux_microvm_mmio_io_uring_stream_verifies_every_sample() {
     );
 }
 
+/// The kernel driver resets the card on NEEDS_RESET and takes every read back; the
+/// application accounts the epoch with the counters the driver read before the reset, and
+/// streams again.
+#[test]
+fn e2e_linux_needs_reset_is_recovered_and_streaming_resumes() {
+    let path = format!(
+        "{}/../scenarios/needs-reset.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (ok, report) = linux(&[
+        "--machine",
+        "q35",
+        "--duration",
+        "1.5",
+        "--rate",
+        "1000000",
+        "--scenario",
+        &path,
+    ]);
+    assert!(ok, "{}", report["failure"]);
+    assert!(n(&report, "reset_recoveries") >= 1, "{report}");
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert!(
+        n(&report, "frames") > 500_000,
+        "streaming resumed after the reset"
+    );
+    assert_eq!(
+        n(&report, "device_produced"),
+        n(&report, "device_delivered")
+            + n(&report, "device_dropped")
+            + n(&report, "frames_discarded_at_reset")
+            + n(&report, "device_pending"),
+        "every frame of every epoch is accounted for"
+    );
+    assert_eq!(n(&report, "device_held_after"), 0);
+}
+
 #[test]
 fn e2e_linux_cancelled_reads_all_come_back() {
     let (ok, report) = linux(&[

@@ -10,7 +10,9 @@ use io_uring::{opcode, types, IoUring};
 use vdaq_wire::buffer::{BufferHeader, HEADER_SIZE};
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::event::kind;
-use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::report::{
+    trailing_drops, EpochCounters, Epochs, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX,
+};
 use vdaq_wire::violation::Violation;
 use vdaq_wire::zerocopy::FromBytes;
 use vdaq_wire::SampleFormat;
@@ -111,6 +113,10 @@ impl InFlight {
         self.count
     }
 
+    fn contains(&self, index: usize) -> bool {
+        self.flags.get(index).copied().unwrap_or(false)
+    }
+
     fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -158,6 +164,14 @@ struct Reader<'p> {
     cancels_answered: u64,
     /// A read came back -EPROTO: the driver found the device breaking the protocol.
     violation_seen: bool,
+    /// Reads that came back -EIO: taken back by a device reset (or refused by the device).
+    reclaimed: u64,
+    /// Recovering from a device reset: reads without frames are not verified (the ones the
+    /// old device returned and the ones the new one holds cannot be told apart, and carry no
+    /// samples); reads with frames are the old stream's.
+    recovering: bool,
+    /// Stream totals of the epochs a device reset closed.
+    closed: vdaq_wire::check::StreamStats,
     /// The first verification error: it names the run's failure.
     first_error: Option<vdaq_wire::check::StreamError>,
 }
@@ -299,6 +313,11 @@ impl Reader<'_> {
             // The driver found a protocol violation in this read (VDAQ_IOC_GET_STATS names it).
             self.violation_seen = true;
         }
+        if result == -libc::EIO {
+            // Taken back by a device reset: the stream loop recovers (or judges it).
+            self.reclaimed += 1;
+            return;
+        }
         let Ok(used) = usize::try_from(result) else {
             self.unexpected += 1;
             if self.unexpected <= 3 {
@@ -310,6 +329,12 @@ impl Reader<'_> {
             return;
         };
         let now = now_ns();
+        if self.recovering
+            && BufferHeader::read_from_bytes(&self.buffers.slice(index)[..HEADER_SIZE])
+                .is_ok_and(|header| header.frame_count.get() == 0)
+        {
+            return;
+        }
         match self.verifier.check(self.buffers.slice(index), used) {
             Ok(header) if header.frame_count.get() > 0 => {
                 if !self.first_sample_logged {
@@ -464,6 +489,9 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         cancel_targets: BTreeSet::new(),
         cancels_answered: 0,
         violation_seen: false,
+        reclaimed: 0,
+        recovering: false,
+        closed: vdaq_wire::check::StreamStats::default(),
         first_error: None,
     };
     stream(&mut reader, device, &mut report)?;
@@ -501,16 +529,26 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     let mut failure: Option<&'static str> = None;
     let io_error = |e| Fatal("io_uring failed", e);
     let mut close_early = false;
+    let mut epochs = Epochs::default();
+    let mut recovery = Recovery::new(&device);
     while now_ns() < deadline {
         reader.wait(Duration::from_millis(10)).map_err(io_error)?;
         reader.drain(report, true).map_err(io_error)?;
+        if recovery.needed(reader, &device) {
+            if let Err(why) = recovery.recover(reader, &device, report, &mut epochs) {
+                failure.get_or_insert(why);
+                break;
+            }
+        }
         // A device violation or a buffer that failed verification ends the run at once.
         if reader.first_error.is_some() || reader.violation_seen {
             break;
         }
         let now = now_ns();
         if now >= next_progress {
-            let stats = reader.verifier.stats();
+            // Every epoch's frames so far.
+            let mut stats = reader.closed;
+            stats += reader.verifier.stats();
             let interrupts = device.stats().map_or(0, |s| s.interrupts);
             // The driver keeps the last 64 event records: take them as they come.
             finish_events(&device, report);
@@ -624,30 +662,36 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     };
     report.shutdown_in_flight = in_flight_at_start;
     report.device_held_after = status.buffers_held.get();
-    report.device_produced = status.frames_produced.get();
-    report.device_delivered = status.frames_delivered.get();
-    report.device_dropped = status.frames_dropped.get();
+    report.device_produced = epochs.produced + status.frames_produced.get();
+    report.device_delivered = epochs.delivered + status.frames_delivered.get();
+    report.device_dropped = epochs.dropped + status.frames_dropped.get();
     report.device_pending = status.frames_pending.get();
+    report.frames_discarded_at_reset = epochs.discarded;
 
-    let stats = reader.verifier.stats();
+    let mut stats = reader.closed;
+    stats += reader.verifier.stats();
     report.record_stream(&stats, reader.channels);
     report.guest_time_ns = stream_end - start;
     report.record_throughput();
     let histogram = std::mem::take(&mut reader.latencies_us).finish(report);
     println!("{histogram}");
 
+    // Drops after the last epoch's last returned buffer can be in no header.
     let trailing = trailing_drops(
-        report.device_produced,
+        status.frames_produced.get(),
         reader.verifier.next_frame().unwrap_or(0),
         report.device_pending,
-    );
+    ) + epochs.unreported_drops;
+    // Reads taken back with no reset to explain them ended without data.
+    let unexpected = reader.unexpected + (reader.reclaimed - recovery.reclaimed_handled);
     if reader.cancelled > 0 {
         println!("vdaq-app: {} reads came back cancelled", reader.cancelled);
     }
     // A device violation first (what failed after it is its consequence), then this
     // application's own checks, then every guest's.
-    failure = failure
-        .or(device_violation.map(Violation::describe))
+    failure = device_violation
+        .map(Violation::describe)
+        .or(failure)
         .or(reader.first_error.as_ref().map(|err| err.describe()))
         .or(if !reader.in_flight.is_empty() {
             Some("reads in flight never came back")
@@ -656,10 +700,118 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
         } else {
             None
         })
-        .or_else(|| report.common_failure(reader.unexpected, trailing));
+        .or_else(|| report.common_failure(unexpected, trailing));
     report.failure = failure.unwrap_or("");
     report.pass = failure.is_none();
     Ok(())
+}
+
+/// Streaming again after the driver reset the device (NEEDS_RESET, a broken ring): the
+/// reads it took back came back -EIO; the epoch they ended is accounted with the counters the
+/// driver read just before the reset, and a new one begins.
+struct Recovery {
+    /// Reads -EIO that a recovery has accounted for.
+    reclaimed_handled: u64,
+    /// The driver's reset counters at the last epoch's start.
+    resets: u64,
+    resets_with_status: u64,
+    before: EpochCounters,
+}
+
+impl Recovery {
+    fn new(device: &Device) -> Self {
+        let stats = device.stats().unwrap_or_default();
+        Recovery {
+            reclaimed_handled: 0,
+            resets: stats.resets,
+            resets_with_status: stats.resets_with_status,
+            before: counters_before_reset(&stats),
+        }
+    }
+
+    /// Whether the driver reset the device since the last look (or reads came back -EIO).
+    fn needed(&self, reader: &Reader<'_>, device: &Device) -> bool {
+        reader.reclaimed > self.reclaimed_handled
+            || device
+                .stats()
+                .is_ok_and(|stats| stats.resets != self.resets)
+    }
+
+    fn recover(
+        &mut self,
+        reader: &mut Reader<'_>,
+        device: &Device,
+        report: &mut Report<'_>,
+        epochs: &mut Epochs,
+    ) -> Result<(), &'static str> {
+        // Every read comes back: the ones the reset took back (the driver completes them all
+        // before it counts the reset), and, by FLUSH, the ones posted to the new device since
+        // (it is stopped: they are empty).
+        if let Some(violation) = violation(device) {
+            // The driver reset the device because it broke the protocol: the run fails,
+            // named (every read still comes back: shutdown collects them).
+            return Err(violation.describe());
+        }
+        reader.recovering = true;
+        let collected = reader.collect_all(report, SHUTDOWN_TIMEOUT, Some(device));
+        reader.recovering = false;
+        collected.map_err(|_| "io_uring failed during a recovery")?;
+        let stats = device
+            .stats()
+            .map_err(|_| "VDAQ_IOC_GET_STATS failed during a recovery")?;
+        if stats.resets == self.resets {
+            return Err("reads ended without data");
+        }
+        if stats.resets - self.resets != stats.resets_with_status - self.resets_with_status {
+            return Err("device reset without its counters (control queue unusable)");
+        }
+        println!("vdaq-app: the device was reset; streaming again");
+        let total = counters_before_reset(&stats);
+        let before = EpochCounters {
+            produced: total.produced - self.before.produced,
+            delivered: total.delivered - self.before.delivered,
+            dropped: total.dropped - self.before.dropped,
+            pending: total.pending - self.before.pending,
+        };
+        let epoch = reader.verifier.stats();
+        epochs.close(&before, epoch.frames, epoch.dropped_frames)?;
+        reader.closed += epoch;
+        report.reset_recoveries += stats.resets - self.resets;
+        *self = Recovery {
+            reclaimed_handled: reader.reclaimed,
+            resets: stats.resets,
+            resets_with_status: stats.resets_with_status,
+            before: total,
+        };
+        // A new epoch: a fresh stream from the reset device, continuing after the empty
+        // buffers the FLUSH above returned (each completed buffer takes a sequence number,
+        // and the device counts them in `buffers_completed`).
+        let status = device
+            .status()
+            .map_err(|_| "VDAQ_IOC_STATUS failed after a reset")?;
+        let sequence = status.buffers_completed.get();
+        reader.verifier = reader.verifier.restarted().expecting_sequence(sequence);
+        reader.next_sequence = sequence;
+        reader.waiting.clear();
+        device.start().map_err(|_| "START after reset failed")?;
+        for index in 0..reader.params.reads {
+            if !reader.in_flight.contains(index) {
+                reader
+                    .submit(index)
+                    .map_err(|_| "cannot submit reads after reset")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn counters_before_reset(stats: &uapi::Stats) -> EpochCounters {
+    EpochCounters {
+        produced: stats.before_reset_produced,
+        delivered: stats.before_reset_delivered,
+        dropped: stats.before_reset_dropped,
+        pending: stats.before_reset_pending,
+    }
 }
 
 fn finish_events(device: &Device, report: &mut Report<'_>) {

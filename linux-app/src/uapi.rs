@@ -133,6 +133,16 @@ pub struct Stats {
     pub first_violation: u64,
     /// Events of kinds the driver ignores.
     pub unknown_events: u64,
+    /// Resets whose device counters the driver read first (the sums below cover those).
+    pub resets_with_status: u64,
+    /// Frames the device had produced just before each reset, summed.
+    pub before_reset_produced: u64,
+    /// … delivered …
+    pub before_reset_delivered: u64,
+    /// … dropped …
+    pub before_reset_dropped: u64,
+    /// … pending.
+    pub before_reset_pending: u64,
 }
 
 #[cfg(test)]
@@ -282,6 +292,10 @@ mod tests {
             (
                 "offsetof(struct vdaq_stats, unknown_events)",
                 u(offset_of!(Stats, unknown_events)),
+            ),
+            (
+                "offsetof(struct vdaq_stats, before_reset_pending)",
+                u(offset_of!(Stats, before_reset_pending)),
             ),
             ("VDAQ_IOC_GET_CONFIG", u64::from(GET_CONFIG)),
             ("VDAQ_IOC_CONFIGURE", u64::from(CONFIGURE)),

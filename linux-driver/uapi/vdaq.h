@@ -236,6 +236,17 @@ struct vdaq_stats {
 	__u64 violations;		/* device protocol violations detected */
 	__u64 first_violation;		/* VDAQ_VIOLATION_* of the first, 0 none */
 	__u64 unknown_events;		/* events of kinds this driver ignores */
+	/*
+	 * The device's counters just before each reset it recovered from,
+	 * summed (GET_STATUS still answers in NEEDS_RESET): an application
+	 * closes its stream's epoch with them. Resets whose counters could
+	 * not be read are resets - resets_with_status.
+	 */
+	__u64 resets_with_status;
+	__u64 before_reset_produced;
+	__u64 before_reset_delivered;
+	__u64 before_reset_dropped;
+	__u64 before_reset_pending;
 };
 
 /*

@@ -146,6 +146,22 @@ pub struct StreamStats {
     pub errors: u64,
 }
 
+impl core::ops::AddAssign for StreamStats {
+    /// Sums the totals of two streams (the epochs of a stream a device reset cut).
+    fn add_assign(&mut self, other: Self) {
+        self.buffers += other.buffers;
+        self.empty_buffers += other.empty_buffers;
+        self.frames += other.frames;
+        self.payload_bytes += other.payload_bytes;
+        self.dropped_frames += other.dropped_frames;
+        self.overrun_buffers += other.overrun_buffers;
+        self.triggered_buffers += other.triggered_buffers;
+        self.crc_checked += other.crc_checked;
+        self.crc_errors += other.crc_errors;
+        self.errors += other.errors;
+    }
+}
+
 /// Checks completed buffers one after another.
 #[derive(Clone, Debug)]
 pub struct StreamVerifier {
@@ -180,6 +196,20 @@ impl StreamVerifier {
     /// Require a valid CRC in every buffer (VIRTIO_DAQ_F_CRC32 negotiated).
     pub fn require_crc(mut self, required: bool) -> Self {
         self.require_crc = required;
+        self
+    }
+
+    /// A verifier with the same checks for a new stream (the device was reset: sequence and
+    /// stream index start over), its totals at zero.
+    pub fn restarted(&self) -> Self {
+        StreamVerifier::new(self.format, self.channels, self.counter_pattern)
+            .require_crc(self.require_crc)
+    }
+
+    /// The stream's next buffer carries `sequence` (a stream joined after buffers the
+    /// application did not verify: empty buffers a FLUSH returned).
+    pub fn expecting_sequence(mut self, sequence: u64) -> Self {
+        self.next_sequence = sequence;
         self
     }
 

@@ -203,6 +203,72 @@ impl Report<'_> {
     }
 }
 
+/// A device's counters just before a reset (GET_STATUS, or the Linux driver's record of it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochCounters {
+    /// Frames produced in the epoch.
+    pub produced: u64,
+    /// … delivered in buffers it completed before the reset …
+    pub delivered: u64,
+    /// … dropped …
+    pub dropped: u64,
+    /// … pending (in the FIFO or a partly filled buffer) at the reset.
+    pub pending: u64,
+}
+
+impl EpochCounters {
+    /// From a STATUS reply.
+    pub fn from_status(status: &crate::control::Status) -> Self {
+        EpochCounters {
+            produced: status.frames_produced.get(),
+            delivered: status.frames_delivered.get(),
+            dropped: status.frames_dropped.get(),
+            pending: status.frames_pending.get(),
+        }
+    }
+}
+
+/// Device accounting summed over the epochs (streams between device resets) closed so far;
+/// each epoch's stream is verified on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Epochs {
+    /// Frames produced in closed epochs.
+    pub produced: u64,
+    /// Frames verified in closed epochs.
+    pub delivered: u64,
+    /// Frames dropped in closed epochs.
+    pub dropped: u64,
+    /// Frames pending at a reset that no returned buffer carried.
+    pub discarded: u64,
+    /// Drops of closed epochs that no header reported (after their last returned buffer).
+    pub unreported_drops: u64,
+}
+
+impl Epochs {
+    /// Closes an epoch: `before` is the device's counters just before the reset, `verified`
+    /// the frames the application verified in the epoch (including reads the reset returned
+    /// with data), `reported_drops` the drops its headers reported.
+    pub fn close(
+        &mut self,
+        before: &EpochCounters,
+        verified: u64,
+        reported_drops: u64,
+    ) -> Result<(), &'static str> {
+        if verified < before.delivered || verified - before.delivered > before.pending {
+            return Err("frames verified before a reset disagree with the device's counters");
+        }
+        if reported_drops > before.dropped {
+            return Err("more drops reported in headers than the device counted");
+        }
+        self.produced += before.produced;
+        self.delivered += verified;
+        self.dropped += before.dropped;
+        self.discarded += before.pending - (verified - before.delivered);
+        self.unreported_drops += before.dropped - reported_drops;
+        Ok(())
+    }
+}
+
 /// The value at `per_mille` ‰ of `sorted` (0 when empty).
 pub fn percentile(sorted: &[u32], per_mille: usize) -> u64 {
     if sorted.is_empty() {
@@ -293,7 +359,41 @@ impl Report<'_> {
 
 #[cfg(test)]
 mod verdict_tests {
-    use super::{percentile, trailing_drops, Report};
+    use super::{percentile, trailing_drops, EpochCounters, Epochs, Report};
+
+    #[test]
+    fn epochs_account_every_frame_across_resets_and_refuse_what_cannot_be() {
+        let mut epochs = Epochs::default();
+        let before = EpochCounters {
+            produced: 100,
+            delivered: 60,
+            dropped: 10,
+            pending: 30,
+        };
+        // 60 delivered before the reset, 20 of the 30 pending returned by it.
+        assert_eq!(epochs.close(&before, 80, 4), Ok(()));
+        assert_eq!(
+            epochs,
+            Epochs {
+                produced: 100,
+                delivered: 80,
+                dropped: 10,
+                discarded: 10,
+                unreported_drops: 6,
+            }
+        );
+        let mut other = Epochs::default();
+        assert!(other.close(&before, 59, 0).is_err(), "fewer than delivered");
+        assert!(
+            other.close(&before, 91, 0).is_err(),
+            "more than delivered + pending"
+        );
+        assert!(
+            other.close(&before, 80, 11).is_err(),
+            "more drops than counted"
+        );
+        assert_eq!(other, Epochs::default(), "nothing counted when refused");
+    }
 
     #[test]
     fn common_failure_names_the_first_broken_rule() {

@@ -7,7 +7,9 @@ use vdaq_wire::buffer::BufferHeader;
 use vdaq_wire::check::StreamVerifier;
 use vdaq_wire::config::DaqConfig;
 use vdaq_wire::event::kind;
-use vdaq_wire::report::{trailing_drops, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX};
+use vdaq_wire::report::{
+    trailing_drops, EpochCounters, Epochs, Report, FIRST_SAMPLE_LINE, PROGRESS_PREFIX,
+};
 use vdaq_wire::SampleFormat;
 use virtio_drivers::transport::Transport;
 
@@ -156,46 +158,6 @@ impl Consumer {
     }
 }
 
-/// Device accounting summed over the epochs closed by a reset.
-#[derive(Default)]
-struct Epochs {
-    produced: u64,
-    delivered: u64,
-    dropped: u64,
-    /// Frames pending at a reset that no returned buffer carried.
-    discarded: u64,
-    /// Drops of closed epochs that no header reported (after their last returned buffer).
-    unreported_drops: u64,
-}
-
-impl Epochs {
-    /// Closes an epoch: `status` is the device's just before the reset, `verified` the frames
-    /// the application verified in the epoch (including reads the reset returned).
-    fn close(
-        &mut self,
-        status: &vdaq_wire::control::Status,
-        verified: u64,
-        verifier: &StreamVerifier,
-    ) -> Result<(), &'static str> {
-        let delivered_before = status.frames_delivered.get();
-        let pending = status.frames_pending.get();
-        if verified < delivered_before || verified - delivered_before > pending {
-            return Err("frames verified before a reset disagree with the device's counters");
-        }
-        let dropped = status.frames_dropped.get();
-        let reported = verifier.stats().dropped_frames;
-        if reported > dropped {
-            return Err("more drops reported in headers than the device counted");
-        }
-        self.produced += status.frames_produced.get();
-        self.delivered += verified;
-        self.dropped += dropped;
-        self.discarded += pending - (verified - delivered_before);
-        self.unreported_drops += dropped - reported;
-        Ok(())
-    }
-}
-
 /// Stream statistics summed over epochs.
 #[derive(Default)]
 struct ClosedStats {
@@ -205,18 +167,8 @@ struct ClosedStats {
 
 impl ClosedStats {
     fn add(&mut self, stats: &vdaq_wire::check::StreamStats) {
-        let t = &mut self.total;
-        t.buffers += stats.buffers;
-        t.empty_buffers += stats.empty_buffers;
-        t.frames += stats.frames;
-        t.payload_bytes += stats.payload_bytes;
-        t.dropped_frames += stats.dropped_frames;
-        t.overrun_buffers += stats.overrun_buffers;
-        t.triggered_buffers += stats.triggered_buffers;
-        t.crc_checked += stats.crc_checked;
-        t.crc_errors += stats.crc_errors;
-        t.errors += stats.errors;
-        self.frames = t.frames;
+        self.total += *stats;
+        self.frames = self.total.frames;
     }
 
     fn total(&self) -> vdaq_wire::check::StreamStats {
@@ -397,7 +349,11 @@ pub fn run<T: Transport>(
                     let epoch_frames = verifier.stats().frames;
                     match &recovery.status {
                         Some(status) => {
-                            if let Err(why) = epochs.close(status, epoch_frames, &verifier) {
+                            if let Err(why) = epochs.close(
+                                &EpochCounters::from_status(status),
+                                epoch_frames,
+                                verifier.stats().dropped_frames,
+                            ) {
                                 failure.get_or_insert(why);
                             }
                         }
@@ -409,8 +365,7 @@ pub fn run<T: Transport>(
                     }
                     report.reset_recoveries += 1;
                     closed.add(&verifier.stats());
-                    verifier =
-                        StreamVerifier::new(format, channels, counter).require_crc(params.crc);
+                    verifier = verifier.restarted();
                     for _ in 0..params.reads {
                         if let Err((err, _)) = driver.submit_read(DmaBuffer::new(params.buffer)) {
                             crate::println!("vdaq: submit after reset failed: {err:?}");

@@ -452,6 +452,28 @@ mod tests {
         let device = slot.lock().expect("lock").clone().expect("device");
         let event = device.write().expect("lock").pop_event_for_tests();
         assert_eq!(event.map(|e| e.arg0.get()), Some(3));
+        // Protocol violations are scenario actions too, with their `field`.
+        let injected = handle(r#"{"cmd":"inject","action":"unknown_event"}"#, &slot);
+        assert_eq!(injected["ok"], true, "{injected}");
+        let event = device.write().expect("lock").pop_event_for_tests();
+        assert_eq!(
+            event.map(|e| e.kind.get()),
+            Some(crate::model::violations::UNKNOWN_EVENT_KIND)
+        );
+        let injected = handle(
+            r#"{"cmd":"inject","action":"bad_config","field":"channels"}"#,
+            &slot,
+        );
+        assert_eq!(injected["ok"], true, "{injected}");
+        let config = device.read().expect("lock").card().config_space();
+        assert_eq!(config.channels.get(), 0, "the config space lies now");
+        let refused = handle(r#"{"cmd":"inject","action":"bad_header"}"#, &slot);
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("field = frame_count")),
+            "{refused}"
+        );
         let set = handle(r#"{"cmd":"set","coalesce_buffers":8}"#, &slot);
         assert_eq!(set["ok"], true, "{set}");
         assert_eq!(set["settings"]["coalesce_buffers"], 8);

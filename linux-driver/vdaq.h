@@ -154,6 +154,15 @@ struct vdaq_dev {
 	 * them (a stale used entry), so they complete only after the reset.
 	 */
 	struct list_head suspect;
+	unsigned int nr_suspect;
+	/*
+	 * The data queue's used ring cannot be trusted since a violation:
+	 * every read it returns goes to `suspect` until the reset.
+	 */
+	bool data_untrusted;
+	/* `sequence` of the next completed buffer with a header, if known */
+	u64 next_sequence;
+	bool sequence_known;
 	unsigned int nr_posted;		/* all of @posted */
 	unsigned int nr_iio_posted;	/* of which IIO capture buffers */
 	bool chardev_started;		/* START through /dev/vdaqN, no STOP since */

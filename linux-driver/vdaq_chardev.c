@@ -68,11 +68,13 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 	}
 	if (sg_pcopy_to_buffer(req->sgt.sgl, req->sgt.orig_nents, &h,
 			       sizeof(h), 0) != sizeof(h))
-		goto invalid;
+		goto fail;	/* our own copy failed: not the device's doing */
 	if (h.status == VDAQ_BUF_STATUS_BAD_BUFFER) {
 		vd->cnt.rejected++;
 		goto fail;
 	}
+	if (h.status != VDAQ_BUF_STATUS_OK)
+		goto invalid;
 	/* whole frames of the configured frame (spec 5.x.6.2) */
 	if (h.frame_count && (h.format != vd->format ||
 			      le16_to_cpu(h.channels) != vd->channels)) {
@@ -81,7 +83,7 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 		goto invalid;
 	}
 	ss = vdaq_sample_bytes(h.format);
-	if (h.status != VDAQ_BUF_STATUS_OK || !ss || !h.channels)
+	if (!ss || !h.channels)
 		goto invalid;
 	payload = (u64)le32_to_cpu(h.frame_count) * le16_to_cpu(h.channels) * ss;
 	if (payload != used - VDAQ_HEADER_SIZE) {
@@ -251,6 +253,12 @@ int vdaq_add_req_locked(struct vdaq_dev *vd, struct vdaq_req *req,
 		return -ENODEV;
 	if (!vd->ready || vd->needs_reset)
 		return -EIO;
+	/*
+	 * A CONFIGURE since the read was prepared may have grown the frame:
+	 * the device would refuse the buffer at once, out of order.
+	 */
+	if (req->len < VDAQ_HEADER_SIZE + vd->frame_bytes)
+		return -EINVAL;
 	err = virtqueue_add_sgs(vq, sgs, 0, 1, req, GFP_ATOMIC);
 	if (err == -ENOSPC)
 		return -EAGAIN;	/* data queue full */

@@ -128,8 +128,8 @@ int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
 	if (!used)
 		return -EPROTO;	/* used length 0: the device refused the chain */
 	err = 0;
-	spin_lock_irq(&vd->lock);
 	status = le32_to_cpu(ctrl->resp.status);
+	spin_lock_irq(&vd->lock);
 	if (used > sizeof(ctrl->resp) + reply_len) {
 		vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_LONG,
 				    "command reply beyond its area");
@@ -149,8 +149,14 @@ int __vdaq_command(struct vdaq_dev *vd, u32 opcode, const void *payload,
 	err = vdaq_status_to_errno(status);
 	if (err)
 		return err;
-	if (used < sizeof(ctrl->resp) + reply_len)
+	if (used < sizeof(ctrl->resp) + reply_len) {
+		/* an OK reply without its payload */
+		spin_lock_irq(&vd->lock);
+		vdaq_note_violation(vd, VDAQ_VIOLATION_REPLY_SHORT,
+				    "command reply shorter than its payload");
+		spin_unlock_irq(&vd->lock);
 		return -EPROTO;
+	}
 	if (reply_len)
 		memcpy(reply, ctrl->reply, reply_len);
 	return 0;

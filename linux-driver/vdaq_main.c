@@ -129,7 +129,7 @@ void vdaq_refresh_frame_bytes(struct vdaq_dev *vd)
  * (spec 5.x.1: firmware major 1, a NUL-padded ASCII model) and sane limits
  * before touching anything else. A newer minor version is accepted.
  */
-static int vdaq_check_identity(struct vdaq_dev *vd)
+static int vdaq_check_identity(struct vdaq_dev *vd, bool at_probe)
 {
 	struct virtio_device *vdev = vd->vdev;
 	struct vdaq_config cfg;
@@ -164,17 +164,21 @@ static int vdaq_check_identity(struct vdaq_dev *vd)
 	max_ch = le16_to_cpu(cfg.max_channels);
 	ch = le16_to_cpu(cfg.channels);
 	formats = le32_to_cpu(cfg.supported_formats);
-	if (!max_ch || !ch || ch > max_ch || !(formats & 0x0e) ||
+	if (!max_ch || max_ch > VDAQ_MAX_CHANNELS || !ch || ch > max_ch ||
+	    !vdaq_sample_bytes(cfg.format) || !(formats & BIT(cfg.format)) ||
+	    !le32_to_cpu(cfg.min_rate_hz) ||
 	    le32_to_cpu(cfg.min_rate_hz) > le32_to_cpu(cfg.max_rate_hz) ||
-	    !vdaq_sample_bytes(cfg.format)) {
+	    !le32_to_cpu(cfg.fifo_frames) || cfg.state > VDAQ_STATE_NEEDS_RESET) {
 		dev_err(&vdev->dev,
-			"vdaq card with an invalid config: channels %u/%u, formats %#x, rate %u..%u, format %u\n",
-			ch, max_ch, formats, le32_to_cpu(cfg.min_rate_hz),
-			le32_to_cpu(cfg.max_rate_hz), cfg.format);
+			"vdaq card with an invalid config: channels %u/%u, formats %#x, format %u, rate %u..%u, fifo %u, state %u\n",
+			ch, max_ch, formats, cfg.format,
+			le32_to_cpu(cfg.min_rate_hz), le32_to_cpu(cfg.max_rate_hz),
+			le32_to_cpu(cfg.fifo_frames), cfg.state);
 		return -ENODEV;
 	}
-	dev_info(&vdev->dev, "vdaq card \"%.*s\" firmware %u.%u, %u channels max, state %u\n",
-		 len, cfg.model, fw >> 16, fw & 0xffff, max_ch, cfg.state);
+	if (at_probe)
+		dev_info(&vdev->dev, "vdaq card \"%.*s\" firmware %u.%u, %u channels max, state %u\n",
+			 len, cfg.model, fw >> 16, fw & 0xffff, max_ch, cfg.state);
 	return 0;
 }
 
@@ -242,6 +246,53 @@ static void vdaq_post_event_buf(struct vdaq_dev *vd, struct vdaq_event *buf)
 				     "cannot repost an event buffer\n");
 }
 
+/*
+ * Whether the header of a read the device returned carries the next
+ * `sequence` (the device numbers completed buffers one by one, spec
+ * 5.x.6.1); vd->lock held. Reads without a completed header say nothing.
+ */
+static bool vdaq_sequence_follows(struct vdaq_dev *vd, struct vdaq_req *req,
+				  unsigned int used)
+{
+	struct vdaq_buffer_header h;
+	u64 sequence;
+
+	if (used < VDAQ_HEADER_SIZE || used > req->len ||
+	    sg_pcopy_to_buffer(req->sgt.sgl, req->sgt.orig_nents, &h,
+			       sizeof(h), 0) != sizeof(h) ||
+	    h.status != VDAQ_BUF_STATUS_OK)
+		return true;
+	sequence = le64_to_cpu(h.sequence);
+	if (vd->sequence_known && sequence != vd->next_sequence)
+		return false;
+	vd->next_sequence = sequence + 1;
+	vd->sequence_known = true;
+	return true;
+}
+
+/*
+ * A read the device returned out of order (reads complete in the order they
+ * were made available, spec 5.x.6.2), with a sequence that skips, or from a
+ * ring already untrusted: a stale used entry (a used index that jumped) for
+ * pages the device may still write. They stay pinned, off the queue, until
+ * the reset; vd->lock held.
+ */
+static void vdaq_suspect_req(struct vdaq_dev *vd, struct vdaq_req *req)
+{
+	lockdep_assert_held(&vd->lock);
+	if (!vd->data_untrusted) {
+		vdaq_note_violation(vd, VDAQ_VIOLATION_COMPLETION_ORDER,
+				    "read completed out of order");
+		vd->data_untrusted = true;
+		__vdaq_schedule_reset(vd);
+	}
+	list_move_tail(&req->node, &vd->suspect);
+	vd->nr_posted--;
+	if (req->iio)
+		vd->nr_iio_posted--;
+	vd->nr_suspect++;
+}
+
 /* Pops every used buffer of queue @q; vd->lock held. Returns the count. */
 static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 				     struct list_head *done, bool repost)
@@ -258,20 +309,11 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 		switch (q) {
 		case VDAQ_QUEUE_DATA:
 			req = token;
-			if (req != list_first_entry(&vd->posted, struct vdaq_req,
-						    node)) {
-				/*
-				 * Reads complete in the order they were made
-				 * available (spec 5.x.6.2). This may be a stale
-				 * entry (a used index that jumped) for pages the
-				 * device still writes: keep them pinned until the
-				 * reset.
-				 */
-				vdaq_note_violation(vd,
-						    VDAQ_VIOLATION_COMPLETION_ORDER,
-						    "read completed out of order");
-				list_move_tail(&req->node, &vd->suspect);
-				__vdaq_schedule_reset(vd);
+			if (vd->data_untrusted ||
+			    req != list_first_entry(&vd->posted, struct vdaq_req,
+						    node) ||
+			    !vdaq_sequence_follows(vd, req, len)) {
+				vdaq_suspect_req(vd, req);
 				break;
 			}
 			list_del(&req->node);
@@ -402,7 +444,8 @@ static void vdaq_bh(struct work_struct *work)
 		 * naming no buffer head) and marked the ring broken: only a
 		 * reset brings the queue back.
 		 */
-		if (virtqueue_is_broken(vd->vqs[q]) && !vd->needs_reset) {
+		if (virtqueue_is_broken(vd->vqs[q]) && !vd->needs_reset &&
+		    !vd->removing) {
 			vdaq_note_violation(vd, VDAQ_VIOLATION_USED_ID_REFUSED,
 					    "used id out of range or naming no buffer");
 			__vdaq_schedule_reset(vd);
@@ -455,6 +498,8 @@ static int vdaq_setup(struct vdaq_dev *vd)
 	vd->ctrl_busy = false;
 	vd->ctrl_stuck = false;
 	vd->needs_reset = false;
+	vd->data_untrusted = false;
+	vd->sequence_known = false;
 	spin_unlock_irq(&vd->lock);
 
 	virtio_device_ready(vdev);
@@ -502,9 +547,7 @@ static void vdaq_teardown(struct vdaq_dev *vd, int err)
 	/* the device is reset: reads it returned out of order are ours now */
 	list_for_each_entry_safe(req, next, &vd->suspect, node) {
 		list_move_tail(&req->node, &done);
-		vd->nr_posted--;
-		if (req->iio)
-			vd->nr_iio_posted--;
+		vd->nr_suspect--;
 		req->state = VDAQ_REQ_DONE;
 		req->result = err;
 		vd->cnt.reclaimed++;
@@ -561,7 +604,7 @@ static void vdaq_reset_work(struct work_struct *work)
 		goto out;
 	}
 	spin_unlock_irq(&vd->lock);
-	if (vdaq_check_identity(vd)) {
+	if (vdaq_check_identity(vd, false)) {
 		/*
 		 * Spec 5.x.4: values no vdaq card can have (after a
 		 * configuration change). Nothing the device says can be
@@ -603,10 +646,14 @@ static void vdaq_reset_work(struct work_struct *work)
 		vd->cnt.before_reset_pending += le64_to_cpu(st.frames_pending);
 		spin_unlock_irq(&vd->lock);
 	}
-	vdaq_teardown(vd, -EIO);
+	/*
+	 * Counted before the reads are taken back, so that an application
+	 * that sees them come back -EIO finds the reset counted.
+	 */
 	spin_lock_irq(&vd->lock);
 	vd->cnt.resets++;
 	spin_unlock_irq(&vd->lock);
+	vdaq_teardown(vd, -EIO);
 	if (dead) {
 		/*
 		 * A device that stopped answering (a dead vhost-user backend)
@@ -806,7 +853,7 @@ static int vdaq_probe(struct virtio_device *vdev)
 		err = -ENOMEM;
 		goto err_free;
 	}
-	err = vdaq_check_identity(vd);
+	err = vdaq_check_identity(vd, true);
 	if (err)
 		goto err_free;
 	err = ida_alloc(&vdaq_ida, GFP_KERNEL);

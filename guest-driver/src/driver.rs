@@ -255,6 +255,9 @@ pub struct DaqDriver<H: Hal, T: Transport> {
     /// Data-queue tokens of accepted reads, oldest first: the device completes accepted
     /// reads in the order they were made available (spec 5.x.6.2).
     order: VecDeque<u16>,
+    /// The `sequence` the next completed buffer with a header carries (None until the first
+    /// after initialisation): the device numbers completions one by one (spec 5.x.6.1).
+    next_sequence: Option<u64>,
     /// The first protocol violation of the device detected.
     violation: Option<Violation>,
     stats: DriverStats,
@@ -405,6 +408,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             needs_reset: false,
             ring_corrupt: false,
             order: VecDeque::with_capacity(DATA_QUEUE_SIZE),
+            next_sequence: None,
             violation: None,
             stats: DriverStats::default(),
         };
@@ -653,6 +657,10 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
     }
 
     fn drain_data(&mut self) -> usize {
+        if self.ring_corrupt {
+            // Nothing on an untrusted ring is taken (or counted again) until the reset.
+            return 0;
+        }
         let mut found = 0;
         while let Some(token) = self.data.peek_used() {
             let in_flight = self
@@ -699,6 +707,24 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                     return found;
                 }
             };
+            let judged = self.judge(&slot.buffer, used);
+            if let Ok(ReadOutcome::Data(header)) = &judged {
+                let sequence = header.sequence.get();
+                if self.next_sequence.is_some_and(|next| next != sequence) {
+                    // In order by token, out of order by the device's own count: a stale
+                    // used entry (the used index jumped) for a buffer the device may still
+                    // write, or a lying header. Kept until the reset, as above.
+                    log::error!(
+                        "read with sequence {sequence}, {:?} expected",
+                        self.next_sequence
+                    );
+                    self.note_violation(Violation::CompletionOrder);
+                    self.table[usize::from(token)] = Some(slot);
+                    self.ring_corrupt = true;
+                    return found;
+                }
+                self.next_sequence = Some(sequence + 1);
+            }
             self.in_flight -= 1;
             found += 1;
             self.order.pop_front();
@@ -706,7 +732,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
                 self.stats.cancelled += 1;
                 ReadOutcome::Cancelled
             } else {
-                match self.judge(&slot.buffer, used) {
+                match judged {
                     Ok(outcome) => outcome,
                     Err(violation) => {
                         self.note_violation(violation);
@@ -1096,6 +1122,7 @@ impl<H: Hal, T: Transport> DaqDriver<H, T> {
             }
         }
         self.order.clear();
+        self.next_sequence = None;
         self.command = None;
         for slot in &mut self.event_slots {
             slot.take();

@@ -106,6 +106,10 @@ fn assert_violation(ok: bool, report: &Value, names: &[&str]) {
     assert!(n(report, "protocol_violations") >= 1, "{report}");
 }
 
+/// Interrupts a guest takes at least from a storm of 20 000, sent 20 per clock tick (the
+/// frontend merges signals that come faster than it looks: at least one per burst).
+const STORM_SEEN: u64 = 500;
+
 const NOT_IN_FLIGHT: &str = "device violation: used id names a buffer not in flight";
 const OUT_OF_ORDER: &str = "device violation: read completed out of order";
 
@@ -192,7 +196,9 @@ fn e2e_hostile_header_lies_are_each_named() {
             "format",
             &["device violation: header format or channels contradict the configuration"],
         ),
-        ("sequence", &["buffer sequence skipped or repeated"]),
+        // The driver numbers completions itself: a skipped sequence is a read it cannot
+        // trust (a stale used entry looks the same), kept until it resets the device.
+        ("sequence", &[OUT_OF_ORDER]),
         (
             "first_frame",
             &["frames missing or repeated without a reported drop"],
@@ -231,7 +237,7 @@ fn e2e_hostile_replies_short_long_and_of_undefined_status_are_named() {
 }
 
 #[test]
-fn e2e_hostile_command_never_answered_times_out_and_nothing_stays_pending() {
+fn e2e_hostile_command_never_answered_times_out_and_is_named() {
     let (ok, report) = hostile("reply_never", "");
     assert_violation(ok, &report, &["device violation: command never answered"]);
 }
@@ -261,6 +267,10 @@ fn e2e_hostile_unknown_events_are_ignored_and_counted() {
 fn e2e_hostile_interrupt_storm_is_survived() {
     let (ok, report) = hostile("interrupt_storm", "count = 20000");
     assert!(ok, "{}", report["failure"]);
+    assert!(
+        n(&report, "interrupts") >= STORM_SEEN,
+        "the storm reached the guest: {report}"
+    );
     assert_eq!(n(&report, "verify_errors"), 0);
     assert_eq!(n(&report, "device_held_after"), 0);
 }
@@ -343,11 +353,7 @@ fn e2e_linux_hostile_lying_completions_are_named() {
             "field = \"format\"",
             "device violation: header format or channels contradict the configuration",
         ),
-        (
-            "bad_header",
-            "field = \"sequence\"",
-            "buffer sequence skipped or repeated",
-        ),
+        ("bad_header", "field = \"sequence\"", OUT_OF_ORDER),
         (
             "bad_header",
             "field = \"timestamp\"",
@@ -390,7 +396,7 @@ fn e2e_linux_hostile_replies_and_config_space_are_named() {
     ] {
         let (ok, report) = hostile_linux(action, fields);
         assert_linux_named(ok, &report, &[name]);
-        assert_eq!(n(&report, "protocol_violations"), 1, "{action}");
+        assert!(n(&report, "protocol_violations") >= 1, "{action}");
     }
 }
 
@@ -399,8 +405,15 @@ fn e2e_linux_hostile_unknown_events_storms_and_silence_are_survived() {
     let (ok, report) = hostile_linux("unknown_event", "");
     assert!(ok, "{}", report["failure"]);
     assert_eq!(n(&report, "unknown_events"), 1);
+    assert_eq!(n(&report, "protocol_violations"), 0);
+    assert_eq!(n(&report, "device_held_after"), 0);
     let (ok, report) = hostile_linux("interrupt_storm", "count = 20000");
     assert!(ok, "{}", report["failure"]);
+    // Linux's virtio core drops an interrupt with nothing used before the driver's callback
+    // (vring_interrupt: IRQ_NONE), so the driver's count cannot show the storm; surviving
+    // it with every sample verified is what is checked here.
+    assert_eq!(n(&report, "verify_errors"), 0);
+    assert_eq!(n(&report, "device_held_after"), 0);
     let (ok, report) = hostile_steps(
         Guest::Linux,
         "silence",

@@ -313,6 +313,7 @@ mod tests {
             ("VDAQ_EVENT_SIZE", u(vdaq_wire::event::EVENT_SIZE)),
             ("VDAQ_CONFIG_SIZE", u(vdaq_wire::config::CONFIG_SIZE)),
             ("VDAQ_MODEL_LEN", u(vdaq_wire::config::MODEL_LEN)),
+            ("VDAQ_MAX_CHANNELS", u64::from(vdaq_wire::MAX_CHANNELS)),
             ("VDAQ_F_CRC32", u64::from(vdaq_wire::feature::DAQ_F_CRC32)),
             (
                 "VDAQ_F_TRIGGER",

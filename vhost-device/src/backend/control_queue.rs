@@ -13,7 +13,7 @@ use log::warn;
 
 use super::chain::{read_segments, validate_chain, write_segments};
 use super::{DaqBackend, MemorySnapshot};
-use crate::model::violations::{Violation, UNDEFINED_STATUS};
+use crate::model::violations::{ScriptedViolation, UNDEFINED_STATUS};
 
 impl DaqBackend {
     pub(super) fn process_control_queue(&mut self, vrings: &[VringRwLock]) -> io::Result<()> {
@@ -68,8 +68,8 @@ impl DaqBackend {
             return Some(0);
         }
         // A scripted protocol violation for this reply, if one is armed.
-        let lie = self.card.take_violation(Violation::is_reply);
-        if lie == Some(Violation::ReplyNever) {
+        let lie = self.card.take_violation(ScriptedViolation::is_reply);
+        if lie == Some(ScriptedViolation::ReplyNever) {
             warn!("scripted violation: a command is never answered");
             return None;
         }
@@ -78,7 +78,7 @@ impl DaqBackend {
             let written = control::encode_reply(status, payload, &mut bytes)
                 .map_err(|err| format!("{err:?}"))
                 .and_then(|len| {
-                    if lie == Some(Violation::ReplyBadStatus) {
+                    if lie == Some(ScriptedViolation::ReplyBadStatus) {
                         // The status is the reply's first field (spec 5.x.6.8).
                         bytes[..4].copy_from_slice(&UNDEFINED_STATUS.to_le_bytes());
                     }
@@ -94,15 +94,15 @@ impl DaqBackend {
                 }
             };
             Some(match lie {
-                Some(Violation::ReplyShort) => {
+                Some(ScriptedViolation::ReplyShort) => {
                     warn!("scripted violation: a reply's used length is under its header");
                     control::HEADER_BYTES as u32 / 2
                 }
-                Some(Violation::ReplyLong) => {
+                Some(ScriptedViolation::ReplyLong) => {
                     warn!("scripted violation: a reply's used length is beyond its area");
                     u32::try_from(reply_space + 64).unwrap_or(u32::MAX)
                 }
-                Some(Violation::ReplyBadStatus) => {
+                Some(ScriptedViolation::ReplyBadStatus) => {
                     warn!("scripted violation: a reply with status {UNDEFINED_STATUS:#x}");
                     used_len
                 }

@@ -377,7 +377,8 @@ impl DaqBackend {
     }
 
     fn update_timer(&mut self) {
-        let wanted = self.card.wants_ticks() || !self.delayed.is_empty();
+        let wanted =
+            self.card.wants_ticks() || !self.delayed.is_empty() || self.card.storm_pending();
         if wanted == self.timer_armed {
             return;
         }

@@ -1629,12 +1629,15 @@ fn an_available_entry_beyond_the_descriptor_table_puts_the_device_in_needs_reset
 // The card breaking the protocol on purpose (scenario actions and `ctl inject`).
 
 use crate::model::scenario::Action;
-use crate::model::violations::{ConfigLie, HeaderLie, Violation};
+use crate::model::violations::{ConfigLie, HeaderLie, ScriptedViolation};
 use vdaq_wire::config::IdentityError;
 
 /// A free-running rig with `violation` armed, then one 100-frame read posted and completed.
 /// Returns the rig, the read's head and its address.
-fn complete_one_read_with(mem: &GuestMemoryMmap<()>, violation: Violation) -> (Rig<'_>, u16, u64) {
+fn complete_one_read_with(
+    mem: &GuestMemoryMmap<()>,
+    violation: ScriptedViolation,
+) -> (Rig<'_>, u16, u64) {
     let mut rig = Rig::new(mem, ClockMode::FreeRunning, 1024);
     rig.backend.inject(Action::Violate(violation));
     let (head, addr) = rig.post_read(100);
@@ -1648,30 +1651,30 @@ const READ_LEN: u32 = (HEADER_SIZE + 100 * 8) as u32;
 #[test]
 fn scripted_used_lengths_lie_over_the_buffer_and_under_the_header() {
     let mem = memory();
-    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedLenOverBuffer);
+    let (rig, head, _) = complete_one_read_with(&mem, ScriptedViolation::UsedLenOverBuffer);
     assert_eq!(rig.used(queue::DATA), vec![(head, READ_LEN + 64)]);
     let mem = memory();
-    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedLenUnderHeader);
+    let (rig, head, _) = complete_one_read_with(&mem, ScriptedViolation::UsedLenUnderHeader);
     assert_eq!(rig.used(queue::DATA), vec![(head, HEADER_SIZE as u32 / 2)]);
 }
 
 #[test]
 fn scripted_used_ids_name_no_descriptor_or_one_not_in_flight_or_repeat() {
     let mem = memory();
-    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedIdOutOfRange);
+    let (rig, head, _) = complete_one_read_with(&mem, ScriptedViolation::UsedIdOutOfRange);
     assert_eq!(
         rig.used(queue::DATA),
         vec![(QUEUE_SIZE, READ_LEN), (head, READ_LEN)]
     );
     let mem = memory();
-    let (rig, head, _) = complete_one_read_with(&mem, Violation::UsedIdNotInFlight);
+    let (rig, head, _) = complete_one_read_with(&mem, ScriptedViolation::UsedIdNotInFlight);
     let used = rig.used(queue::DATA);
     assert_eq!(used.len(), 2);
     assert_ne!(used[0].0, head, "names another descriptor");
     assert!(used[0].0 < QUEUE_SIZE, "in range");
     assert_eq!(used[1], (head, READ_LEN));
     let mem = memory();
-    let (rig, head, _) = complete_one_read_with(&mem, Violation::CompleteTwice);
+    let (rig, head, _) = complete_one_read_with(&mem, ScriptedViolation::CompleteTwice);
     assert_eq!(
         rig.used(queue::DATA),
         vec![(head, READ_LEN), (head, READ_LEN)]
@@ -1681,7 +1684,7 @@ fn scripted_used_ids_name_no_descriptor_or_one_not_in_flight_or_repeat() {
 #[test]
 fn a_scripted_used_index_jump_moves_the_index_with_nothing_written_and_keeps_counting() {
     let mem = memory();
-    let (mut rig, _, _) = complete_one_read_with(&mem, Violation::UsedIndexJump(0));
+    let (mut rig, _, _) = complete_one_read_with(&mem, ScriptedViolation::UsedIndexJump(0));
     let used = rig.queues[usize::from(queue::DATA)].used();
     assert_eq!(used.idx().load(), 1 + QUEUE_SIZE, "jumps by the queue size");
     rig.post_read(100);
@@ -1693,7 +1696,7 @@ fn a_scripted_used_index_jump_moves_the_index_with_nothing_written_and_keeps_cou
         "later entries follow the jump"
     );
     let mem = memory();
-    let (rig, _, _) = complete_one_read_with(&mem, Violation::UsedIndexJump(3));
+    let (rig, _, _) = complete_one_read_with(&mem, ScriptedViolation::UsedIndexJump(3));
     assert_eq!(rig.queues[usize::from(queue::DATA)].used().idx().load(), 4);
 }
 
@@ -1716,7 +1719,7 @@ fn scripted_header_lies_change_exactly_their_field_of_the_next_buffer_with_frame
         HeaderLie::Timestamp,
     ] {
         let mem = memory();
-        let (mut rig, _, addr) = complete_one_read_with(&mem, Violation::Header(lie));
+        let (mut rig, _, addr) = complete_one_read_with(&mem, ScriptedViolation::Header(lie));
         let header = rig.header_at(addr);
         let mut expected = truth;
         expected.timestamp_ns = header.timestamp_ns;
@@ -1751,7 +1754,7 @@ fn scripted_replies_are_short_long_of_undefined_status_or_never_sent() {
     let mem = memory();
     let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
     let reply_len = 8 + 80;
-    let answer = |rig: &mut Rig<'_>, violation: Violation| {
+    let answer = |rig: &mut Rig<'_>, violation: ScriptedViolation| {
         rig.backend.inject(Action::Violate(violation));
         let before = rig.used(queue::CONTROL).len();
         let (head, resp_addr) = rig.queue_command(opcode::GET_STATUS, 0, &[], reply_len);
@@ -1759,14 +1762,14 @@ fn scripted_replies_are_short_long_of_undefined_status_or_never_sent() {
         let used = rig.used(queue::CONTROL);
         (head, resp_addr, used[before..].to_vec())
     };
-    let (head, _, used) = answer(&mut rig, Violation::ReplyShort);
+    let (head, _, used) = answer(&mut rig, ScriptedViolation::ReplyShort);
     assert_eq!(used, vec![(head, 4)]);
-    let (head, _, used) = answer(&mut rig, Violation::ReplyLong);
+    let (head, _, used) = answer(&mut rig, ScriptedViolation::ReplyLong);
     assert_eq!(used, vec![(head, reply_len as u32 + 64)]);
-    let (head, resp, used) = answer(&mut rig, Violation::ReplyBadStatus);
+    let (head, resp, used) = answer(&mut rig, ScriptedViolation::ReplyBadStatus);
     assert_eq!(used, vec![(head, 8 + 72)]);
     assert_eq!(rig.reply(resp, used[0].1).0, 0xbad);
-    let (_, _, used) = answer(&mut rig, Violation::ReplyNever);
+    let (_, _, used) = answer(&mut rig, ScriptedViolation::ReplyNever);
     assert!(used.is_empty(), "never answered: {used:?}");
     assert_eq!(rig.backend.withheld(), (1, 0));
     // The next command is answered as usual.
@@ -1795,7 +1798,8 @@ fn a_scripted_impossible_config_space_fails_identification_and_survives_reset() 
         let mem = memory();
         let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
         assert!(rig.config().identify().is_ok());
-        rig.backend.inject(Action::Violate(Violation::Config(lie)));
+        rig.backend
+            .inject(Action::Violate(ScriptedViolation::Config(lie)));
         assert_eq!(
             rig.config().identify().map(|_| ()),
             Err(expected),
@@ -1817,7 +1821,8 @@ fn a_scripted_unknown_event_reaches_the_event_queue() {
     let event_addr = rig.alloc(32);
     rig.make_available(queue::EVENT, &[(event_addr, 32, W)]);
     rig.kick(queue::EVENT);
-    rig.backend.inject(Action::Violate(Violation::UnknownEvent));
+    rig.backend
+        .inject(Action::Violate(ScriptedViolation::UnknownEvent));
     assert_eq!(rig.used(queue::EVENT), vec![(0, 32)]);
     let event = Event::read_from_bytes(&rig.read(event_addr, 32)).expect("event");
     assert_eq!(
@@ -1833,15 +1838,27 @@ fn scripted_interrupt_storms_and_silence() {
     rig.command(opcode::START, &[], 8);
     let calls = rig.watch_notifications(queue::DATA);
     rig.backend
-        .inject(Action::Violate(Violation::InterruptStorm(7)));
+        .inject(Action::Violate(ScriptedViolation::InterruptStorm(7)));
     assert_eq!(
         calls.read().expect("storm"),
         7,
         "7 interrupts, nothing used"
     );
     assert!(rig.used(queue::DATA).is_empty());
+    // A longer storm comes in bursts, one per clock tick, so the device keeps answering.
     rig.backend
-        .inject(Action::Violate(Violation::NoInterrupts(60 * 1_000_000_000)));
+        .inject(Action::Violate(ScriptedViolation::InterruptStorm(50)));
+    assert_eq!(calls.read().expect("first burst"), 20);
+    rig.kick(TIMER_EVENT);
+    assert_eq!(calls.read().expect("second burst"), 20);
+    rig.kick(TIMER_EVENT);
+    assert_eq!(calls.read().expect("the rest"), 10);
+    rig.kick(TIMER_EVENT);
+    assert!(calls.read().is_err(), "the storm is over");
+    rig.backend
+        .inject(Action::Violate(ScriptedViolation::NoInterrupts(
+            60 * 1_000_000_000,
+        )));
     let (head, _) = rig.post_read(100);
     rig.kick(queue::DATA);
     assert_eq!(rig.used(queue::DATA), vec![(head, READ_LEN)]);

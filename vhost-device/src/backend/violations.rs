@@ -10,7 +10,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
 use super::DaqBackend;
-use crate::model::violations::Violation;
+use crate::model::violations::ScriptedViolation;
 use crate::model::Completion;
 
 use super::GuestBuffer;
@@ -19,31 +19,33 @@ use super::GuestBuffer;
 const USED_RING_HEADER: u64 = 4;
 /// Bytes of one used element (id, len).
 const USED_ELEMENT: u64 = 8;
+/// Interrupts of a storm sent at one pump (the clock ticks every millisecond by default).
+const STORM_BURST: u32 = 20;
 
 impl DaqBackend {
     /// Puts a completed read on the data ring, committing an armed ring violation with it.
     pub(super) fn put_read(&mut self, vring: &VringRwLock, completion: &Completion<GuestBuffer>) {
         let head = completion.buffer.head;
         let used_len = completion.used_len;
-        let Some(violation) = self.card.take_violation(Violation::is_data_ring) else {
+        let Some(violation) = self.card.take_violation(ScriptedViolation::is_data_ring) else {
             self.put_used(vring, "data", head, used_len);
             return;
         };
         warn!("scripted violation on dataq (buffer {head}): {violation:?}");
         let size = QueueT::size(vring.get_ref().get_queue());
         match violation {
-            Violation::UsedLenOverBuffer => {
+            ScriptedViolation::UsedLenOverBuffer => {
                 let over = completion.buffer.capacity.saturating_add(64);
                 self.put_used(vring, "data", head, u32::try_from(over).unwrap_or(u32::MAX));
             }
-            Violation::UsedLenUnderHeader => {
+            ScriptedViolation::UsedLenUnderHeader => {
                 self.put_used(vring, "data", head, HEADER_SIZE as u32 / 2)
             }
-            Violation::UsedIdOutOfRange => {
+            ScriptedViolation::UsedIdOutOfRange => {
                 self.put_used_raw(vring, u32::from(size), used_len);
                 self.put_used(vring, "data", head, used_len);
             }
-            Violation::UsedIdNotInFlight => {
+            ScriptedViolation::UsedIdNotInFlight => {
                 // A descriptor the device does not hold (never made available, or returned).
                 let idle = (0..size).find(|id| *id != head && !self.held_reads.contains(id));
                 match idle {
@@ -54,11 +56,11 @@ impl DaqBackend {
                 }
                 self.put_used(vring, "data", head, used_len);
             }
-            Violation::CompleteTwice => {
+            ScriptedViolation::CompleteTwice => {
                 self.put_used(vring, "data", head, used_len);
                 self.put_used(vring, "data", head, used_len);
             }
-            Violation::UsedIndexJump(count) => {
+            ScriptedViolation::UsedIndexJump(count) => {
                 self.put_used(vring, "data", head, used_len);
                 let count = if count == 0 { size } else { count };
                 self.jump_used_index(vring, count);
@@ -130,18 +132,21 @@ impl DaqBackend {
         }
     }
 
-    /// Sends the data-queue interrupts an armed interrupt storm owes.
+    /// Sends the next burst of the data-queue interrupts an armed interrupt storm owes; the
+    /// rest follow at the next pumps (clock ticks), so that the frontend sees many separate
+    /// signals rather than one eventfd count, and the device keeps answering meanwhile.
     pub(super) fn commit_interrupt_storm(&mut self, vring: &VringRwLock) {
         let storm = self.card.take_interrupt_storm();
         if storm == 0 {
             return;
         }
-        warn!("scripted violation: {storm} interrupts with nothing new");
-        for _ in 0..storm {
+        let burst = storm.min(STORM_BURST);
+        for _ in 0..burst {
             if let Err(err) = vring.signal_used_queue() {
                 warn!("signal_used_queue failed: {err}");
                 return;
             }
         }
+        self.card.owe_interrupt_storm(storm - burst);
     }
 }

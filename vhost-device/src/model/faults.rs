@@ -6,7 +6,7 @@ use vdaq_wire::event::kind;
 
 use super::scenario::{Action, Scenario, Timeline};
 use super::settings::Settings;
-use super::violations::{HeaderLie, Violation};
+use super::violations::{HeaderLie, ScriptedViolation};
 use super::{Card, ReadBuffer, NS_PER_SEC};
 
 /// Scripted faults in force.
@@ -27,7 +27,7 @@ pub(super) struct Faults {
     /// Completed buffers are held back until this device time.
     pub(super) delay_completions_until_ns: u64,
     /// Violations armed for the backend to commit (used ring, replies), oldest first.
-    pub(super) violations: std::collections::VecDeque<Violation>,
+    pub(super) violations: std::collections::VecDeque<ScriptedViolation>,
     /// Header lies armed for the next buffers with frames, oldest first.
     pub(super) header_lies: std::collections::VecDeque<HeaderLie>,
     /// No used-buffer interrupt before this real time.

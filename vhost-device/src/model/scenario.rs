@@ -22,7 +22,7 @@ use thiserror::Error;
 use toml::Spanned;
 use vdaq_wire::SignalKind;
 
-use super::violations::{Violation, ViolationError};
+use super::violations::{ScriptedViolation, ViolationError};
 
 /// Why a scenario file was rejected.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub enum Action {
         amplitude_permille: Option<u16>,
     },
     /// The card breaks the protocol or the spec on purpose.
-    Violate(Violation),
+    Violate(ScriptedViolation),
 }
 
 /// Parameters an action may take (scenario step fields, control-socket request fields).
@@ -121,7 +121,7 @@ pub enum ActionError {
     Amplitude,
     /// A protocol violation with missing or bad parameters.
     #[error(transparent)]
-    Violation(#[from] ViolationError),
+    ScriptedViolation(#[from] ViolationError),
     /// No such action.
     #[error(
         "unknown action \"{0}\" (known: drop_interrupts, delay_completions, stall, \
@@ -188,7 +188,7 @@ impl Action {
                 }
             }
             other => {
-                return match Violation::from_fields(
+                return match ScriptedViolation::from_fields(
                     other,
                     fields.field.as_deref(),
                     count,
@@ -454,33 +454,53 @@ duration_ms = 5
             Scenario::parse(&text).map(|s| s.steps[0].action)
         };
         for (action, extra, expected) in [
-            ("used_len_over", "", Violation::UsedLenOverBuffer),
-            ("used_len_under_header", "", Violation::UsedLenUnderHeader),
-            ("used_id_out_of_range", "", Violation::UsedIdOutOfRange),
-            ("used_id_not_in_flight", "", Violation::UsedIdNotInFlight),
-            ("complete_twice", "", Violation::CompleteTwice),
-            ("used_index_jump", "", Violation::UsedIndexJump(0)),
-            ("used_index_jump", "count = 5", Violation::UsedIndexJump(5)),
+            ("used_len_over", "", ScriptedViolation::UsedLenOverBuffer),
+            (
+                "used_len_under_header",
+                "",
+                ScriptedViolation::UsedLenUnderHeader,
+            ),
+            (
+                "used_id_out_of_range",
+                "",
+                ScriptedViolation::UsedIdOutOfRange,
+            ),
+            (
+                "used_id_not_in_flight",
+                "",
+                ScriptedViolation::UsedIdNotInFlight,
+            ),
+            ("complete_twice", "", ScriptedViolation::CompleteTwice),
+            ("used_index_jump", "", ScriptedViolation::UsedIndexJump(0)),
+            (
+                "used_index_jump",
+                "count = 5",
+                ScriptedViolation::UsedIndexJump(5),
+            ),
             (
                 "bad_header",
                 "field = \"timestamp\"",
-                Violation::Header(HeaderLie::Timestamp),
+                ScriptedViolation::Header(HeaderLie::Timestamp),
             ),
-            ("reply_short", "", Violation::ReplyShort),
-            ("reply_long", "", Violation::ReplyLong),
-            ("reply_bad_status", "", Violation::ReplyBadStatus),
-            ("reply_never", "", Violation::ReplyNever),
+            ("reply_short", "", ScriptedViolation::ReplyShort),
+            ("reply_long", "", ScriptedViolation::ReplyLong),
+            ("reply_bad_status", "", ScriptedViolation::ReplyBadStatus),
+            ("reply_never", "", ScriptedViolation::ReplyNever),
             (
                 "bad_config",
                 "field = \"max_channels\"",
-                Violation::Config(ConfigLie::MaxChannels),
+                ScriptedViolation::Config(ConfigLie::MaxChannels),
             ),
-            ("unknown_event", "", Violation::UnknownEvent),
-            ("interrupt_storm", "count = 9", Violation::InterruptStorm(9)),
+            ("unknown_event", "", ScriptedViolation::UnknownEvent),
+            (
+                "interrupt_storm",
+                "count = 9",
+                ScriptedViolation::InterruptStorm(9),
+            ),
             (
                 "no_interrupts",
                 "duration_ms = 2",
-                Violation::NoInterrupts(2_000_000),
+                ScriptedViolation::NoInterrupts(2_000_000),
             ),
         ] {
             assert_eq!(

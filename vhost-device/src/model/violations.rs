@@ -51,7 +51,7 @@ pub enum ConfigLie {
 
 /// One way of breaking the virtio protocol or the spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Violation {
+pub enum ScriptedViolation {
     /// The next completed read's used length exceeds its buffer.
     UsedLenOverBuffer,
     /// The next completed read's used length is shorter than the header.
@@ -98,7 +98,8 @@ pub const UNDEFINED_STATUS: u32 = 0xbad;
 /// without bound).
 pub const MAX_ARMED: usize = 64;
 
-/// Most interrupts one `interrupt_storm` sends (each is a write to the frontend's eventfd).
+/// Most interrupts one `interrupt_storm` sends (each is a write to the frontend's eventfd,
+/// a burst of them per clock tick).
 pub const MAX_STORM: u32 = 100_000;
 
 /// Names of the violation actions, for error messages and documentation.
@@ -133,7 +134,7 @@ pub enum ViolationError {
     Jump,
 }
 
-impl Violation {
+impl ScriptedViolation {
     /// The violation an action name stands for, with its parameters; Ok(None) if `name` is no
     /// violation.
     pub fn from_fields(
@@ -143,18 +144,18 @@ impl Violation {
         duration_ms: Option<u64>,
     ) -> Result<Option<Self>, ViolationError> {
         Ok(Some(match name {
-            "used_len_over" => Violation::UsedLenOverBuffer,
-            "used_len_under_header" => Violation::UsedLenUnderHeader,
-            "used_id_out_of_range" => Violation::UsedIdOutOfRange,
-            "used_id_not_in_flight" => Violation::UsedIdNotInFlight,
-            "complete_twice" => Violation::CompleteTwice,
+            "used_len_over" => ScriptedViolation::UsedLenOverBuffer,
+            "used_len_under_header" => ScriptedViolation::UsedLenUnderHeader,
+            "used_id_out_of_range" => ScriptedViolation::UsedIdOutOfRange,
+            "used_id_not_in_flight" => ScriptedViolation::UsedIdNotInFlight,
+            "complete_twice" => ScriptedViolation::CompleteTwice,
             "used_index_jump" => match count {
                 // 0: the queue size, known only when it happens.
-                None => Violation::UsedIndexJump(0),
-                Some(n @ 1..=32768) => Violation::UsedIndexJump(n as u16),
+                None => ScriptedViolation::UsedIndexJump(0),
+                Some(n @ 1..=32768) => ScriptedViolation::UsedIndexJump(n as u16),
                 Some(_) => return Err(ViolationError::Jump),
             },
-            "bad_header" => Violation::Header(match field {
+            "bad_header" => ScriptedViolation::Header(match field {
                 Some("frame_count") => HeaderLie::FrameCount,
                 Some("channels") => HeaderLie::Channels,
                 Some("format") => HeaderLie::Format,
@@ -163,11 +164,11 @@ impl Violation {
                 Some("timestamp") => HeaderLie::Timestamp,
                 _ => return Err(ViolationError::HeaderField),
             }),
-            "reply_short" => Violation::ReplyShort,
-            "reply_long" => Violation::ReplyLong,
-            "reply_bad_status" => Violation::ReplyBadStatus,
-            "reply_never" => Violation::ReplyNever,
-            "bad_config" => Violation::Config(match field {
+            "reply_short" => ScriptedViolation::ReplyShort,
+            "reply_long" => ScriptedViolation::ReplyLong,
+            "reply_bad_status" => ScriptedViolation::ReplyBadStatus,
+            "reply_never" => ScriptedViolation::ReplyNever,
+            "bad_config" => ScriptedViolation::Config(match field {
                 Some("channels") => ConfigLie::Channels,
                 Some("max_channels") => ConfigLie::MaxChannels,
                 Some("format") => ConfigLie::Format,
@@ -178,13 +179,13 @@ impl Violation {
                 Some("state") => ConfigLie::State,
                 _ => return Err(ViolationError::ConfigField),
             }),
-            "unknown_event" => Violation::UnknownEvent,
-            "interrupt_storm" => Violation::InterruptStorm(
+            "unknown_event" => ScriptedViolation::UnknownEvent,
+            "interrupt_storm" => ScriptedViolation::InterruptStorm(
                 count
                     .filter(|&c| (1..=MAX_STORM).contains(&c))
                     .ok_or(ViolationError::Storm)?,
             ),
-            "no_interrupts" => Violation::NoInterrupts(
+            "no_interrupts" => ScriptedViolation::NoInterrupts(
                 duration_ms
                     .filter(|&d| d > 0)
                     .ok_or(ViolationError::NeedsDuration("no_interrupts"))?
@@ -198,12 +199,12 @@ impl Violation {
     pub fn is_data_ring(&self) -> bool {
         matches!(
             self,
-            Violation::UsedLenOverBuffer
-                | Violation::UsedLenUnderHeader
-                | Violation::UsedIdOutOfRange
-                | Violation::UsedIdNotInFlight
-                | Violation::CompleteTwice
-                | Violation::UsedIndexJump(_)
+            ScriptedViolation::UsedLenOverBuffer
+                | ScriptedViolation::UsedLenUnderHeader
+                | ScriptedViolation::UsedIdOutOfRange
+                | ScriptedViolation::UsedIdNotInFlight
+                | ScriptedViolation::CompleteTwice
+                | ScriptedViolation::UsedIndexJump(_)
         )
     }
 
@@ -211,34 +212,34 @@ impl Violation {
     pub fn is_reply(&self) -> bool {
         matches!(
             self,
-            Violation::ReplyShort
-                | Violation::ReplyLong
-                | Violation::ReplyBadStatus
-                | Violation::ReplyNever
+            ScriptedViolation::ReplyShort
+                | ScriptedViolation::ReplyLong
+                | ScriptedViolation::ReplyBadStatus
+                | ScriptedViolation::ReplyNever
         )
     }
 }
 
 impl<B: ReadBuffer> Card<B> {
     /// Arms (or, for the model's own kinds, commits) a violation.
-    pub(super) fn violate(&mut self, violation: Violation, now_ns: u64) {
+    pub(super) fn violate(&mut self, violation: ScriptedViolation, now_ns: u64) {
         let faults = &self.live.faults;
         if faults.violations.len() + faults.header_lies.len() >= MAX_ARMED {
             warn!("{MAX_ARMED} violations armed already; {violation:?} ignored");
             return;
         }
         match violation {
-            Violation::Header(lie) => self.live.faults.header_lies.push_back(lie),
-            Violation::Config(lie) => {
+            ScriptedViolation::Header(lie) => self.live.faults.header_lies.push_back(lie),
+            ScriptedViolation::Config(lie) => {
                 warn!("scripted violation: configuration space shows an impossible {lie:?}");
                 self.kept.config_lie = Some(lie);
                 self.live.settings_changed = true;
             }
-            Violation::UnknownEvent => {
+            ScriptedViolation::UnknownEvent => {
                 warn!("scripted violation: event of undefined kind {UNKNOWN_EVENT_KIND:#x}");
                 self.push_event(UNKNOWN_EVENT_KIND, now_ns, 0, 0);
             }
-            Violation::NoInterrupts(duration) => {
+            ScriptedViolation::NoInterrupts(duration) => {
                 // Real time, as interrupt coalescing (deterministic mode's `now` is virtual).
                 let real = if self.kept.deterministic {
                     self.live.clock.real_now_ns
@@ -247,7 +248,7 @@ impl<B: ReadBuffer> Card<B> {
                 };
                 self.live.faults.no_interrupts_until_ns = real.saturating_add(duration);
             }
-            Violation::InterruptStorm(count) => {
+            ScriptedViolation::InterruptStorm(count) => {
                 self.live.faults.interrupt_storm =
                     self.live.faults.interrupt_storm.saturating_add(count)
             }
@@ -257,7 +258,10 @@ impl<B: ReadBuffer> Card<B> {
     }
 
     /// Takes the oldest armed violation that `wanted` selects (the backend's kinds).
-    pub fn take_violation(&mut self, wanted: impl Fn(&Violation) -> bool) -> Option<Violation> {
+    pub fn take_violation(
+        &mut self,
+        wanted: impl Fn(&ScriptedViolation) -> bool,
+    ) -> Option<ScriptedViolation> {
         let index = self.live.faults.violations.iter().position(wanted)?;
         self.live.faults.violations.remove(index)
     }
@@ -265,6 +269,16 @@ impl<B: ReadBuffer> Card<B> {
     /// Interrupts a storm still owes (taken by the call).
     pub fn take_interrupt_storm(&mut self) -> u32 {
         std::mem::take(&mut self.live.faults.interrupt_storm)
+    }
+
+    /// Gives back the interrupts of a storm not sent yet.
+    pub fn owe_interrupt_storm(&mut self, count: u32) {
+        self.live.faults.interrupt_storm = self.live.faults.interrupt_storm.saturating_add(count);
+    }
+
+    /// Whether a storm still owes interrupts (the clock must keep ticking).
+    pub fn storm_pending(&self) -> bool {
+        self.live.faults.interrupt_storm > 0
     }
 
     /// Whether used-buffer interrupts are withheld at `real_now_ns` (`no_interrupts`).

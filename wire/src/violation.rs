@@ -109,17 +109,30 @@ impl Violation {
 
     /// The code a driver reports it by (the Linux driver's `VDAQ_VIOLATION_*`, in
     /// `struct vdaq_stats`): 1 and up, 0 meaning none.
-    pub fn code(self) -> u64 {
-        Self::ALL
-            .iter()
-            .position(|v| *v == self)
-            .map_or(0, |i| i as u64 + 1)
+    /// Codes are part of the Linux driver's ABI: never renumbered, new ones appended.
+    pub const fn code(self) -> u64 {
+        match self {
+            Violation::UsedLengthOverBuffer => 1,
+            Violation::UsedLengthUnderHeader => 2,
+            Violation::HeaderLength => 3,
+            Violation::HeaderConfiguration => 4,
+            Violation::HeaderMalformed => 5,
+            Violation::UsedIdOutOfRange => 6,
+            Violation::UsedIdNotInFlight => 7,
+            Violation::CompletionOrder => 8,
+            Violation::UsedIdRefused => 9,
+            Violation::ReplyShort => 10,
+            Violation::ReplyLong => 11,
+            Violation::ReplyStatus => 12,
+            Violation::ReplyMissing => 13,
+            Violation::ReplyUnsolicited => 14,
+            Violation::ConfigImpossible => 15,
+        }
     }
 
     /// The violation of a code, None for 0 and unknown codes.
     pub fn from_code(code: u64) -> Option<Self> {
-        let index = usize::try_from(code.checked_sub(1)?).ok()?;
-        Self::ALL.get(index).copied()
+        Self::ALL.iter().copied().find(|v| v.code() == code)
     }
 }
 

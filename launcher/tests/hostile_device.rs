@@ -240,6 +240,12 @@ fn e2e_hostile_replies_short_long_and_of_undefined_status_are_named() {
 fn e2e_hostile_command_never_answered_times_out_and_is_named() {
     let (ok, report) = hostile("reply_never", "");
     assert_violation(ok, &report, &["device violation: command never answered"]);
+    // Shutdown's STOP was the command: the driver reset the device and took every read back.
+    assert!(n(&report, "shutdown_in_flight") > 0, "{report}");
+    assert_eq!(
+        n(&report, "shutdown_returned"),
+        n(&report, "shutdown_in_flight")
+    );
 }
 
 #[test]

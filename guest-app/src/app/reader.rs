@@ -392,6 +392,7 @@ pub fn run<T: Transport>(
 
     // Shutdown: every read in flight must come back and the device must hold none.
     wait.deadline_ns = time::now_ns() + 30_000_000_000;
+    let in_flight_at_shutdown = driver.in_flight() as u64;
     match driver.shutdown(&mut wait) {
         Ok(shutdown) => {
             report.shutdown_in_flight = shutdown.in_flight_at_start as u64;
@@ -406,6 +407,10 @@ pub fn run<T: Transport>(
         Err(err) => {
             crate::println!("vdaq: shutdown failed: {err:?}");
             failure.get_or_insert("shutdown failed");
+            // The driver reset the device all the same and took every read back: what is
+            // still in flight now was never returned.
+            report.shutdown_in_flight = in_flight_at_shutdown;
+            report.shutdown_returned = in_flight_at_shutdown - driver.in_flight() as u64;
         }
     }
     // The drained reads carry the stream's tail: verify them too.

@@ -434,6 +434,29 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_verifier_takes_a_new_stream_from_where_it_is_told() {
+        let mut v = StreamVerifier::new(SampleFormat::S16, 2, true).require_crc(false);
+        assert!(v.check(&buffer(0, 0, 10, 0), used(10)).is_ok());
+        assert!(v.check(&buffer(1, 10, 10, 0), used(10)).is_ok());
+        // After a reset the device numbers from 0 again, and the stream index too.
+        let mut fresh = v.restarted();
+        assert_eq!(fresh.stats(), StreamStats::default());
+        assert!(fresh.check(&buffer(0, 0, 10, 0), used(10)).is_ok());
+        // Joined after 3 buffers the application did not verify (empty, flushed).
+        let mut joined = v.restarted().expecting_sequence(3);
+        assert!(matches!(
+            joined.check(&buffer(0, 0, 10, 0), used(10)),
+            Err(StreamError::Sequence {
+                expected: 3,
+                found: 0
+            })
+        ));
+        let mut joined = v.restarted().expecting_sequence(3);
+        assert!(joined.check(&buffer(3, 0, 10, 0), used(10)).is_ok());
+        assert_eq!(joined.stats().frames, 10);
+    }
+
+    #[test]
     fn a_continuous_stream_with_reported_drops_verifies() {
         let mut v = StreamVerifier::new(SampleFormat::S16, 2, true);
         assert!(v.check(&buffer(0, 0, 10, 0), used(10)).is_ok());

@@ -152,24 +152,7 @@ mod tests {
 
     #[test]
     fn every_violation_has_its_own_description() {
-        let all = [
-            Violation::UsedLengthOverBuffer,
-            Violation::UsedLengthUnderHeader,
-            Violation::HeaderLength,
-            Violation::HeaderConfiguration,
-            Violation::HeaderMalformed,
-            Violation::UsedIdOutOfRange,
-            Violation::UsedIdNotInFlight,
-            Violation::CompletionOrder,
-            Violation::UsedIdRefused,
-            Violation::ReplyShort,
-            Violation::ReplyLong,
-            Violation::ReplyStatus,
-            Violation::ReplyMissing,
-            Violation::ReplyUnsolicited,
-            Violation::ConfigImpossible,
-        ];
-        assert_eq!(all, Violation::ALL);
+        let all = Violation::ALL;
         for (i, a) in all.iter().enumerate() {
             assert!(a.describe().starts_with("device violation: "));
             for b in &all[i + 1..] {

@@ -491,11 +491,7 @@ impl<B: ReadBuffer> Card<B> {
         self.live.buffers.unsignaled += 1;
         // Interrupt coalescing runs on real time, also in deterministic mode, where `now_ns`
         // inside the sampling loop is virtual.
-        let real = if self.kept.deterministic {
-            self.live.clock.real_now_ns
-        } else {
-            now_ns
-        };
+        let real = self.real_time_ns(now_ns);
         self.live.buffers.first_unsignaled_ns.get_or_insert(real);
     }
 

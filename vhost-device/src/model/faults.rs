@@ -79,11 +79,7 @@ impl<B: ReadBuffer> Card<B> {
             Action::DelayCompletions(duration) => {
                 // Completions are held on the real clock (virtual time may run ahead or
                 // behind it in deterministic mode).
-                let real = if self.kept.deterministic {
-                    self.live.clock.real_now_ns
-                } else {
-                    now_ns
-                };
+                let real = self.real_time_ns(now_ns);
                 self.live.faults.delay_completions_until_ns = real.saturating_add(duration);
             }
             Action::Stall(duration) => {

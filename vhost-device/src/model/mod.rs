@@ -275,6 +275,16 @@ impl<B: ReadBuffer> Card<B> {
             || self.frames_pending() > 0
     }
 
+    /// The real device time at `now_ns`: `now_ns` itself, except in deterministic mode,
+    /// where `now_ns` inside the sampling loop is virtual time.
+    fn real_time_ns(&self, now_ns: u64) -> u64 {
+        if self.kept.deterministic {
+            self.live.clock.real_now_ns
+        } else {
+            now_ns
+        }
+    }
+
     fn frame_bytes(&self) -> usize {
         self.live.settings.format.sample_bytes() * usize::from(self.live.settings.channels)
     }

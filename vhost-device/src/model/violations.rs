@@ -241,11 +241,7 @@ impl<B: ReadBuffer> Card<B> {
             }
             ScriptedViolation::NoInterrupts(duration) => {
                 // Real time, as interrupt coalescing (deterministic mode's `now` is virtual).
-                let real = if self.kept.deterministic {
-                    self.live.clock.real_now_ns
-                } else {
-                    now_ns
-                };
+                let real = self.real_time_ns(now_ns);
                 self.live.faults.no_interrupts_until_ns = real.saturating_add(duration);
             }
             ScriptedViolation::InterruptStorm(count) => {

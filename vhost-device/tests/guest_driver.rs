@@ -320,6 +320,43 @@ fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
     stream(&mut rig, &mut verifier, 16, 4096, 100_000);
     assert_eq!(verifier.stats().errors, 0, "streams again after the reset");
+    assert_eq!(rig.config_changes_while_stopped(), 0);
+}
+
+/// spec: [6.13-9] A driver that resets the moment it learns of NEEDS_RESET (from whichever
+/// path) must not find the configuration-change message still unread by the frontend: QEMU's
+/// generic device would then take it with the device stopped, and die. The loopback frontend
+/// takes its time with backend requests, as QEMU's main loop does on a loaded host.
+#[test]
+fn a_driver_resetting_at_once_on_needs_reset_never_stops_the_device_under_an_unread_notification() {
+    let needs_reset = scenario("needs-reset.toml");
+    let mut rig = rig(
+        &["--clock", "free", "--scenario", &needs_reset],
+        DriverOptions::default(),
+        Duration::from_secs(60),
+    );
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
+    rig.driver.start(&mut rig.wait).expect("START");
+    let ended = rig.stream(&mut verifier, 16, 4096, 2_000_000, Resubmit::Each);
+    assert!(ended.is_err(), "the scenario's NEEDS_RESET ends the stream");
+    assert!(
+        service_until(&mut rig, |rig| rig.driver.needs_reset()),
+        "the driver learns of NEEDS_RESET"
+    );
+    rig.driver.recover(&mut rig.wait).expect("reset");
+    while rig.driver.next_completion().is_some() {}
+    rig.driver
+        .start(&mut rig.wait)
+        .expect("START after the reset");
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
+    stream(&mut rig, &mut verifier, 16, 4096, 100_000);
+    // Longer than the loopback frontend's lag on a backend request.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        rig.config_changes_while_stopped(),
+        0,
+        "every configuration-change message reached a running device"
+    );
 }
 
 /// spec: [4-4] a settings change the driver did not make is notified.
@@ -348,4 +385,5 @@ fn settings_changed_while_running_reach_the_driver_as_a_configuration_change() {
         vdaq_wire::SignalKind::Noise as u8,
         "the config space shows the signal now sampled"
     );
+    assert_eq!(rig.config_changes_while_stopped(), 0);
 }

@@ -102,6 +102,7 @@ pub struct DriverRig {
     /// The wait the driver's commands use; its deadline bounds the whole rig.
     pub wait: HostWait,
     _interrupts: InterruptThread,
+    config_changes_while_stopped: Arc<std::sync::atomic::AtomicU64>,
     /// The backend, when the rig started it (dropped after the driver and its connection).
     backend: Option<BackendProcess>,
 }
@@ -132,6 +133,7 @@ impl DriverRig {
             vdaq_driver::DATA_QUEUE_SIZE as u32,
         )?;
         let source = transport.interrupt_source()?;
+        let config_changes_while_stopped = transport.config_changes_while_stopped();
         // The driver's interrupt state must outlive the interrupt thread and the driver; a
         // rig lives for one test or benchmark case, so leaking this small struct is cheap.
         let irq: &'static IrqState = Box::leak(Box::new(IrqState::host()));
@@ -158,6 +160,7 @@ impl DriverRig {
                 deadline: Instant::now() + timeout,
             },
             _interrupts: interrupts,
+            config_changes_while_stopped,
             backend: None,
         })
     }
@@ -179,6 +182,13 @@ impl DriverRig {
     /// The backend process, when the rig started it.
     pub fn backend(&self) -> Option<&BackendProcess> {
         self.backend.as_ref()
+    }
+
+    /// Configuration-change messages the backend sent while the device was stopped: each would
+    /// have crashed QEMU's generic vhost-user device.
+    pub fn config_changes_while_stopped(&self) -> u64 {
+        self.config_changes_while_stopped
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Interrupts the top half has taken so far.

@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,15 +57,37 @@ fn vu(request: &'static str) -> impl FnOnce(vhost::Error) -> TransportError {
 /// What [`InterruptSource::wait`] returns for a configuration-change notification.
 pub const CONFIG_SIGNAL: u16 = u16::MAX;
 
+/// How long the relay takes to handle a backend request. QEMU serves the channel from its main
+/// loop, which lags the vCPU by milliseconds on a loaded host; a device that lets the driver
+/// act on a fault before the frontend took its notification is caught by this lag.
+const RELAY_LATENCY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The frontend's side of the backend-request channel: what QEMU does with a
 /// CONFIG_CHANGE_MSG (a new config generation and a configuration-change interrupt).
 struct ConfigChangeRelay {
     generation: Arc<AtomicU32>,
     interrupt: EventFd,
+    /// The driver has the device running (DRIVER_OK, not reset since).
+    started: Arc<AtomicBool>,
+    /// Resets so far: one during the relay's lag means QEMU would have stopped the device
+    /// with the message still unread.
+    resets: Arc<AtomicU64>,
+    /// Messages that came while the device was stopped. QEMU's generic device dies of
+    /// SIGSEGV on each (it notifies through the vhost device's `vdev`, NULL while stopped);
+    /// this relay counts them, and drops them as QEMU cannot deliver them either.
+    while_stopped: Arc<AtomicU64>,
 }
 
 impl VhostUserFrontendReqHandler for ConfigChangeRelay {
     fn handle_config_change(&self) -> HandlerResult<u64> {
+        let resets_before = self.resets.load(Ordering::Acquire);
+        let started_before = self.started.load(Ordering::Acquire);
+        std::thread::sleep(RELAY_LATENCY);
+        let stopped_meanwhile = self.resets.load(Ordering::Acquire) != resets_before;
+        if !started_before || stopped_meanwhile || !self.started.load(Ordering::Acquire) {
+            self.while_stopped.fetch_add(1, Ordering::AcqRel);
+            return Ok(0);
+        }
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.interrupt.write(1)?;
         Ok(0)
@@ -90,6 +112,9 @@ pub struct VhostUserTransport {
     queues: Vec<QueueFds>,
     interrupts: InterruptSource,
     config_generation: Arc<AtomicU32>,
+    device_started: Arc<AtomicBool>,
+    resets: Arc<AtomicU64>,
+    config_changes_while_stopped: Arc<AtomicU64>,
     first_error: RefCell<Option<String>>,
     /// Declared last: dropped after the frontend connection, whose end makes the backend
     /// close its side of the channel as well.
@@ -152,6 +177,9 @@ impl VhostUserTransport {
             source,
         })?;
         let config_generation = Arc::new(AtomicU32::new(0));
+        let device_started = Arc::new(AtomicBool::new(false));
+        let resets = Arc::new(AtomicU64::new(0));
+        let config_changes_while_stopped = Arc::new(AtomicU64::new(0));
         let config_interrupt = EventFd::new(EFD_NONBLOCK).map_err(|source| TransportError::Os {
             what: "config eventfd",
             source,
@@ -162,6 +190,9 @@ impl VhostUserTransport {
                 negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK),
                 ConfigChangeRelay {
                     generation: config_generation.clone(),
+                    started: device_started.clone(),
+                    resets: resets.clone(),
+                    while_stopped: config_changes_while_stopped.clone(),
                     interrupt: config_interrupt.try_clone().map_err(|source| {
                         TransportError::Os {
                             what: "config eventfd clone",
@@ -229,6 +260,9 @@ impl VhostUserTransport {
             queues,
             interrupts,
             config_generation,
+            device_started,
+            resets,
+            config_changes_while_stopped,
             first_error: RefCell::new(None),
             _backend_requests: backend_requests,
         })
@@ -238,6 +272,13 @@ impl VhostUserTransport {
     /// return errors, so they are kept here).
     pub fn error(&self) -> Option<String> {
         self.first_error.borrow().clone()
+    }
+
+    /// Configuration-change messages the backend sent while the device was stopped (each one
+    /// would crash QEMU's generic vhost-user device); shared, so it can be read once the
+    /// transport belongs to a driver.
+    pub fn config_changes_while_stopped(&self) -> Arc<AtomicU64> {
+        self.config_changes_while_stopped.clone()
     }
 
     /// Features both sides agreed on.
@@ -304,6 +345,8 @@ impl Transport for VhostUserTransport {
         let before = self.status;
         if status.is_empty() && before.contains(DeviceStatus::DRIVER_OK) {
             // Device reset: stop every ring, then reset the backend.
+            self.device_started.store(false, Ordering::Release);
+            self.resets.fetch_add(1, Ordering::AcqRel);
             for queue in 0..self.queues.len() {
                 self.queue_unset(queue as u16);
             }
@@ -320,6 +363,8 @@ impl Transport for VhostUserTransport {
             self.record("SET_FEATURES", result);
         }
         if status.contains(DeviceStatus::DRIVER_OK) && !before.contains(DeviceStatus::DRIVER_OK) {
+            // As QEMU's vhost_dev_start: the device counts as started before its rings are.
+            self.device_started.store(true, Ordering::Release);
             for queue in 0..self.queues.len() {
                 if self.queues[queue].configured {
                     let result = self.frontend.borrow_mut().set_vring_enable(queue, true);

@@ -20,6 +20,12 @@ impl DaqBackend {
         let Some(control_vring) = vrings.get(usize::from(queue::CONTROL)) else {
             return Ok(());
         };
+        if self.announcing_needs_reset() {
+            // A reply would show the driver NEEDS_RESET before the frontend took the
+            // notification (notify.rs); `pump` answers once it has.
+            self.control_deferred = true;
+            return Ok(());
+        }
         // Buffers made available on dataq before a command was are the command's to act on
         // (a FLUSH returns them, a STOP sees them), whichever kick the event loop took first.
         if let Some(data_vring) = vrings.get(usize::from(queue::DATA)) {

@@ -132,6 +132,14 @@ pub struct DaqBackend {
     held_reads: std::collections::HashSet<u16>,
     /// The driver was told about NEEDS_RESET (config-change notification sent).
     needs_reset_notified: bool,
+    /// When the NEEDS_RESET notification went to the notifier thread, while the frontend has
+    /// not taken it yet: events and command replies wait (see `notify.rs`).
+    announcing_since_ns: Option<u64>,
+    /// A command arrived while NEEDS_RESET was being announced; it is answered afterwards.
+    control_deferred: bool,
+    /// A configuration change made while the frontend had the device stopped, sent at the
+    /// next start (QEMU's generic device cannot take one before).
+    held_config_change: Option<&'static str>,
     /// Configuration-change notifications sent on the backend-request channel.
     config_notifications: u64,
     /// Closes this connection (a scenario's `disconnect`).
@@ -203,6 +211,9 @@ impl DaqBackend {
             recorder,
             delayed: Vec::new(),
             needs_reset_notified: false,
+            announcing_since_ns: None,
+            control_deferred: false,
+            held_config_change: None,
             config_notifications: 0,
             connection: None,
             withheld_replies: 0,
@@ -340,13 +351,22 @@ impl DaqBackend {
     fn pump(&mut self, vrings: &[VringRwLock]) {
         let now = self.now_ns();
         self.card.advance(now, &mut self.completions);
+        // Before anything is published: the NEEDS_RESET notification goes first (notify.rs).
+        if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
+            self.notify_needs_reset();
+        }
+        if self.card.take_settings_changed() {
+            self.notify_config_change("settings changed while running");
+        }
+        self.send_held_config_change();
+        let announcing = self.announcing_needs_reset();
         if let Some(data) = vrings.get(usize::from(queue::DATA)) {
             self.publish_completions(data, false);
             self.commit_interrupt_storm(data);
         }
         // Events wait while a scripted delay holds completed buffers back: a TRIGGER event
         // must not overtake the buffer it names (spec 5.x.6.9).
-        if self.delayed.is_empty() {
+        if self.delayed.is_empty() && !announcing {
             if let Some(events) = vrings.get(usize::from(queue::EVENT)) {
                 if self.card.has_events() && self.event_slots.is_empty() {
                     // Event buffers made available whose kick this device has not seen (yet):
@@ -358,11 +378,11 @@ impl DaqBackend {
                 self.deliver_events(events);
             }
         }
-        if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
-            self.notify_needs_reset();
-        }
-        if self.card.take_settings_changed() {
-            self.notify_config_change("settings changed while running");
+        if self.control_deferred && !announcing {
+            self.control_deferred = false;
+            if let Err(err) = self.process_control_queue(vrings) {
+                self.errors.report("control", format_args!("{err}"));
+            }
         }
         if self.card.take_disconnect_request() {
             match &self.connection {
@@ -377,8 +397,10 @@ impl DaqBackend {
     }
 
     fn update_timer(&mut self) {
-        let wanted =
-            self.card.wants_ticks() || !self.delayed.is_empty() || self.card.storm_pending();
+        let wanted = self.card.wants_ticks()
+            || !self.delayed.is_empty()
+            || self.card.storm_pending()
+            || self.announcing_since_ns.is_some();
         if wanted == self.timer_armed {
             return;
         }

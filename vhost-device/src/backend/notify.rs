@@ -1,5 +1,15 @@
-//! Telling the driver: used-buffer notifications as the driver's suppression allows, and the
-//! one configuration-change notification for NEEDS_RESET.
+//! Telling the driver: used-buffer notifications as the driver's suppression allows, and
+//! configuration-change notifications (NEEDS_RESET, settings changed without the driver).
+//!
+//! QEMU's generic vhost-user device (`vhost-user-base`, 9.x to at least 11.1) turns a
+//! CONFIG_CHANGE_MSG into `virtio_notify_config(dev->vdev)` without checking that the vhost
+//! device is started; while it is stopped (before DRIVER_OK, or once the driver reset the
+//! device) `vdev` is NULL and QEMU dies of SIGSEGV. So this device sends the message only while
+//! the frontend has every ring started and enabled (a change made meanwhile is sent at the
+//! next start, or dropped by a reset, after which the driver reads the whole space anyway),
+//! and on NEEDS_RESET it shows the fault nothing but the config space until the frontend has
+//! taken the message: no event, no command reply, so the driver cannot reset the device (and
+//! stop it) with the message still unread in the channel.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
@@ -69,16 +79,64 @@ impl DaqBackend {
         self.notify_needs_reset();
     }
 
-    /// Tells the driver, once, that the device entered NEEDS_RESET.
+    /// Tells the driver, once, that the device entered NEEDS_RESET, and holds back every other
+    /// sign of it until the frontend has taken the notification (see the module comment).
     pub(super) fn notify_needs_reset(&mut self) {
         if self.needs_reset_notified || self.config_notifier.is_none() {
             // Without the backend-request channel yet, `set_backend_req_fd` sends it.
             return;
         }
-        self.needs_reset_notified = true;
         // The virtio status byte belongs to the frontend; a config-change notification makes
         // the driver read `state` and see NEEDS_RESET (see the spec).
-        self.notify_config_change("entered NEEDS_RESET");
+        if self.notify_config_change("entered NEEDS_RESET") {
+            self.needs_reset_notified = true;
+            self.announcing_since_ns = Some(self.now_ns());
+        }
+    }
+
+    /// True while a NEEDS_RESET notification is on its way to the frontend: events and
+    /// command replies wait. Bounded by [`ANNOUNCE_TIMEOUT_NS`] should a frontend never answer.
+    pub(super) fn announcing_needs_reset(&mut self) -> bool {
+        let Some(since) = self.announcing_since_ns else {
+            return false;
+        };
+        let busy = self
+            .config_notifier
+            .as_ref()
+            .is_some_and(ConfigNotifier::busy);
+        if busy && self.now_ns().saturating_sub(since) <= ANNOUNCE_TIMEOUT_NS {
+            return true;
+        }
+        if busy {
+            warn!(
+                "the frontend has not taken the NEEDS_RESET notification after {} ms; \
+                 showing the fault to the driver anyway",
+                ANNOUNCE_TIMEOUT_NS / 1_000_000
+            );
+        }
+        self.announcing_since_ns = None;
+        false
+    }
+
+    /// The frontend has every ring started (SET_VRING_KICK) and enabled, none stopped since
+    /// (GET_VRING_BASE marks a ring not ready before it reaches this backend): the only time
+    /// QEMU's generic device can take a configuration-change message.
+    pub(super) fn frontend_running(&self) -> bool {
+        self.vrings.len() == usize::from(vdaq_wire::queue::COUNT)
+            && self.stopped_queues == 0
+            && self.vrings.iter().all(|vring| {
+                let state = vring.get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            })
+    }
+
+    /// Sends the notification held while the frontend had the device stopped, once it runs.
+    pub(super) fn send_held_config_change(&mut self) {
+        if let Some(why) = self.held_config_change {
+            if self.frontend_running() {
+                self.notify_config_change(why);
+            }
+        }
     }
 
     /// Starts the thread that sends configuration-change notifications on `frontend`'s
@@ -92,19 +150,38 @@ impl DaqBackend {
 
     /// Sends the driver a configuration-change notification (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
     /// on the backend-request channel; the frontend turns it into a config interrupt and a new
-    /// config generation).
-    pub(super) fn notify_config_change(&mut self, why: &'static str) {
-        let Some(notifier) = &self.config_notifier else {
+    /// config generation). True if one is on its way; false if there is no channel, or the
+    /// frontend has the device stopped (then it is held for the next start).
+    pub(super) fn notify_config_change(&mut self, why: &'static str) -> bool {
+        if self.config_notifier.is_none() {
             debug!("config change ({why}) not notified: no backend-request channel");
-            return;
-        };
-        if notifier.request(why) {
+            return false;
+        }
+        if !self.frontend_running() {
+            if self.held_config_change.is_none() {
+                debug!("config change ({why}) held: the frontend has the device stopped");
+                self.held_config_change = Some(why);
+            }
+            return false;
+        }
+        // One on its way covers every change held before it (the driver reads the whole space).
+        self.held_config_change = None;
+        let requested = self
+            .config_notifier
+            .as_ref()
+            .is_some_and(|notifier| notifier.request(why));
+        if requested {
             self.config_notifications += 1;
         } else {
             debug!("config change ({why}) covered by the notification still pending");
         }
+        true
     }
 }
+
+/// How long a NEEDS_RESET notification may take before the fault is shown regardless (QEMU
+/// answers in microseconds; a frontend that never does must not freeze the device).
+pub(super) const ANNOUNCE_TIMEOUT_NS: u64 = 250_000_000;
 
 /// The thread that sends configuration-change notifications, and what it is asked to send.
 ///
@@ -120,6 +197,8 @@ pub(super) struct ConfigNotifier {
 #[derive(Default)]
 struct NotifierState {
     pending: Option<&'static str>,
+    /// Sent, and (with REPLY_ACK) not yet answered by the frontend.
+    in_flight: bool,
     closed: bool,
 }
 
@@ -138,7 +217,10 @@ impl ConfigNotifier {
                             state = wake.wait(state).unwrap_or_else(PoisonError::into_inner);
                         }
                         match state.pending.take() {
-                            Some(why) => why,
+                            Some(why) => {
+                                state.in_flight = true;
+                                why
+                            }
                             None => return,
                         }
                     };
@@ -148,9 +230,20 @@ impl ConfigNotifier {
                             info!("config-change notification ({why}) not delivered: {err}")
                         }
                     }
+                    state
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .in_flight = false;
                 }
             })?;
         Ok(ConfigNotifier { shared })
+    }
+
+    /// A notification waits to be sent, or the frontend has not answered the last one yet.
+    fn busy(&self) -> bool {
+        let (state, _) = &*self.shared;
+        let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.pending.is_some() || state.in_flight
     }
 
     /// Asks for a notification; false if one is pending already (it covers this change).

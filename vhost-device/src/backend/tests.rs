@@ -10,7 +10,7 @@ use vdaq_wire::config::CONFIG_SIZE;
 use vdaq_wire::control::{self, CommandHeader, ResponseHeader};
 use vdaq_wire::control::{opcode, Configure, FlushReply, Status};
 use vdaq_wire::control::{trigger_mode, TriggerConfig};
-use vdaq_wire::event::{kind, Event};
+use vdaq_wire::event::{kind, Event, EVENT_SIZE};
 use vdaq_wire::feature;
 use vdaq_wire::pattern::verify_counter;
 use vdaq_wire::zerocopy::{FromBytes, IntoBytes};
@@ -1864,4 +1864,175 @@ fn scripted_interrupt_storms_and_silence() {
     assert_eq!(rig.used(queue::DATA), vec![(head, READ_LEN)]);
     assert!(calls.read().is_err(), "no interrupt for the completion");
     assert!(rig.backend.withheld().1 >= 1);
+}
+
+/// The frontend's end of the backend-request channel, read raw.
+struct BackendChannel {
+    socket: std::os::unix::net::UnixStream,
+}
+
+/// vhost-user header flags: version 1, and the reply bit.
+const VHOST_USER_VERSION: u32 = 0x1;
+const VHOST_USER_REPLY: u32 = 0x4;
+const VHOST_USER_NEED_REPLY: u32 = 0x8;
+
+impl BackendChannel {
+    fn attach(backend: &mut DaqBackend, reply_ack: bool) -> Self {
+        let (frontend_end, backend_end) =
+            std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let channel = vhost::vhost_user::Backend::from_stream(backend_end);
+        channel.set_reply_ack_flag(reply_ack);
+        backend.set_backend_req_fd(channel);
+        frontend_end
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("read timeout");
+        BackendChannel {
+            socket: frontend_end,
+        }
+    }
+
+    /// The next message's (request, flags), or None if none came within the read timeout.
+    fn next(&mut self) -> Option<(u32, u32)> {
+        use std::io::Read;
+        let mut header = [0u8; 12];
+        self.socket.read_exact(&mut header).ok()?;
+        let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+        let mut body = vec![0u8; word(8) as usize];
+        self.socket.read_exact(&mut body).expect("message body");
+        Some((word(0), word(4)))
+    }
+
+    /// Answers `request` as QEMU does with REPLY_ACK: success.
+    fn ack(&mut self, request: u32) {
+        use std::io::Write;
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&request.to_le_bytes());
+        reply.extend_from_slice(&(VHOST_USER_VERSION | VHOST_USER_REPLY).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        self.socket.write_all(&reply).expect("ack");
+    }
+}
+
+const CONFIG_CHANGE_MSG: u32 = 2;
+
+/// spec: [6.13-8] QEMU's generic vhost-user device crashes on a configuration-change message while the
+/// device is stopped (notify.rs): a change made then waits for the frontend to start every
+/// ring, and a reset drops it (the next driver reads the whole space).
+#[test]
+fn config_changes_wait_for_the_frontend_to_run_the_device_and_a_reset_drops_them() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 64);
+    let mut channel = BackendChannel::attach(&mut rig.backend, false);
+    rig.backend.adjust(Some(2_000), None, None).expect("adjust");
+    assert_eq!(
+        channel.next(),
+        None,
+        "not sent before the backend has seen the frontend start the rings"
+    );
+    rig.kick(queue::EVENT);
+    assert_eq!(
+        channel.next().map(|(request, _)| request),
+        Some(CONFIG_CHANGE_MSG),
+        "sent once every ring is started and enabled"
+    );
+
+    // GET_VRING_BASE: vhost-user-backend marks the ring not ready, then stops it.
+    rig.vrings[usize::from(queue::DATA)].set_queue_ready(false);
+    rig.backend
+        .stop_vring(u32::from(queue::DATA))
+        .expect("stop");
+    rig.backend.adjust(Some(3_000), None, None).expect("adjust");
+    rig.kick(queue::EVENT);
+    assert_eq!(channel.next(), None, "held while a ring is stopped");
+    rig.backend.reset_device();
+    rig.vrings[usize::from(queue::DATA)].set_queue_ready(true);
+    rig.kick(queue::EVENT);
+    assert_eq!(channel.next(), None, "the reset dropped the held change");
+    rig.backend.adjust(Some(4_000), None, None).expect("adjust");
+    assert_eq!(
+        channel.next().map(|(request, _)| request),
+        Some(CONFIG_CHANGE_MSG),
+        "running again: sent at once"
+    );
+}
+
+/// Runs the backend's clock until `done` or two seconds pass; true if `done`.
+fn tick_until(rig: &mut Rig<'_>, mut done: impl FnMut(&Rig<'_>) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        rig.kick(TIMER_EVENT);
+        if done(rig) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// spec: [6.13-9] on NEEDS_RESET the configuration-change notification comes first: until the
+/// frontend has taken it, the fault shows only in the config space (no event, no reply), so
+/// the driver cannot reset the device with the message still unread.
+#[test]
+fn needs_reset_shows_only_in_the_config_space_until_the_frontend_took_the_notification() {
+    use crate::model::scenario::Action;
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 64);
+    let mut channel = BackendChannel::attach(&mut rig.backend, true);
+    let event_addr = rig.alloc(EVENT_SIZE as u64);
+    rig.make_available(queue::EVENT, &[(event_addr, EVENT_SIZE as u32, W)]);
+    rig.kick(queue::EVENT);
+
+    rig.backend.inject(Action::NeedsReset);
+    assert_eq!(rig.config().state, DeviceState::NeedsReset as u8);
+    let (request, flags) = channel.next().expect("the notification went out");
+    assert_eq!(request, CONFIG_CHANGE_MSG);
+    assert_ne!(
+        flags & VHOST_USER_NEED_REPLY,
+        0,
+        "REPLY_ACK: it waits for the frontend"
+    );
+    let (_, reply_addr) = rig.queue_command(opcode::GET_STATUS, 0, &[], 80);
+    rig.kick(queue::CONTROL);
+    rig.kick(TIMER_EVENT);
+    assert!(
+        rig.used(queue::EVENT).is_empty(),
+        "no NEEDS_RESET event yet"
+    );
+    assert!(rig.used(queue::CONTROL).is_empty(), "no command reply yet");
+
+    channel.ack(CONFIG_CHANGE_MSG);
+    assert!(
+        tick_until(&mut rig, |rig| !rig.used(queue::EVENT).is_empty()),
+        "the event follows the frontend's answer"
+    );
+    let event = Event::read_from_bytes(&rig.read(event_addr, EVENT_SIZE)).expect("event");
+    assert_eq!(event.kind.get(), kind::NEEDS_RESET);
+    let replies = rig.used(queue::CONTROL);
+    assert_eq!(replies.len(), 1, "the deferred command is answered");
+    assert_eq!(rig.reply(reply_addr, replies[0].1).0, control::status::OK);
+}
+
+/// A frontend that never answers the NEEDS_RESET notification does not freeze the device: the
+/// fault is shown after the announce timeout.
+#[test]
+fn needs_reset_is_shown_anyway_when_the_frontend_never_answers() {
+    use crate::model::scenario::Action;
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 64);
+    let mut channel = BackendChannel::attach(&mut rig.backend, true);
+    let event_addr = rig.alloc(EVENT_SIZE as u64);
+    rig.make_available(queue::EVENT, &[(event_addr, EVENT_SIZE as u32, W)]);
+    rig.kick(queue::EVENT);
+    let injected = Instant::now();
+    rig.backend.inject(Action::NeedsReset);
+    assert!(channel.next().is_some(), "the notification went out");
+    assert!(
+        tick_until(&mut rig, |rig| !rig.used(queue::EVENT).is_empty()),
+        "the event is delivered without an answer"
+    );
+    assert!(
+        injected.elapsed() >= Duration::from_nanos(notify::ANNOUNCE_TIMEOUT_NS),
+        "not before the timeout"
+    );
 }

@@ -58,6 +58,10 @@ impl VhostUserBackendMut for DaqBackend {
         }
         self.stopped_queues = 0;
         self.needs_reset_notified = false;
+        self.announcing_since_ns = None;
+        self.control_deferred = false;
+        // The next driver reads the whole config space at initialisation.
+        self.held_config_change = None;
         let released = self.card.reset();
         self.delayed.clear();
         self.held_reads.clear();

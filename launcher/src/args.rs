@@ -505,13 +505,17 @@ pub struct BenchArgs {
     /// consume-only rate as a tick), with DIR/plots.json.
     #[arg(long, value_name = "DIR")]
     pub plot: Option<PathBuf>,
+    /// Print every figure as one JSON document on stdout (the tables go to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Subcommands (without one, `vdaq` runs once).
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Sweep reads in flight × buffer sizes, free-running clock; print throughput, completion
-    /// and interrupt rates, latency, boot-to-first-sample, and the guest's consume-only rate.
+    /// and interrupt rates, latency, boot-to-first-sample, and beside them the guest's
+    /// consume-only (verification alone) and touch-only (a fold: its memory limit) rates.
     Bench(BenchArgs),
     /// Print a shell completion script on stdout, e.g.
     /// `vdaq completions bash > ~/.local/share/bash-completion/completions/vdaq`.

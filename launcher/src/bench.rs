@@ -1,7 +1,11 @@
 //! `vdaq bench`: a sweep of reads in flight × buffer sizes on every usable accelerator, then
-//! interrupt coalescing at a high paced rate, each printed as a table on stdout.
+//! interrupt coalescing at a high paced rate, each printed as a table on stdout (with `--json`,
+//! the tables go to stderr and stdout gets one JSON document of every figure).
 
+use std::io::Write;
 use std::sync::atomic::Ordering;
+
+use serde_json::{json, Value};
 
 use vdaq_launcher::session::{self, Accel, GuestKind, INTERRUPTED};
 use vdaq_launcher::tools::{self, Kvm, Tools};
@@ -11,6 +15,38 @@ use crate::args::{BenchArgs, Common, Mode, RunArgs};
 use vdaq_plot::sweep::Bar;
 
 use crate::{plots, summary, Error};
+
+/// Where the tables go, and the figures kept for `--json`.
+struct Output {
+    json: bool,
+    figures: serde_json::Map<String, Value>,
+}
+
+impl Output {
+    fn line(&self, text: std::fmt::Arguments<'_>) {
+        // A closed stdout or stderr (a pipe's reader gone) ends nothing but the table.
+        let _ = if self.json {
+            writeln!(std::io::stderr(), "{text}")
+        } else {
+            writeln!(std::io::stdout(), "{text}")
+        };
+    }
+
+    fn push(&mut self, table: &str, row: Value) {
+        if let Value::Array(rows) = self
+            .figures
+            .entry(table)
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            rows.push(row);
+        }
+    }
+}
+
+macro_rules! say {
+    ($out:expr) => { $out.line(format_args!("")) };
+    ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
+}
 
 /// One benchmark configuration: 4 ch × s16 counter stream, verified, no scenario.
 fn configuration(
@@ -56,11 +92,21 @@ fn configuration(
 /// buffers, each frame pushed into the kfifo, read from /dev/iio:deviceN by `vdaqtest
 /// iio-raw`). Verified MB/s and the share of frames the card dropped; `Ok(false)` if a run
 /// failed.
-fn iio_versus_chardev(common: &Common, tools: &Tools, duration: f64) -> Result<bool, Error> {
-    println!();
-    println!(
+fn iio_versus_chardev(
+    common: &Common,
+    tools: &Tools,
+    duration: f64,
+    out: &mut Output,
+) -> Result<bool, Error> {
+    say!(out);
+    say!(
+        out,
         "{:>10} {:>10} {:>14} {:>13} {:>10}",
-        "interface", "rate Hz", "sampled MB/s", "verified MB/s", "dropped %"
+        "interface",
+        "rate Hz",
+        "sampled MB/s",
+        "verified MB/s",
+        "dropped %"
     );
     let mut passed = true;
     for rate in [250_000u32, 1_000_000, 4_000_000] {
@@ -83,17 +129,25 @@ fn iio_versus_chardev(common: &Common, tools: &Tools, duration: f64) -> Result<b
             // Sampled: what the card produced while the guest read (`vdaqtest iio-raw` also
             // captures at half the rate), delivered or dropped; 4 × S16 = 8 bytes a frame.
             let sampled = frames as f64 * 8.0 / 1e6 / seconds.max(1e-9);
-            println!(
+            let verified = if seconds > 0.0 {
+                r.bytes as f64 / 1e6 / seconds
+            } else {
+                0.0
+            };
+            let dropped = 100.0 * r.dropped_frames as f64 / frames.max(1) as f64;
+            say!(
+                out,
                 "{:>10} {:>10} {:>14.1} {:>13.1} {:>10.1}",
                 name,
                 rate,
                 sampled,
-                if seconds > 0.0 {
-                    r.bytes as f64 / 1e6 / seconds
-                } else {
-                    0.0
-                },
-                100.0 * r.dropped_frames as f64 / frames.max(1) as f64
+                verified,
+                dropped
+            );
+            out.push(
+                "interfaces",
+                json!({"interface": name, "rate_hz": rate, "sampled_mb_s": sampled,
+                       "verified_mb_s": verified, "dropped_percent": dropped}),
             );
         }
     }
@@ -102,6 +156,19 @@ fn iio_versus_chardev(common: &Common, tools: &Tools, duration: f64) -> Result<b
 
 /// Runs the benchmark; `Ok(false)` if a run failed or Ctrl-C cut the sweep short.
 pub fn run(args: &BenchArgs) -> Result<bool, Error> {
+    let mut out = Output {
+        json: args.json,
+        figures: serde_json::Map::new(),
+    };
+    let passed = sweep(args, &mut out)?;
+    if args.json {
+        out.figures.insert("passed".into(), Value::Bool(passed));
+        println!("{}", Value::Object(out.figures));
+    }
+    Ok(passed)
+}
+
+fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
     if let Some(dir) = &args.plot {
         plots::prepare(dir)?;
     }
@@ -131,8 +198,9 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
         Kvm::Absent => eprintln!("vdaq bench: no usable /dev/kvm; KVM figures are skipped"),
     }
     let mut all_passed = true;
-    println!(
-        "{:>10} {:>5} {:>7} {:>6} {:>11} {:>13} {:>12} {:>9} {:>9} {:>12} {:>13} {:>7} {:>11}",
+    say!(
+        out,
+        "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13} {:>13} {:>9} {:>7} {:>7} {:>12} {:>10} {:>7} {:>7} {:>9}",
         "guest",
         "accel",
         "machine",
@@ -144,7 +212,9 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
         "p50 µs",
         "p99 µs",
         "consume MB/s",
-        "ratio",
+        "touch MB/s",
+        "÷ cons",
+        "c÷touch",
         "first (s)"
     );
     // Verified MB/s and first-sample time per (accel, shape, guest), for the comparison.
@@ -178,6 +248,8 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
                 let mb = |bytes: f64| bytes / 1e6;
                 let verified = mb(r.bytes as f64) / seconds;
                 let consume = r.consume_only_mib_s * 1.048_576;
+                let touch = r.touch_only_mib_s * 1.048_576;
+                let share = |part: f64, whole: f64| if whole > 0.0 { part / whole } else { 0.0 };
                 let first = outcome.first_sample.map_or(f64::NAN, |d| d.as_secs_f64());
                 figures.push((accel, reads, buffer, common.guest, verified, first));
                 bars.push(Bar {
@@ -186,22 +258,41 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
                     value: verified,
                     baseline: consume,
                 });
-                println!(
-                "{:>10} {:>5} {:>7} {:>6} {:>11} {:>13.1} {:>12.0} {:>9.0} {:>9} {:>12} {:>13.1} {:>6.0}% {:>11.3}",
-                common.guest.name(),
-                accel.name(),
-                args.common.machine.name(),
-                reads,
-                buffer,
-                verified,
-                r.completions as f64 / seconds,
-                r.interrupts as f64 / seconds,
-                r.latency_p50_us,
-                r.latency_p99_us,
-                consume,
-                if consume > 0.0 { 100.0 * verified / consume } else { 0.0 },
-                first,
-            );
+                let completions = r.completions as f64 / seconds;
+                let interrupts = r.interrupts as f64 / seconds;
+                say!(
+                    out,
+                    "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13.1} {:>13.0} {:>9.0} {:>7} {:>7} {:>12.1} {:>10.1} {:>6.0}% {:>6.0}% {:>9.3}",
+                    common.guest.name(),
+                    accel.name(),
+                    args.common.machine.name(),
+                    reads,
+                    buffer,
+                    verified,
+                    completions,
+                    interrupts,
+                    r.latency_p50_us,
+                    r.latency_p99_us,
+                    consume,
+                    touch,
+                    100.0 * share(verified, consume),
+                    100.0 * share(consume, touch),
+                    first,
+                );
+                out.push(
+                    "sweep",
+                    json!({
+                        "guest": common.guest.name(), "accel": accel.name(),
+                        "machine": args.common.machine.name(), "reads": reads, "buffer": buffer,
+                        "verified_mb_s": verified, "completions_per_s": completions,
+                        "interrupts_per_s": interrupts, "latency_p50_us": r.latency_p50_us,
+                        "latency_p99_us": r.latency_p99_us, "consume_only_mb_s": consume,
+                        "touch_only_mb_s": touch,
+                        "verified_per_consume_only": share(verified, consume),
+                        "consume_only_per_touch_only": share(consume, touch),
+                        "first_sample_s": outcome.first_sample.map(|d| d.as_secs_f64()),
+                    }),
+                );
             }
         }
     }
@@ -210,8 +301,9 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
     }
     if args.compare_guests {
         // The same shapes, the same run: Linux (kernel module + io_uring) against bare metal.
-        println!();
-        println!(
+        say!(out);
+        say!(
+            out,
             "{:>5} {:>6} {:>11} {:>18} {:>13} {:>12} {:>13}",
             "accel",
             "reads",
@@ -229,27 +321,41 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
                 .iter()
                 .find(|f| f.0 == accel && f.1 == reads && f.2 == buffer && f.3 == GuestKind::Linux)
             {
-                println!(
+                let ratio = if bare > 0.0 { linux / bare } else { 0.0 };
+                say!(
+                    out,
                     "{:>5} {:>6} {:>11} {:>18.1} {:>13.1} {:>12.2} {:>12.3}s",
                     accel.name(),
                     reads,
                     buffer,
                     bare,
                     linux,
-                    if bare > 0.0 { linux / bare } else { 0.0 },
+                    ratio,
                     first
+                );
+                out.push(
+                    "guests",
+                    json!({"accel": accel.name(), "reads": reads, "buffer": buffer,
+                           "bare_metal_mb_s": bare, "linux_mb_s": linux,
+                           "linux_per_bare_metal": ratio,
+                           "linux_first_sample_s": if first.is_nan() { None } else { Some(first) }}),
                 );
             }
         }
     }
     if let Some((common, tools)) = guests.iter().find(|(c, _)| c.guest == GuestKind::Linux) {
-        all_passed &= iio_versus_chardev(common, tools, args.duration)?;
+        all_passed &= iio_versus_chardev(common, tools, args.duration, out)?;
     }
     // Interrupt coalescing at a high paced rate: same throughput, far fewer interrupts.
-    println!();
-    println!(
+    say!(out);
+    say!(
+        out,
         "{:>9} {:>13} {:>13} {:>9} {:>18}",
-        "coalesce", "verified MB/s", "completions/s", "irq/s", "completions per irq"
+        "coalesce",
+        "verified MB/s",
+        "completions/s",
+        "irq/s",
+        "completions per irq"
     );
     for coalesce in [1u16, 16] {
         let run = configuration(
@@ -273,13 +379,24 @@ pub fn run(args: &BenchArgs) -> Result<bool, Error> {
         };
         all_passed &= r.pass;
         let seconds = r.guest_time_ns as f64 / 1e9;
-        println!(
+        let verified = r.bytes as f64 / 1e6 / seconds;
+        let completions = r.completions as f64 / seconds;
+        let interrupts = r.interrupts as f64 / seconds;
+        let per_irq = r.completions as f64 / r.interrupts.max(1) as f64;
+        say!(
+            out,
             "{:>9} {:>13.1} {:>13.0} {:>9.0} {:>18.1}",
             coalesce,
-            r.bytes as f64 / 1e6 / seconds,
-            r.completions as f64 / seconds,
-            r.interrupts as f64 / seconds,
-            r.completions as f64 / r.interrupts.max(1) as f64
+            verified,
+            completions,
+            interrupts,
+            per_irq
+        );
+        out.push(
+            "coalescing",
+            json!({"coalesce": coalesce, "verified_mb_s": verified,
+                   "completions_per_s": completions, "interrupts_per_s": interrupts,
+                   "completions_per_interrupt": per_irq}),
         );
     }
     Ok(all_passed)

@@ -505,6 +505,14 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
             500_000_000,
             now_ns,
         );
+        report.touch_only_mib_s = vdaq_wire::check::touch_only_rate(
+            format,
+            channels,
+            &ring,
+            params.buffer,
+            500_000_000,
+            now_ns,
+        );
     }
     Ok(report)
 }

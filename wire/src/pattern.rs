@@ -48,27 +48,6 @@ pub fn s16_counter_window(first_sample: u64, samples: usize) -> &'static [u8] {
     &S16_TABLE[2 * start..2 * (start + samples)]
 }
 
-/// Whether two equally long slices differ, compared eight bytes at a time without an early
-/// exit. Not `!=` on the slices: that is a `memcmp` call, and musl's (the Linux guest's libc)
-/// walks byte by byte, which made the Linux application's verification ten times slower than
-/// the bare-metal guest's under TCG.
-fn differs(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return true;
-    }
-    // A plain index loop, no iterator adaptors: a zip of mapped chunks was once compiled to an
-    // out-of-line call per word (codegen-unit placement), 25 times slower under TCG.
-    let mut word_diff = 0u64;
-    let mut at = 0;
-    while at + 8 <= a.len() {
-        let x = u64::from_ne_bytes(a[at..at + 8].try_into().unwrap_or([0; 8]));
-        let y = u64::from_ne_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
-        word_diff |= x ^ y;
-        at += 8;
-    }
-    word_diff != 0 || a[at..] != b[at..]
-}
-
 /// Fills `out` with the counter pattern starting at sample number `first_sample`.
 /// `out.len()` must be a multiple of the sample size; a trailing partial sample is left alone.
 pub fn fill_counter(format: SampleFormat, first_sample: u64, out: &mut [u8]) {
@@ -96,30 +75,23 @@ pub fn fill_counter(format: SampleFormat, first_sample: u64, out: &mut [u8]) {
 
 /// Checks that `samples` hold the counter pattern starting at sample number `first_sample`.
 /// Returns the index of the first mismatching sample, if any.
+///
+/// One read pass, one load per eight bytes: the expected samples are not read from a table
+/// (that doubles the loads, and a load is what an emulated guest pays most for) but computed
+/// in registers, a 64-bit word of samples at a time (`words_differ`). Only a block that fails
+/// is searched sample by sample.
 pub fn verify_counter(format: SampleFormat, first_sample: u64, samples: &[u8]) -> Option<usize> {
-    // One read pass: blocks are checked by OR-ing (sample XOR expected), a branch-free loop the
-    // compiler vectorizes; only a block that fails is searched sample by sample.
     const BLOCK_SAMPLES: usize = 4096;
     let size = format.sample_bytes();
     let whole = samples.len() - samples.len() % size;
     for (block_index, block) in samples[..whole].chunks(BLOCK_SAMPLES * size).enumerate() {
         let first = first_sample.wrapping_add((block_index * BLOCK_SAMPLES) as u64);
         let mismatch = match format {
-            SampleFormat::S16 => differs(block, s16_counter_window(first, block.len() / 2)),
-            SampleFormat::S32 => {
-                let base = first as u32;
-                block.chunks_exact(4).enumerate().fold(0u32, |acc, (i, b)| {
-                    acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-                        ^ base.wrapping_add(i as u32))
-                }) != 0
-            }
-            SampleFormat::F32 => {
-                block.chunks_exact(4).enumerate().fold(0u32, |acc, (i, b)| {
-                    let n = first.wrapping_add(i as u64) & 0xff_ffff;
-                    acc | (u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-                        ^ (n as u32 as f32).to_bits())
-                }) != 0
-            }
+            // Four 16-bit lanes a word, each advancing by 4 modulo 2^16.
+            SampleFormat::S16 => lanes_differ(block, first, SampleFormat::S16),
+            // Two 32-bit lanes a word, each advancing by 2 modulo 2^32.
+            SampleFormat::S32 => lanes_differ(block, first, SampleFormat::S32),
+            SampleFormat::F32 => f32_differs(block, first),
         };
         if mismatch {
             let bad = block
@@ -136,20 +108,207 @@ pub fn verify_counter(format: SampleFormat, first_sample: u64, samples: &[u8]) -
     None
 }
 
+/// The word of counter samples `first ..` (as many as fit in eight bytes).
+fn counter_word(format: SampleFormat, first: u64) -> u64 {
+    let size = format.sample_bytes();
+    let mut word = [0u8; 8];
+    for (i, sample) in word.chunks_exact_mut(size).enumerate() {
+        sample.copy_from_slice(&counter_sample(format, first.wrapping_add(i as u64))[..size]);
+    }
+    u64::from_le_bytes(word)
+}
+
+/// The XOR of each eight-byte word of `bytes` (a multiple of eight long) with `first + k ×
+/// step` for word k, OR-ed together: zero if every word is as expected. Four words a round
+/// from `chunks_exact`, so the loop has one branch and no bounds checks: under an emulator
+/// (TCG) every guest branch ends a translation block, and a load costs far more than an add.
+#[inline(always)]
+fn words_differ(bytes: &[u8], first: u64, step: u64) -> u64 {
+    let load = |word: &[u8]| u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+    let (step2, step3, step4) = (step << 1, step.wrapping_mul(3), step << 2);
+    let mut expected = first;
+    let mut diff = 0u64;
+    let mut rounds = bytes.chunks_exact(32);
+    for round in &mut rounds {
+        diff |= (load(&round[..8]) ^ expected)
+            | (load(&round[8..16]) ^ expected.wrapping_add(step))
+            | (load(&round[16..24]) ^ expected.wrapping_add(step2))
+            | (load(&round[24..]) ^ expected.wrapping_add(step3));
+        expected = expected.wrapping_add(step4);
+    }
+    for word in rounds.remainder().chunks_exact(8) {
+        diff |= load(word) ^ expected;
+        expected = expected.wrapping_add(step);
+    }
+    diff
+}
+
+/// Whether `block` (whole samples) differs from the S16 or S32 counter starting at `first`.
+/// A word holds `lanes` consecutive samples, and the next word the same plus `lanes` in every
+/// lane: one plain add, as long as no lane wraps around its width. So the block is checked in
+/// stretches between wraps (every 2^16 samples for S16), each with [`words_differ`]; a word in
+/// which the counter wraps is checked sample by sample.
+fn lanes_differ(block: &[u8], first: u64, format: SampleFormat) -> bool {
+    let size = format.sample_bytes();
+    let lanes = (8 / size) as u64;
+    let width_max = if size == 2 { 0xffff } else { 0xffff_ffff };
+    // The same value in every lane: what one word adds.
+    let step = if size == 2 {
+        0x0004_0004_0004_0004
+    } else {
+        0x0000_0002_0000_0002
+    };
+    let words = block.len() / 8;
+    let mut diff = 0u64;
+    let mut word = 0usize;
+    while word < words {
+        let n = first.wrapping_add(word as u64 * lanes);
+        let last_lane = (n & width_max) + lanes - 1;
+        let stretch = if last_lane <= width_max {
+            (((width_max - last_lane) / lanes + 1) as usize).min(words - word)
+        } else {
+            0
+        };
+        if stretch == 0 {
+            diff |= u64::from(tail_differs(format, n, &block[8 * word..8 * word + 8]));
+            word += 1;
+            continue;
+        }
+        diff |= words_differ(
+            &block[8 * word..8 * (word + stretch)],
+            counter_word(format, n),
+            step,
+        );
+        word += stretch;
+    }
+    let tail_first = first.wrapping_add(words as u64 * lanes);
+    diff != 0 || tail_differs(format, tail_first, &block[8 * words..])
+}
+
+/// Whether the samples of `tail` differ from the counter at `first` (checked one by one).
+fn tail_differs(format: SampleFormat, first: u64, tail: &[u8]) -> bool {
+    let size = format.sample_bytes();
+    tail.chunks_exact(size)
+        .enumerate()
+        .any(|(i, sample)| sample != &counter_sample(format, first.wrapping_add(i as u64))[..size])
+}
+
+/// Whether `block` differs from the F32 counter starting at `first`. Between two powers of
+/// two the float of n grows by a constant step of its bit pattern (n = 2^k + m has bits
+/// (127 + k) << 23 | m << (23 - k)), so each run of one exponent is checked two samples a
+/// word with [`words_differ`] (no lane can carry: the bits stay under 2^31); a sample left
+/// over at the end of a run is checked on its own.
+fn f32_differs(block: &[u8], first: u64) -> bool {
+    let samples = block.len() / 4;
+    let mut diff = 0u64;
+    let mut i = 0;
+    while i < samples {
+        let n = first.wrapping_add(i as u64) & 0xff_ffff;
+        // The run of samples sharing n's exponent: up to the next power of two, or the wrap at
+        // 2^24 (0 and 1 are runs of one).
+        let (run_end, step) = if n < 2 {
+            (n + 1, 0)
+        } else {
+            let exponent = 63 - n.leading_zeros();
+            (1u64 << (exponent + 1), 1u64 << (23 - exponent))
+        };
+        let run = ((run_end - n) as usize).min(samples - i);
+        let pairs = run / 2;
+        if pairs > 0 {
+            let bits = u64::from((n as u32 as f32).to_bits());
+            diff |= words_differ(
+                &block[4 * i..4 * (i + 2 * pairs)],
+                bits | ((bits + step) << 32),
+                (2 * step) | ((2 * step) << 32),
+            );
+        }
+        if 2 * pairs < run {
+            let last = i + run - 1;
+            diff |= u64::from(tail_differs(
+                SampleFormat::F32,
+                first.wrapping_add(last as u64),
+                &block[4 * last..4 * (last + 1)],
+            ));
+        }
+        i += run;
+    }
+    diff != 0
+}
+
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
+    /// Every single wrong bit is found, and in the right sample, at phases across every
+    /// wrap and (F32) exponent change, for lengths that end mid-word and mid-round.
     #[test]
-    fn differs_sees_every_byte_and_the_length() {
-        let a: [u8; 21] = core::array::from_fn(|i| i as u8);
-        assert!(!differs(&a, &a));
-        for i in 0..a.len() {
-            let mut b = a;
-            b[i] ^= 0x40;
-            assert!(differs(&a, &b), "byte {i}");
+    fn every_single_bit_flip_is_found_in_its_sample() {
+        let phases: [(SampleFormat, &[u64]); 3] = [
+            (SampleFormat::S16, &[0, 3, 65_530, 65_533, 3 * 65_536 - 1]),
+            (
+                SampleFormat::S32,
+                &[0, 1, (1 << 31) - 5, (1 << 32) - 7, (1 << 32) - 2],
+            ),
+            (
+                SampleFormat::F32,
+                &[
+                    0,
+                    1,
+                    2,
+                    3,
+                    5,
+                    62,
+                    127,
+                    (1 << 23) - 9,
+                    (1 << 24) - 40,
+                    (1 << 24) - 3,
+                ],
+            ),
+        ];
+        for (format, firsts) in phases {
+            let size = format.sample_bytes();
+            for &first in firsts {
+                for samples in [1usize, 3, 4, 5, 7, 67] {
+                    let mut buf = std::vec![0u8; samples * size];
+                    fill_counter(format, first, &mut buf);
+                    assert_eq!(
+                        verify_counter(format, first, &buf),
+                        None,
+                        "{format:?} {first}"
+                    );
+                    for bit in 0..buf.len() * 8 {
+                        buf[bit / 8] ^= 1 << (bit % 8);
+                        assert_eq!(
+                            verify_counter(format, first, &buf),
+                            Some(bit / 8 / size),
+                            "{format:?} first {first}, {samples} samples, bit {bit}"
+                        );
+                        buf[bit / 8] ^= 1 << (bit % 8);
+                    }
+                }
+            }
         }
-        assert!(differs(&a, &a[..20]));
+    }
+
+    #[test]
+    fn long_streams_verify_across_blocks_and_every_exponent() {
+        for format in SampleFormat::ALL {
+            let first = (1 << 24) - 70_000;
+            let mut buf = std::vec![0u8; 140_000 * format.sample_bytes()];
+            fill_counter(format, first, &mut buf);
+            assert_eq!(verify_counter(format, first, &buf), None, "{format:?}");
+            let last = buf.len() - 1;
+            buf[last] ^= 0x80;
+            assert_eq!(
+                verify_counter(format, first, &buf),
+                Some(139_999),
+                "{format:?}"
+            );
+        }
+        let mut from_zero = std::vec![0u8; 4 << 24];
+        fill_counter(SampleFormat::F32, 0, &mut from_zero);
+        assert_eq!(verify_counter(SampleFormat::F32, 0, &from_zero), None);
     }
 
     #[test]

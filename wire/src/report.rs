@@ -85,6 +85,9 @@ pub struct Report<'a> {
     pub throughput_mib_s: f64,
     /// Same verification pass over buffers already in memory, no device (MiB/s); 0 if not run.
     pub consume_only_mib_s: f64,
+    /// A fold over the same buffers, every byte read once and nothing checked (MiB/s): the
+    /// guest's memory limit, the ceiling for `consume_only_mib_s`; 0 if not run.
+    pub touch_only_mib_s: f64,
     /// Device timestamp of a buffer's first frame to its consumption: median (µs).
     pub latency_p50_us: u64,
     /// … 99th percentile (µs).
@@ -179,6 +182,8 @@ impl Report<'_> {
         json_f64(out, self.throughput_mib_s)?;
         out.write_str(",\"consume_only_mib_s\":")?;
         json_f64(out, self.consume_only_mib_s)?;
+        out.write_str(",\"touch_only_mib_s\":")?;
+        json_f64(out, self.touch_only_mib_s)?;
         for (name, value) in [
             ("latency_p50_us", self.latency_p50_us),
             ("latency_p99_us", self.latency_p99_us),
@@ -484,6 +489,7 @@ mod tests {
             guest_time_ns: 18,
             throughput_mib_s: 19.5,
             consume_only_mib_s: 20.25,
+            touch_only_mib_s: 40.5,
             latency_p50_us: 21,
             latency_p99_us: 22,
             latency_max_us: 23,

@@ -452,7 +452,8 @@ pub fn run<T: Transport>(
     let histogram = latencies_us.finish(&mut report);
     crate::println!("{histogram}");
     if params.consume_only {
-        report.consume_only_mib_s = consume_only_rate(params, format, channels);
+        (report.consume_only_mib_s, report.touch_only_mib_s) =
+            consume_and_touch_only_rates(params, format, channels);
     }
 
     // The verdict.
@@ -473,16 +474,30 @@ pub fn run<T: Transport>(
     Outcome { report }
 }
 
-/// The consume-only rate: the same verification pass over buffers already in memory, no device
-/// involved (the wire crate's benchmark, shared with the Linux application). MiB/s of guest time.
-fn consume_only_rate(params: &Params, format: SampleFormat, channels: u16) -> f64 {
+/// The consume-only rate (the same verification pass over buffers already in memory, no
+/// device involved) and the touch-only rate (a fold over the same bytes: the guest's memory
+/// limit), the wire crate's benchmarks shared with the Linux application. MiB/s of guest time.
+fn consume_and_touch_only_rates(
+    params: &Params,
+    format: SampleFormat,
+    channels: u16,
+) -> (f64, f64) {
     let mut ring = alloc::vec![0u8; params.reads * params.buffer];
-    vdaq_wire::check::consume_only_rate(
+    let consume = vdaq_wire::check::consume_only_rate(
         format,
         channels,
         &mut ring,
         params.buffer,
         500_000_000,
         time::now_ns,
-    )
+    );
+    let touch = vdaq_wire::check::touch_only_rate(
+        format,
+        channels,
+        &ring,
+        params.buffer,
+        500_000_000,
+        time::now_ns,
+    );
+    (consume, touch)
 }

@@ -200,7 +200,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
     let mut all_passed = true;
     say!(
         out,
-        "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13} {:>13} {:>9} {:>7} {:>7} {:>12} {:>10} {:>7} {:>7} {:>9}",
+        "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13} {:>13} {:>9} {:>7} {:>7} {:>7} {:>12} {:>10} {:>7} {:>7} {:>9}",
         "guest",
         "accel",
         "machine",
@@ -209,6 +209,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
         "verified MB/s",
         "completions/s",
         "irq/s",
+        "kicks/c",
         "p50 µs",
         "p99 µs",
         "consume MB/s",
@@ -260,9 +261,12 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                 });
                 let completions = r.completions as f64 / seconds;
                 let interrupts = r.interrupts as f64 / seconds;
+                // Guest-to-device notifications per completion (each a VM exit).
+                let kicks_per_completion =
+                    r.data_notifications as f64 / r.completions.max(1) as f64;
                 say!(
                     out,
-                    "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13.1} {:>13.0} {:>9.0} {:>7} {:>7} {:>12.1} {:>10.1} {:>6.0}% {:>6.0}% {:>9.3}",
+                    "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13.1} {:>13.0} {:>9.0} {:>7.3} {:>7} {:>7} {:>12.1} {:>10.1} {:>6.0}% {:>6.0}% {:>9.3}",
                     common.guest.name(),
                     accel.name(),
                     args.common.machine.name(),
@@ -271,6 +275,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                     verified,
                     completions,
                     interrupts,
+                    kicks_per_completion,
                     r.latency_p50_us,
                     r.latency_p99_us,
                     consume,
@@ -285,7 +290,9 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                         "guest": common.guest.name(), "accel": accel.name(),
                         "machine": args.common.machine.name(), "reads": reads, "buffer": buffer,
                         "verified_mb_s": verified, "completions_per_s": completions,
-                        "interrupts_per_s": interrupts, "latency_p50_us": r.latency_p50_us,
+                        "interrupts_per_s": interrupts,
+                        "data_notifications_per_completion": kicks_per_completion,
+                        "latency_p50_us": r.latency_p50_us,
                         "latency_p99_us": r.latency_p99_us, "consume_only_mb_s": consume,
                         "touch_only_mb_s": touch,
                         "verified_per_consume_only": share(verified, consume),

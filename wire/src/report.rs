@@ -62,6 +62,9 @@ pub struct Report<'a> {
     pub interrupts: u64,
     /// Bottom-half runs.
     pub bottom_halves: u64,
+    /// Notifications of new read buffers the driver sent the device (data-queue kicks, each a
+    /// VM exit); 0 where the driver does not count them (the Linux guest).
+    pub data_notifications: u64,
     /// Configuration-change notifications the driver took.
     pub config_interrupts: u64,
     /// Completions found by the re-check after re-enabling interrupts.
@@ -166,6 +169,7 @@ impl Report<'_> {
             ("frames_discarded_at_reset", self.frames_discarded_at_reset),
             ("interrupts", self.interrupts),
             ("bottom_halves", self.bottom_halves),
+            ("data_notifications", self.data_notifications),
             ("config_interrupts", self.config_interrupts),
             ("found_on_recheck", self.found_on_recheck),
             ("rejected", self.rejected),
@@ -478,6 +482,7 @@ mod tests {
             frames_discarded_at_reset: 105,
             interrupts: 11,
             bottom_halves: 12,
+            data_notifications: 9,
             config_interrupts: 121,
             found_on_recheck: 13,
             rejected: 14,

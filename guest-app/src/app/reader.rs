@@ -443,6 +443,7 @@ pub fn run<T: Transport>(
     report.record_stream(&stats, channels);
     report.interrupts = irq.interrupts();
     report.bottom_halves = driver_stats.bottom_halves;
+    report.data_notifications = driver_stats.data_notifications;
     report.config_interrupts = driver_stats.config_changes;
     report.found_on_recheck = driver_stats.found_on_recheck;
     report.rejected = driver_stats.rejected;

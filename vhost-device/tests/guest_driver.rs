@@ -320,6 +320,8 @@ fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
     stream(&mut rig, &mut verifier, 16, 4096, 100_000);
     assert_eq!(verifier.stats().errors, 0, "streams again after the reset");
+    // Longer than the loopback frontend's lag on a backend request.
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(rig.config_changes_while_stopped(), 0);
 }
 
@@ -351,7 +353,7 @@ fn a_driver_resetting_at_once_on_needs_reset_never_stops_the_device_under_an_unr
     let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
     stream(&mut rig, &mut verifier, 16, 4096, 100_000);
     // Longer than the loopback frontend's lag on a backend request.
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         rig.config_changes_while_stopped(),
         0,
@@ -385,5 +387,6 @@ fn settings_changed_while_running_reach_the_driver_as_a_configuration_change() {
         vdaq_wire::SignalKind::Noise as u8,
         "the config space shows the signal now sampled"
     );
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(rig.config_changes_while_stopped(), 0);
 }

@@ -60,7 +60,7 @@ pub const CONFIG_SIGNAL: u16 = u16::MAX;
 /// How long the relay takes to handle a backend request. QEMU serves the channel from its main
 /// loop, which lags the vCPU by milliseconds on a loaded host; a device that lets the driver
 /// act on a fault before the frontend took its notification is caught by this lag.
-const RELAY_LATENCY: std::time::Duration = std::time::Duration::from_millis(20);
+const RELAY_LATENCY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The frontend's side of the backend-request channel: what QEMU does with a
 /// CONFIG_CHANGE_MSG (a new config generation and a configuration-change interrupt).

@@ -20,12 +20,6 @@ impl DaqBackend {
         let Some(control_vring) = vrings.get(usize::from(queue::CONTROL)) else {
             return Ok(());
         };
-        if self.announcing_needs_reset() {
-            // A reply would show the driver NEEDS_RESET before the frontend took the
-            // notification (notify.rs); `pump` answers once it has.
-            self.control_deferred = true;
-            return Ok(());
-        }
         // Buffers made available on dataq before a command was are the command's to act on
         // (a FLUSH returns them, a STOP sees them), whichever kick the event loop took first.
         if let Some(data_vring) = vrings.get(usize::from(queue::DATA)) {
@@ -36,6 +30,19 @@ impl DaqBackend {
                         .report("data", format_args!("before a command: {err}"));
                 }
             }
+        }
+        // That may have run the clock into a scripted NEEDS_RESET: announce it first.
+        if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
+            self.notify_needs_reset();
+        }
+        if self.announcing_needs_reset() {
+            // A reply would show the driver NEEDS_RESET before the frontend took the
+            // notification (notify.rs); `pump` answers once it has. (A control ring found
+            // corrupt in the drain below enters NEEDS_RESET mid-drain; the chains after it
+            // are answered BUSY at once: that driver broke its own ring.)
+            self.control_deferred = true;
+            self.update_timer();
+            return Ok(());
         }
         self.drain_available(control_vring, "control", |this, chain, mem| {
             let head = chain.head_index();

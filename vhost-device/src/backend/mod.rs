@@ -12,7 +12,7 @@
 //! | `data_queue.rs` | read buffers in, completions out |
 //! | `control_queue.rs` | control-request framing and execution |
 //! | `event_queue.rs` | event buffers and event delivery |
-//! | `notify.rs` | used-buffer notifications and NEEDS_RESET notification |
+//! | `notify.rs` | used-buffer and configuration-change notifications (the NEEDS_RESET announce) |
 //! | `recorder.rs` | recording delivered buffers |
 //! | `guest_errors.rs` | rate-limited reporting of guest errors |
 //! | `memory_table.rs` | the frontend's memory regions checked against their files |

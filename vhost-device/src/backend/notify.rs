@@ -118,16 +118,24 @@ impl DaqBackend {
         false
     }
 
-    /// The frontend has every ring started (SET_VRING_KICK) and enabled, none stopped since
-    /// (GET_VRING_BASE marks a ring not ready before it reaches this backend): the only time
-    /// QEMU's generic device can take a configuration-change message.
+    /// The frontend runs the device: a ring is started (SET_VRING_KICK), every started ring
+    /// is enabled (QEMU disables them first when it stops the device), and none was stopped
+    /// since the last reset (GET_VRING_BASE marks a ring not ready before it reaches this
+    /// backend). Only then can QEMU's generic device take a configuration-change message. A
+    /// ring the driver never set up does not count (QEMU starts only rings with an address).
+    /// Known only once the event loop has handed the backend its rings (the first event).
     pub(super) fn frontend_running(&self) -> bool {
-        self.vrings.len() == usize::from(vdaq_wire::queue::COUNT)
-            && self.stopped_queues == 0
-            && self.vrings.iter().all(|vring| {
-                let state = vring.get_ref();
-                state.get_queue().ready() && state.is_enabled()
-            })
+        let mut started = 0;
+        for vring in &self.vrings {
+            let state = vring.get_ref();
+            if state.get_queue().ready() {
+                if !state.is_enabled() {
+                    return false;
+                }
+                started += 1;
+            }
+        }
+        started > 0 && self.stopped_queues == 0
     }
 
     /// Sends the notification held while the frontend had the device stopped, once it runs.
@@ -179,9 +187,10 @@ impl DaqBackend {
     }
 }
 
-/// How long a NEEDS_RESET notification may take before the fault is shown regardless (QEMU
-/// answers in microseconds; a frontend that never does must not freeze the device).
-pub(super) const ANNOUNCE_TIMEOUT_NS: u64 = 250_000_000;
+/// How long a NEEDS_RESET notification may take before the fault is shown regardless (checked
+/// at each clock tick). QEMU answers as soon as its main loop runs, milliseconds on a loaded
+/// host; a frontend that never answers must not freeze the device for long.
+pub(super) const ANNOUNCE_TIMEOUT_NS: u64 = 1_000_000_000;
 
 /// The thread that sends configuration-change notifications, and what it is asked to send.
 ///
@@ -216,6 +225,10 @@ impl ConfigNotifier {
                         while state.pending.is_none() && !state.closed {
                             state = wake.wait(state).unwrap_or_else(PoisonError::into_inner);
                         }
+                        if state.closed {
+                            // The connection ended: nothing may be sent on its channel.
+                            return;
+                        }
                         match state.pending.take() {
                             Some(why) => {
                                 state.in_flight = true;
@@ -244,6 +257,13 @@ impl ConfigNotifier {
         let (state, _) = &*self.shared;
         let state = state.lock().unwrap_or_else(PoisonError::into_inner);
         state.pending.is_some() || state.in_flight
+    }
+
+    /// Drops a notification not sent yet (the device was reset: the driver reads the whole
+    /// space again, and the frontend has the device stopped). One already sent is beyond recall.
+    pub(super) fn cancel_pending(&self) {
+        let (state, _) = &*self.shared;
+        state.lock().unwrap_or_else(PoisonError::into_inner).pending = None;
     }
 
     /// Asks for a notification; false if one is pending already (it covers this change).

@@ -1884,7 +1884,7 @@ impl BackendChannel {
         channel.set_reply_ack_flag(reply_ack);
         backend.set_backend_req_fd(channel);
         frontend_end
-            .set_read_timeout(Some(Duration::from_millis(300)))
+            .set_read_timeout(Some(Duration::from_millis(500)))
             .expect("read timeout");
         BackendChannel {
             socket: frontend_end,
@@ -1937,6 +1937,23 @@ fn config_changes_wait_for_the_frontend_to_run_the_device_and_a_reset_drops_them
         "sent once every ring is started and enabled"
     );
 
+    // SET_VRING_ENABLE 0 on one ring (QEMU's first step when it stops the device).
+    rig.vrings[usize::from(queue::EVENT)].set_enabled(false);
+    rig.backend.adjust(Some(2_500), None, None).expect("adjust");
+    rig.kick(queue::DATA);
+    assert_eq!(
+        channel.next(),
+        None,
+        "held while a started ring is disabled"
+    );
+    rig.vrings[usize::from(queue::EVENT)].set_enabled(true);
+    rig.kick(queue::DATA);
+    assert_eq!(
+        channel.next().map(|(request, _)| request),
+        Some(CONFIG_CHANGE_MSG),
+        "the held change goes out once the ring is enabled again"
+    );
+
     // GET_VRING_BASE: vhost-user-backend marks the ring not ready, then stops it.
     rig.vrings[usize::from(queue::DATA)].set_queue_ready(false);
     rig.backend
@@ -1957,9 +1974,9 @@ fn config_changes_wait_for_the_frontend_to_run_the_device_and_a_reset_drops_them
     );
 }
 
-/// Runs the backend's clock until `done` or two seconds pass; true if `done`.
+/// Runs the backend's clock until `done` or five seconds pass; true if `done`.
 fn tick_until(rig: &mut Rig<'_>, mut done: impl FnMut(&Rig<'_>) -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         rig.kick(TIMER_EVENT);
         if done(rig) {
@@ -1983,6 +2000,7 @@ fn needs_reset_shows_only_in_the_config_space_until_the_frontend_took_the_notifi
     rig.make_available(queue::EVENT, &[(event_addr, EVENT_SIZE as u32, W)]);
     rig.kick(queue::EVENT);
 
+    let injected = Instant::now();
     rig.backend.inject(Action::NeedsReset);
     assert_eq!(rig.config().state, DeviceState::NeedsReset as u8);
     let (request, flags) = channel.next().expect("the notification went out");
@@ -1995,11 +2013,14 @@ fn needs_reset_shows_only_in_the_config_space_until_the_frontend_took_the_notifi
     let (_, reply_addr) = rig.queue_command(opcode::GET_STATUS, 0, &[], 80);
     rig.kick(queue::CONTROL);
     rig.kick(TIMER_EVENT);
-    assert!(
-        rig.used(queue::EVENT).is_empty(),
-        "no NEEDS_RESET event yet"
-    );
-    assert!(rig.used(queue::CONTROL).is_empty(), "no command reply yet");
+    // (Past the announce timeout, on a badly loaded machine, the device rightly shows it.)
+    if injected.elapsed() < Duration::from_nanos(notify::ANNOUNCE_TIMEOUT_NS) {
+        assert!(
+            rig.used(queue::EVENT).is_empty(),
+            "no NEEDS_RESET event yet"
+        );
+        assert!(rig.used(queue::CONTROL).is_empty(), "no command reply yet");
+    }
 
     channel.ack(CONFIG_CHANGE_MSG);
     assert!(
@@ -2035,4 +2056,39 @@ fn needs_reset_is_shown_anyway_when_the_frontend_never_answers() {
         injected.elapsed() >= Duration::from_nanos(notify::ANNOUNCE_TIMEOUT_NS),
         "not before the timeout"
     );
+}
+
+/// spec: [6.13-9] a fault the data queue finds while a command waits (the command's own kick
+/// takes the data buffers first) is announced before the command is answered.
+#[test]
+fn a_fault_found_before_a_command_is_announced_before_the_reply() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, ClockMode::Paced, 1024);
+    let mut channel = BackendChannel::attach(&mut rig.backend, true);
+    let addr = rig.alloc(4096);
+    rig.make_available(queue::DATA, &[(addr, 4096, W)]);
+    rig.kick(queue::DATA);
+    // The same chain made available again while held: NEEDS_RESET when dataq is next read,
+    // which the control kick below does before it answers.
+    rig.next_desc[0] = 0;
+    rig.make_available(queue::DATA, &[(addr, 4096, W)]);
+    let injected = Instant::now();
+    let (_, reply_addr) = rig.queue_command(opcode::GET_STATUS, 0, &[], 80);
+    rig.kick(queue::CONTROL);
+    assert_eq!(rig.backend.card().state(), DeviceState::NeedsReset);
+    let (request, _) = channel.next().expect("the notification went out");
+    assert_eq!(request, CONFIG_CHANGE_MSG);
+    if injected.elapsed() < Duration::from_nanos(notify::ANNOUNCE_TIMEOUT_NS) {
+        assert!(
+            rig.used(queue::CONTROL).is_empty(),
+            "no reply before the frontend's answer"
+        );
+    }
+    channel.ack(CONFIG_CHANGE_MSG);
+    assert!(
+        tick_until(&mut rig, |rig| !rig.used(queue::CONTROL).is_empty()),
+        "the command is answered after the frontend's answer"
+    );
+    let replies = rig.used(queue::CONTROL);
+    assert_eq!(rig.reply(reply_addr, replies[0].1).0, control::status::OK);
 }

@@ -60,8 +60,12 @@ impl VhostUserBackendMut for DaqBackend {
         self.needs_reset_notified = false;
         self.announcing_since_ns = None;
         self.control_deferred = false;
-        // The next driver reads the whole config space at initialisation.
+        // The next driver reads the whole config space at initialisation; a notification
+        // still waiting for the notifier thread would reach a stopped device.
         self.held_config_change = None;
+        if let Some(notifier) = &self.config_notifier {
+            notifier.cancel_pending();
+        }
         let released = self.card.reset();
         self.delayed.clear();
         self.held_reads.clear();
@@ -142,8 +146,9 @@ impl VhostUserBackendMut for DaqBackend {
     fn set_backend_req_fd(&mut self, backend: Backend) {
         self.start_config_notifier(backend);
         if self.card.state() == vdaq_wire::DeviceState::NeedsReset {
-            // The fault came before the channel: the driver is told now.
+            // The fault came before the channel: the driver is told now (or once it runs).
             self.notify_needs_reset();
+            self.update_timer();
         }
     }
 

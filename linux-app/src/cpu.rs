@@ -51,6 +51,19 @@ impl CpuTimes {
 /// CPU time over an interval, printed as shares.
 pub struct CpuShare(CpuTimes);
 
+impl CpuShare {
+    /// The share of the interval the CPU was idle (idle and iowait), 0 to 1.
+    pub fn idle_fraction(&self) -> f64 {
+        let t = self.0;
+        let total = t.user + t.system + t.irq + t.softirq + t.idle;
+        if total == 0 {
+            0.0
+        } else {
+            t.idle as f64 / total as f64
+        }
+    }
+}
+
 impl fmt::Display for CpuShare {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = self.0;
@@ -82,6 +95,8 @@ mod tests {
             after.since(before).to_string(),
             "user 60 %, system 10 %, irq 5 %, softirq 5 %, idle 20 %"
         );
+        assert!((after.since(before).idle_fraction() - 0.2).abs() < 1e-12);
+        assert_eq!(after.since(after).idle_fraction(), 0.0);
         assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None);
     }
 }

@@ -614,7 +614,9 @@ fn stream(reader: &mut Reader<'_>, device: Device, report: &mut Report<'_>) -> R
     }
     let stream_end = now_ns();
     if let (Some(before), Some(after)) = (cpu_at_start, CpuTimes::now()) {
-        println!("vdaq-app: CPU while streaming: {}", after.since(before));
+        let share = after.since(before);
+        println!("vdaq-app: CPU while streaming: {share}");
+        report.guest_idle_ns = (share.idle_fraction() * (stream_end - start) as f64) as u64;
     }
 
     // Shutdown: every read in flight must come back.

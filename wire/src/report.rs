@@ -84,6 +84,9 @@ pub struct Report<'a> {
     pub buffer_bytes: u64,
     /// Guest time spent streaming (ns).
     pub guest_time_ns: u64,
+    /// Of that, the time the guest's CPU was idle, waiting for the device (ns): near
+    /// `guest_time_ns`, the device or its notifications bound the rate; near 0, the guest does.
+    pub guest_idle_ns: u64,
     /// Verified payload throughput in guest time (MiB/s).
     pub throughput_mib_s: f64,
     /// Same verification pass over buffers already in memory, no device (MiB/s); 0 if not run.
@@ -179,6 +182,7 @@ impl Report<'_> {
             ("reads_in_flight", self.reads_in_flight),
             ("buffer_bytes", self.buffer_bytes),
             ("guest_time_ns", self.guest_time_ns),
+            ("guest_idle_ns", self.guest_idle_ns),
         ] {
             write!(out, ",\"{name}\":{value}")?;
         }
@@ -492,6 +496,7 @@ mod tests {
             reads_in_flight: 16,
             buffer_bytes: 17,
             guest_time_ns: 18,
+            guest_idle_ns: 7,
             throughput_mib_s: 19.5,
             consume_only_mib_s: 20.25,
             touch_only_mib_s: 40.5,

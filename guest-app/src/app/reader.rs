@@ -279,6 +279,8 @@ pub fn run<T: Transport>(
         return fail(report, why);
     }
     let start = time::now_ns();
+    // Time halted waiting for an interrupt while streaming.
+    let mut idle_ns = 0u64;
     let deadline = start + stream_ns;
     let mut next_progress = start + params.progress_ms * 1_000_000;
     let mut consumer = Consumer {
@@ -386,7 +388,9 @@ pub fn run<T: Transport>(
         if (params.frames == 0 && now >= deadline) || enough || failure.is_some() {
             break;
         }
+        let halted_at = time::now_ns();
         halt_unless_pending(irq);
+        idle_ns += time::now_ns() - halted_at;
     }
     let stream_end = time::now_ns();
 
@@ -449,6 +453,7 @@ pub fn run<T: Transport>(
     report.rejected = driver_stats.rejected;
     report.invalid = driver_stats.invalid;
     report.guest_time_ns = stream_end - start;
+    report.guest_idle_ns = idle_ns;
     report.record_throughput();
     let histogram = latencies_us.finish(&mut report);
     crate::println!("{histogram}");

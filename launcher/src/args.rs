@@ -514,8 +514,10 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Sweep reads in flight × buffer sizes, free-running clock; print throughput, completion
-    /// and interrupt rates, latency, boot-to-first-sample, and beside them the guest's
-    /// consume-only (verification alone) and touch-only (a fold: its memory limit) rates.
+    /// and interrupt rates, notifications per completion, the guest's idle share, latency,
+    /// boot-to-first-sample, and beside them the backend's loopback rate (no VM) and the
+    /// guest's consume-only (verification alone) and touch-only (a fold: its memory limit)
+    /// rates, with the ratios.
     Bench(BenchArgs),
     /// Print a shell completion script on stdout, e.g.
     /// `vdaq completions bash > ~/.local/share/bash-completion/completions/vdaq`.

@@ -48,6 +48,67 @@ macro_rules! say {
     ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
 }
 
+/// The backend's own rate at one shape, no VM: the reference driver over the in-process
+/// vhost-user frontend (`vdaq-loopback`), the same backend binary and stream (4 ch × S16
+/// counter, free-running, every sample verified), for `duration` of host time. Verified MB/s
+/// and completions/s; the device's ceiling, beside what a guest gets.
+fn loopback_rate(
+    backend: &std::path::Path,
+    reads: u32,
+    buffer: u32,
+    duration: f64,
+) -> Result<(f64, f64), String> {
+    use std::time::{Duration, Instant};
+    use vdaq_loopback::{BackendProcess, DriverRig, Resubmit};
+    let run_for = Duration::from_secs_f64(duration.max(0.1));
+    let args = [
+        "--clock",
+        "free",
+        "--channels",
+        "4",
+        "--format",
+        "s16",
+        "--coalesce",
+        "1",
+    ];
+    let process = BackendProcess::spawn_logging(backend, &args, Some("warn"))
+        .map_err(|err| format!("loopback backend: {err}"))?;
+    let mut rig = DriverRig::connect(
+        process.socket(),
+        vdaq_driver::DriverOptions::default(),
+        run_for + Duration::from_secs(30),
+    )
+    .map_err(|err| format!("loopback: {err}"))?;
+    let mut verifier = vdaq_wire::check::StreamVerifier::new(SampleFormat::S16, 4, true);
+    rig.driver
+        .start(&mut rig.wait)
+        .map_err(|err| format!("loopback START: {err:?}"))?;
+    let start = Instant::now();
+    rig.stream_until(
+        &mut verifier,
+        reads as usize,
+        buffer as usize,
+        Resubmit::Batched,
+        |_| start.elapsed() >= run_for,
+    )
+    .map_err(|err| format!("loopback: {err}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let stats = verifier.stats();
+    // The driver (and its connection) ends before the backend process.
+    drop(rig);
+    drop(process);
+    if stats.errors > 0 {
+        return Err(format!(
+            "loopback: {} buffers failed verification",
+            stats.errors
+        ));
+    }
+    Ok((
+        stats.payload_bytes as f64 / 1e6 / seconds,
+        stats.buffers as f64 / seconds,
+    ))
+}
+
 /// One benchmark configuration: 4 ch × s16 counter stream, verified, no scenario.
 fn configuration(
     common: &Common,
@@ -198,9 +259,50 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
         Kvm::Absent => eprintln!("vdaq bench: no usable /dev/kvm; KVM figures are skipped"),
     }
     let mut all_passed = true;
+    // The backend alone at each shape, same run: the ceiling the guests' figures are set by.
+    const SHAPES: [(u32, u32); 4] = [(8, 4096), (8, 65536), (64, 4096), (64, 65536)];
     say!(
         out,
-        "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13} {:>13} {:>9} {:>7} {:>6} {:>7} {:>7} {:>12} {:>10} {:>7} {:>7} {:>9}",
+        "{:>6} {:>7} {:>14} {:>14}",
+        "reads",
+        "buffer",
+        "loopback MB/s",
+        "completions/s"
+    );
+    let mut loopback = Vec::new();
+    for (reads, buffer) in SHAPES {
+        if INTERRUPTED.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        match loopback_rate(&tools.backend, reads, buffer, args.duration.min(2.0)) {
+            Ok((verified, completions)) => {
+                say!(
+                    out,
+                    "{reads:>6} {buffer:>7} {verified:>14.1} {completions:>14.0}"
+                );
+                out.push(
+                    "loopback",
+                    json!({"reads": reads, "buffer": buffer, "verified_mb_s": verified,
+                           "completions_per_s": completions}),
+                );
+                loopback.push(((reads, buffer), verified));
+            }
+            Err(err) => {
+                eprintln!("vdaq bench: {err}");
+                all_passed = false;
+            }
+        }
+    }
+    let loopback_at = |reads: u32, buffer: u32| {
+        loopback
+            .iter()
+            .find(|(shape, _)| *shape == (reads, buffer))
+            .map_or(0.0, |&(_, rate)| rate)
+    };
+    say!(out);
+    say!(
+        out,
+        "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13} {:>13} {:>9} {:>7} {:>6} {:>7} {:>7} {:>12} {:>10} {:>7} {:>7} {:>7} {:>9}",
         "guest",
         "accel",
         "machine",
@@ -217,13 +319,14 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
         "touch MB/s",
         "÷ cons",
         "c÷touch",
+        "÷ loop",
         "first (s)"
     );
     // Verified MB/s and first-sample time per (accel, shape, guest), for the comparison.
     let mut figures: Vec<(Accel, u32, u32, GuestKind, f64, f64)> = Vec::new();
     let mut bars = Vec::new();
     for accel in accels {
-        for (reads, buffer) in [(8u32, 4096u32), (8, 65536), (64, 4096), (64, 65536)] {
+        for (reads, buffer) in SHAPES {
             for (common, tools) in &guests {
                 let run = configuration(
                     common,
@@ -269,7 +372,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                 let idle = share(r.guest_idle_ns as f64, r.guest_time_ns as f64);
                 say!(
                     out,
-                    "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13.1} {:>13.0} {:>9.0} {:>7.3} {:>5.0}% {:>7} {:>7} {:>12.1} {:>10.1} {:>6.0}% {:>6.0}% {:>9.3}",
+                    "{:>10} {:>5} {:>7} {:>6} {:>7} {:>13.1} {:>13.0} {:>9.0} {:>7.3} {:>5.0}% {:>7} {:>7} {:>12.1} {:>10.1} {:>6.0}% {:>6.0}% {:>6.0}% {:>9.3}",
                     common.guest.name(),
                     accel.name(),
                     args.common.machine.name(),
@@ -286,6 +389,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                     touch,
                     100.0 * share(verified, consume),
                     100.0 * share(consume, touch),
+                    100.0 * share(verified, loopback_at(reads, buffer)),
                     first,
                 );
                 out.push(
@@ -302,6 +406,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                         "touch_only_mb_s": touch,
                         "verified_per_consume_only": share(verified, consume),
                         "consume_only_per_touch_only": share(consume, touch),
+                        "verified_per_loopback": share(verified, loopback_at(reads, buffer)),
                         "first_sample_s": outcome.first_sample.map(|d| d.as_secs_f64()),
                     }),
                 );

@@ -36,14 +36,28 @@ impl Drop for TempDir {
 impl BackendProcess {
     /// Starts `binary --socket-path <private socket> <args>` and waits until it listens.
     pub fn spawn(binary: &Path, args: &[&str]) -> std::io::Result<Self> {
+        Self::spawn_logging(binary, args, None)
+    }
+
+    /// Like [`Self::spawn`], the backend's log filtered by `log_filter` (`RUST_LOG` syntax)
+    /// if given: a tool that prints its own tables keeps the backend's info lines out of them.
+    pub fn spawn_logging(
+        binary: &Path,
+        args: &[&str],
+        log_filter: Option<&str>,
+    ) -> std::io::Result<Self> {
         let dir = TempDir::new()?;
         let socket = dir.0.join("daq.sock");
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
-            .stdin(Stdio::null())
-            .spawn()?;
+            .stdin(Stdio::null());
+        if let Some(filter) = log_filter {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             if let Some(status) = child.try_wait()? {

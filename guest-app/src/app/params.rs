@@ -23,6 +23,11 @@ pub struct Params {
     pub consume_only: bool,
     /// Deliberate delay per consumed buffer (µs): a slow application.
     pub consume_delay_us: u64,
+    /// Before halting for the next interrupt, poll the used rings this long (µs; 0: halt at
+    /// once): a buffer the device returns meanwhile is taken without the interrupt's round
+    /// trip through the VMM (under TCG, q35, 8 × 4 KiB: 390 MB/s halting at once, 585 with
+    /// 100 µs, the guest idle 82 % → 16 %).
+    pub poll_us: u64,
     pub progress_ms: u64,
     /// Stop after this many frames (0: run for `duration_ms`).
     pub frames: u64,
@@ -68,6 +73,7 @@ impl Params {
                 "consume_delay_us",
                 if overrun { 20_000 } else { 0 },
             ),
+            poll_us: number(cmdline, "poll_us", 50),
             progress_ms: number(cmdline, "progress_ms", 500),
             frames: number(cmdline, "frames", 0),
             hash: number(cmdline, "hash", 0) != 0,

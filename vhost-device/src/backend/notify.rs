@@ -5,8 +5,8 @@
 //! CONFIG_CHANGE_MSG into `virtio_notify_config(dev->vdev)` without checking that the vhost
 //! device is started; while it is stopped (before DRIVER_OK, or once the driver reset the
 //! device) `vdev` is NULL and QEMU dies of SIGSEGV. So this device sends the message only while
-//! the frontend has every ring started and enabled (a change made meanwhile is sent at the
-//! next start, or dropped by a reset, after which the driver reads the whole space anyway),
+//! the frontend runs the device (`frontend_running`; a change made meanwhile is sent once it
+//! does, or dropped by a reset, after which the driver reads the whole space anyway),
 //! and on NEEDS_RESET it shows the fault nothing but the config space until the frontend has
 //! taken the message: no event, no command reply, so the driver cannot reset the device (and
 //! stop it) with the message still unread in the channel.

@@ -61,18 +61,9 @@ fn loopback_rate(
     use std::time::{Duration, Instant};
     use vdaq_loopback::{BackendProcess, DriverRig, Resubmit};
     let run_for = Duration::from_secs_f64(duration.max(0.1));
-    let args = [
-        "--clock",
-        "free",
-        "--channels",
-        "4",
-        "--format",
-        "s16",
-        "--coalesce",
-        "1",
-    ];
-    let process = BackendProcess::spawn_logging(backend, &args, Some("warn"))
-        .map_err(|err| format!("loopback backend: {err}"))?;
+    let process =
+        BackendProcess::spawn_logging(backend, &vdaq_loopback::BENCH_BACKEND_ARGS, Some("warn"))
+            .map_err(|err| format!("loopback backend: {err}"))?;
     let mut rig = DriverRig::connect(
         process.socket(),
         vdaq_driver::DriverOptions::default(),

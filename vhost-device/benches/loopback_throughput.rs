@@ -28,16 +28,7 @@ struct Figures {
 fn backend() -> BackendProcess {
     BackendProcess::spawn(
         Path::new(env!("CARGO_BIN_EXE_vhost-device-daq")),
-        &[
-            "--clock",
-            "free",
-            "--channels",
-            "4",
-            "--format",
-            "s16",
-            "--coalesce",
-            "1",
-        ],
+        &vdaq_loopback::BENCH_BACKEND_ARGS,
     )
     .expect("backend starts")
 }

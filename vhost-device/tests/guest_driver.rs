@@ -286,10 +286,9 @@ fn service_until(rig: &mut DriverRig, mut done: impl FnMut(&DriverRig) -> bool) 
     false
 }
 
-/// spec: [4-3] [6.13-1] NEEDS_RESET: `state`, a configuration-change notification that the
-/// frontend relays (CONFIG_CHANGE_MSG), and the event; the driver recovers.
-#[test]
-fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
+/// A rig on the `needs-reset.toml` card, streamed until the scenario's NEEDS_RESET ends the
+/// stream.
+fn streamed_into_needs_reset() -> DriverRig {
     let needs_reset = scenario("needs-reset.toml");
     let mut rig = rig(
         &["--clock", "free", "--scenario", &needs_reset],
@@ -300,6 +299,27 @@ fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
     rig.driver.start(&mut rig.wait).expect("START");
     let ended = rig.stream(&mut verifier, 16, 4096, 2_000_000, Resubmit::Each);
     assert!(ended.is_err(), "the scenario's NEEDS_RESET ends the stream");
+    rig
+}
+
+/// Resets the device, takes every read back, starts again and streams 100 000 frames, every
+/// sample verified.
+fn recover_and_stream_again(rig: &mut DriverRig) {
+    rig.driver.recover(&mut rig.wait).expect("reset");
+    while rig.driver.next_completion().is_some() {}
+    rig.driver
+        .start(&mut rig.wait)
+        .expect("START after the reset");
+    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
+    stream(rig, &mut verifier, 16, 4096, 100_000);
+    assert_eq!(verifier.stats().errors, 0, "streams again after the reset");
+}
+
+/// spec: [4-3] [6.13-1] NEEDS_RESET: `state`, a configuration-change notification that the
+/// frontend relays (CONFIG_CHANGE_MSG), and the event; the driver recovers.
+#[test]
+fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
+    let mut rig = streamed_into_needs_reset();
     assert!(
         service_until(&mut rig, |rig| rig.driver.stats().config_changes >= 1),
         "a configuration-change interrupt arrived (CONFIG_CHANGE_MSG went out and was relayed)"
@@ -312,14 +332,7 @@ fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
         rig.driver.config().expect("config").state,
         vdaq_wire::DeviceState::NeedsReset as u8
     );
-    rig.driver.recover(&mut rig.wait).expect("reset");
-    while rig.driver.next_completion().is_some() {}
-    rig.driver
-        .start(&mut rig.wait)
-        .expect("START after the reset");
-    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
-    stream(&mut rig, &mut verifier, 16, 4096, 100_000);
-    assert_eq!(verifier.stats().errors, 0, "streams again after the reset");
+    recover_and_stream_again(&mut rig);
     // Longer than the loopback frontend's lag on a backend request.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(rig.config_changes_while_stopped(), 0);
@@ -331,27 +344,12 @@ fn needs_reset_reaches_the_driver_as_a_configuration_change_and_is_recovered() {
 /// takes its time with backend requests, as QEMU's main loop does on a loaded host.
 #[test]
 fn a_driver_resetting_at_once_on_needs_reset_never_stops_the_device_under_an_unread_notification() {
-    let needs_reset = scenario("needs-reset.toml");
-    let mut rig = rig(
-        &["--clock", "free", "--scenario", &needs_reset],
-        DriverOptions::default(),
-        Duration::from_secs(60),
-    );
-    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
-    rig.driver.start(&mut rig.wait).expect("START");
-    let ended = rig.stream(&mut verifier, 16, 4096, 2_000_000, Resubmit::Each);
-    assert!(ended.is_err(), "the scenario's NEEDS_RESET ends the stream");
+    let mut rig = streamed_into_needs_reset();
     assert!(
         service_until(&mut rig, |rig| rig.driver.needs_reset()),
         "the driver learns of NEEDS_RESET"
     );
-    rig.driver.recover(&mut rig.wait).expect("reset");
-    while rig.driver.next_completion().is_some() {}
-    rig.driver
-        .start(&mut rig.wait)
-        .expect("START after the reset");
-    let mut verifier = StreamVerifier::new(SampleFormat::S16, 4, true);
-    stream(&mut rig, &mut verifier, 16, 4096, 100_000);
+    recover_and_stream_again(&mut rig);
     // Longer than the loopback frontend's lag on a backend request.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(

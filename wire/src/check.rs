@@ -343,12 +343,9 @@ pub fn consume_only_rate(
     min_ns: u64,
     now_ns: impl Fn() -> u64,
 ) -> f64 {
-    let frame_bytes = format.sample_bytes() * usize::from(channels);
-    if buffer_len <= HEADER_SIZE || frame_bytes == 0 || ring.len() < buffer_len {
+    let Some((frames, used)) = whole_frames(format, channels, ring.len(), buffer_len) else {
         return 0.0;
-    }
-    let frames = (buffer_len - HEADER_SIZE) / frame_bytes;
-    let used = HEADER_SIZE + frames * frame_bytes;
+    };
     let mut first_frame = 0u64;
     for (sequence, bytes) in ring.chunks_exact_mut(buffer_len).enumerate() {
         let header = BufferHeader {
@@ -394,12 +391,9 @@ pub fn touch_only_rate(
     min_ns: u64,
     now_ns: impl Fn() -> u64,
 ) -> f64 {
-    let frame_bytes = format.sample_bytes() * usize::from(channels);
-    if buffer_len <= HEADER_SIZE + frame_bytes || frame_bytes == 0 || ring.len() < buffer_len {
+    let Some((_, used)) = whole_frames(format, channels, ring.len(), buffer_len) else {
         return 0.0;
-    }
-    let frames = (buffer_len - HEADER_SIZE) / frame_bytes;
-    let used = HEADER_SIZE + frames * frame_bytes;
+    };
     let start = now_ns();
     let mut touched = 0u64;
     let mut fold = 0u64;
@@ -414,6 +408,22 @@ pub fn touch_only_rate(
         elapsed = now_ns().saturating_sub(start);
     }
     touched as f64 / (1024.0 * 1024.0) / (elapsed.max(1) as f64 / 1e9)
+}
+
+/// The frames a buffer of `buffer_len` bytes holds and its used length (header and whole
+/// frames), for the in-memory benchmarks; None if the buffer or the ring cannot hold one.
+fn whole_frames(
+    format: SampleFormat,
+    channels: u16,
+    ring_len: usize,
+    buffer_len: usize,
+) -> Option<(usize, usize)> {
+    let frame_bytes = format.sample_bytes() * usize::from(channels);
+    if buffer_len <= HEADER_SIZE || frame_bytes == 0 || ring_len < buffer_len {
+        return None;
+    }
+    let frames = (buffer_len - HEADER_SIZE) / frame_bytes;
+    Some((frames, HEADER_SIZE + frames * frame_bytes))
 }
 
 /// XOR of every eight-byte word of `bytes` (a trailing partial word is folded as well); four
@@ -443,17 +453,20 @@ mod tests {
 
     const FRAME: usize = 4; // 2 × S16
 
-    #[test]
-    fn consume_only_rate_verifies_the_stream_it_fills() {
-        use core::cell::Cell;
-        // A clock that advances 1 ms per reading: the rate follows from the bytes verified.
-        let ticks = Cell::new(0u64);
-        let now = || {
+    /// A clock that advances 1 ms per reading: a benchmark's rate follows from its bytes.
+    fn millisecond_clock() -> impl Fn() -> u64 {
+        let ticks = core::cell::Cell::new(0u64);
+        move || {
             ticks.set(ticks.get() + 1_000_000);
             ticks.get()
-        };
+        }
+    }
+
+    #[test]
+    fn consume_only_rate_verifies_the_stream_it_fills() {
+        let now = millisecond_clock();
         let mut ring = [0u8; 3 * 256];
-        let rate = consume_only_rate(SampleFormat::S16, 2, &mut ring, 256, 1, now);
+        let rate = consume_only_rate(SampleFormat::S16, 2, &mut ring, 256, 1, &now);
         // One pass of three buffers, each 192 payload bytes (48 frames), in 1 ms.
         let expected = 3.0 * 192.0 / (1024.0 * 1024.0) / 1e-3;
         assert!((rate - expected).abs() < 1e-9, "{rate} vs {expected}");
@@ -462,25 +475,20 @@ mod tests {
             assert!(verifier.check(chunk, HEADER_SIZE + 192).is_ok());
         }
         assert_eq!(
-            consume_only_rate(SampleFormat::S16, 2, &mut ring, 32, 1, now),
+            consume_only_rate(SampleFormat::S16, 2, &mut ring, 32, 1, &now),
             0.0
         );
     }
 
     #[test]
     fn touch_only_rate_reads_the_payload_the_verifier_would() {
-        use core::cell::Cell;
-        let ticks = Cell::new(0u64);
-        let now = || {
-            ticks.set(ticks.get() + 1_000_000);
-            ticks.get()
-        };
+        let now = millisecond_clock();
         let ring = [0u8; 3 * 256];
-        let rate = touch_only_rate(SampleFormat::S16, 2, &ring, 256, 1, now);
+        let rate = touch_only_rate(SampleFormat::S16, 2, &ring, 256, 1, &now);
         let expected = 3.0 * 192.0 / (1024.0 * 1024.0) / 1e-3;
         assert!((rate - expected).abs() < 1e-9, "{rate} vs {expected}");
         assert_eq!(
-            touch_only_rate(SampleFormat::S16, 2, &ring, 32, 1, now),
+            touch_only_rate(SampleFormat::S16, 2, &ring, 32, 1, &now),
             0.0
         );
     }

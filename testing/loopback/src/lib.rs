@@ -17,3 +17,16 @@ pub use arena::{ArenaHal, DmaBuffer};
 pub use process::BackendProcess;
 pub use rig::{DriverRig, HostWait, LoopbackDriver, Resubmit, RigError};
 pub use transport::{InterruptSource, InterruptThread, VhostUserTransport};
+
+/// The backend arguments of the loopback benchmarks (`cargo bench`, `vdaq bench`): a
+/// free-running clock, 4 channels × S16 counter, every buffer notified.
+pub const BENCH_BACKEND_ARGS: [&str; 8] = [
+    "--clock",
+    "free",
+    "--channels",
+    "4",
+    "--format",
+    "s16",
+    "--coalesce",
+    "1",
+];

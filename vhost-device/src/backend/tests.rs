@@ -1974,6 +1974,17 @@ fn config_changes_wait_for_the_frontend_to_run_the_device_and_a_reset_drops_them
     );
 }
 
+/// A paced rig whose backend-request channel waits for answers (REPLY_ACK), with one event
+/// buffer posted; returns the rig, the frontend's end of the channel and the event buffer.
+fn announcing_rig(mem: &GuestMemoryMmap<()>) -> (Rig<'_>, BackendChannel, u64) {
+    let mut rig = Rig::new(mem, ClockMode::Paced, 64);
+    let channel = BackendChannel::attach(&mut rig.backend, true);
+    let event_addr = rig.alloc(EVENT_SIZE as u64);
+    rig.make_available(queue::EVENT, &[(event_addr, EVENT_SIZE as u32, W)]);
+    rig.kick(queue::EVENT);
+    (rig, channel, event_addr)
+}
+
 /// Runs the backend's clock until `done` or five seconds pass; true if `done`.
 fn tick_until(rig: &mut Rig<'_>, mut done: impl FnMut(&Rig<'_>) -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1994,11 +2005,7 @@ fn tick_until(rig: &mut Rig<'_>, mut done: impl FnMut(&Rig<'_>) -> bool) -> bool
 fn needs_reset_shows_only_in_the_config_space_until_the_frontend_took_the_notification() {
     use crate::model::scenario::Action;
     let mem = memory();
-    let mut rig = Rig::new(&mem, ClockMode::Paced, 64);
-    let mut channel = BackendChannel::attach(&mut rig.backend, true);
-    let event_addr = rig.alloc(EVENT_SIZE as u64);
-    rig.make_available(queue::EVENT, &[(event_addr, EVENT_SIZE as u32, W)]);
-    rig.kick(queue::EVENT);
+    let (mut rig, mut channel, event_addr) = announcing_rig(&mem);
 
     let injected = Instant::now();
     rig.backend.inject(Action::NeedsReset);
@@ -2040,11 +2047,7 @@ fn needs_reset_shows_only_in_the_config_space_until_the_frontend_took_the_notifi
 fn needs_reset_is_shown_anyway_when_the_frontend_never_answers() {
     use crate::model::scenario::Action;
     let mem = memory();
-    let mut rig = Rig::new(&mem, ClockMode::Paced, 64);
-    let mut channel = BackendChannel::attach(&mut rig.backend, true);
-    let event_addr = rig.alloc(EVENT_SIZE as u64);
-    rig.make_available(queue::EVENT, &[(event_addr, EVENT_SIZE as u32, W)]);
-    rig.kick(queue::EVENT);
+    let (mut rig, mut channel, _) = announcing_rig(&mem);
     let injected = Instant::now();
     rig.backend.inject(Action::NeedsReset);
     assert!(channel.next().is_some(), "the notification went out");

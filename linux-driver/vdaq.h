@@ -77,6 +77,12 @@ struct vdaq_ctrl_buf {
 	u8 reply[VDAQ_REPLY_MAX];
 };
 
+/*
+ * Pages a read keeps inside its request, page array and scatterlist alike:
+ * 64 KiB at any offset. Larger reads allocate both.
+ */
+#define VDAQ_INLINE_PAGES	17
+
 enum vdaq_req_state {
 	VDAQ_REQ_NEW,		/* prepared, not yet on the data queue */
 	VDAQ_REQ_POSTED,	/* on vd->posted, the device may write it */
@@ -84,7 +90,9 @@ enum vdaq_req_state {
 };
 
 /*
- * One read: the caller's pages, pinned, as one descriptor chain.
+ * One read: the caller's pages, pinned, as one descriptor chain. Pinned by
+ * this driver (@pinned), or, for an io_uring registered buffer, by io_uring
+ * itself from registration until the read completes.
  * A synchronous read waits on @done and frees the request; an asynchronous
  * one is completed and freed by the bottom half through @iocb->ki_complete.
  */
@@ -103,8 +111,13 @@ struct vdaq_req {
 	long result;			/* bytes or -errno */
 	size_t len;
 	unsigned int nr_pages;
-	struct page **pages;
+	struct page **pages;		/* @inline_pages, or allocated */
+	bool pinned;			/* @pages are pinned by this driver */
+	bool sg_inline;			/* @sgt is over @inline_sg */
 	struct sg_table sgt;
+	/* last: not cleared when a request is allocated (vdaq_alloc_req) */
+	struct page *inline_pages[VDAQ_INLINE_PAGES];
+	struct scatterlist inline_sg[VDAQ_INLINE_PAGES];
 };
 
 struct vdaq_counters {
@@ -133,6 +146,7 @@ struct vdaq_counters {
 	u64 before_reset_delivered;
 	u64 before_reset_dropped;
 	u64 before_reset_pending;
+	u64 data_notifications;
 };
 
 struct vdaq_dev {
@@ -200,6 +214,7 @@ struct vdaq_dev {
 };
 
 extern struct workqueue_struct *vdaq_wq;
+extern struct kmem_cache *vdaq_req_cache;
 extern const struct file_operations vdaq_fops;
 extern unsigned int vdaq_cmd_timeout_ms;
 extern unsigned int vdaq_watchdog_ms;
@@ -216,8 +231,9 @@ bool vdaq_alive(struct vdaq_dev *vd);
 
 /* vdaq_chardev.c */
 void vdaq_complete_req(struct vdaq_req *req);
+bool vdaq_read_header(struct vdaq_req *req, struct vdaq_buffer_header *h);
 void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
-			unsigned int used);
+			unsigned int used, const struct vdaq_buffer_header *h);
 void vdaq_cancel_work(struct work_struct *work);
 void vdaq_poll_work(struct work_struct *work);
 int vdaq_add_req_locked(struct vdaq_dev *vd, struct vdaq_req *req,

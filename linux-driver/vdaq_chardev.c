@@ -5,7 +5,10 @@
  * One read = one request = one descriptor chain over the caller's own pages
  * (pinned with FOLL_LONGTERM: a read may stay posted for as long as the
  * device is stopped). The device writes header and frames straight into
- * them; the read returns the used length after validating it.
+ * them; the read returns the used length after validating it. A read into
+ * an io_uring registered buffer (IORING_OP_READ_FIXED) comes as a bio_vec
+ * iterator over pages io_uring pinned at registration and keeps pinned until
+ * the read completes: the driver pins nothing for it.
  *
  * Synchronous read(): posts its request and sleeps until it completes.
  * Asynchronous reads (io_uring, Linux AIO): posted from .read_iter, which
@@ -19,7 +22,9 @@
  */
 
 #include <linux/aio.h>
+#include <linux/bvec.h>
 #include <linux/fs.h>
+#include <linux/highmem.h>
 #include <linux/kallsyms.h>
 #include <linux/mm.h>
 #include <linux/pci.h>
@@ -39,15 +44,36 @@
 #define VDAQ_MAX_READ_BYTES	(VDAQ_MAX_CHAIN_DESCRIPTORS * PAGE_SIZE)
 
 /*
- * Checks a returned buffer (vd->lock held): used length, then the header
- * the device wrote into the caller's pages. Sets req->result.
+ * Copies the header the device wrote at the start of @req's buffer into @h;
+ * false if it cannot be read. Straight from the first page where the header
+ * lies in it (the usual case: one 64-byte copy, no scatterlist walk).
+ */
+bool vdaq_read_header(struct vdaq_req *req, struct vdaq_buffer_header *h)
+{
+	struct scatterlist *sg = req->sgt.sgl;
+	unsigned int offset = offset_in_page(sg->offset);
+	struct page *page = sg_page(sg) + (sg->offset >> PAGE_SHIFT);
+	void *kaddr;
+
+	if (sg->length < sizeof(*h) || offset + sizeof(*h) > PAGE_SIZE)
+		return sg_pcopy_to_buffer(sg, req->sgt.orig_nents, h,
+					  sizeof(*h), 0) == sizeof(*h);
+	kaddr = kmap_local_page(page);
+	memcpy(h, kaddr + offset, sizeof(*h));
+	kunmap_local(kaddr);
+	return true;
+}
+
+/*
+ * Checks a returned buffer (vd->lock held): used length, then @h, the copy
+ * of the header the device wrote into the caller's pages (NULL: it could
+ * not be read). Sets req->result.
  */
 void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
-			unsigned int used)
+			unsigned int used, const struct vdaq_buffer_header *h)
 {
 	unsigned int code = VDAQ_VIOLATION_HEADER_MALFORMED;
 	const char *what = "malformed buffer header";
-	struct vdaq_buffer_header h;
 	u64 payload, dropped;
 	unsigned int ss;
 
@@ -66,34 +92,34 @@ void vdaq_validate_used(struct vdaq_dev *vd, struct vdaq_req *req,
 		what = "used length under the header";
 		goto invalid;
 	}
-	if (sg_pcopy_to_buffer(req->sgt.sgl, req->sgt.orig_nents, &h,
-			       sizeof(h), 0) != sizeof(h))
+	if (!h)
 		goto fail;	/* our own copy failed: not the device's doing */
-	if (h.status == VDAQ_BUF_STATUS_BAD_BUFFER) {
+	if (h->status == VDAQ_BUF_STATUS_BAD_BUFFER) {
 		vd->cnt.rejected++;
 		goto fail;
 	}
-	if (h.status != VDAQ_BUF_STATUS_OK)
+	if (h->status != VDAQ_BUF_STATUS_OK)
 		goto invalid;
 	/* whole frames of the configured frame (spec 5.x.6.2) */
-	if (h.frame_count && (h.format != vd->format ||
-			      le16_to_cpu(h.channels) != vd->channels)) {
+	if (h->frame_count && (h->format != vd->format ||
+			       le16_to_cpu(h->channels) != vd->channels)) {
 		code = VDAQ_VIOLATION_HEADER_CONFIGURATION;
 		what = "header format or channels contradict the configuration";
 		goto invalid;
 	}
-	ss = vdaq_sample_bytes(h.format);
-	if (!ss || !h.channels)
+	ss = vdaq_sample_bytes(h->format);
+	if (!ss || !h->channels)
 		goto invalid;
-	payload = (u64)le32_to_cpu(h.frame_count) * le16_to_cpu(h.channels) * ss;
+	payload = (u64)le32_to_cpu(h->frame_count) *
+		  le16_to_cpu(h->channels) * ss;
 	if (payload != used - VDAQ_HEADER_SIZE) {
 		code = VDAQ_VIOLATION_HEADER_LENGTH;
 		what = "header frame count disagrees with the used length";
 		goto invalid;
 	}
-	dropped = le64_to_cpu(h.dropped_frames);
+	dropped = le64_to_cpu(h->dropped_frames);
 	vd->cnt.dropped_frames += dropped;
-	if (le16_to_cpu(h.flags) & VDAQ_BUF_OVERRUN)
+	if (le16_to_cpu(h->flags) & VDAQ_BUF_OVERRUN)
 		vd->cnt.overrun_buffers++;
 	vd->cnt.completed++;
 	vd->cnt.bytes += used;
@@ -116,8 +142,25 @@ fail:
 
 static void vdaq_free_req(struct vdaq_req *req)
 {
-	kvfree(req->pages);
-	kfree(req);
+	if (req->pages != req->inline_pages)
+		kvfree(req->pages);
+	kmem_cache_free(vdaq_req_cache, req);
+}
+
+/* Lets go of the buffer: the scatterlist, and the pins this driver took. */
+static void vdaq_release_buffer(struct vdaq_req *req, bool written)
+{
+	if (!req->sg_inline)
+		sg_free_table(&req->sgt);
+	if (req->pinned) {
+		if (written)
+			unpin_user_pages_dirty_lock(req->pages, req->nr_pages,
+						    true);
+		else
+			unpin_user_pages(req->pages, req->nr_pages);
+	}
+	req->pinned = false;
+	req->nr_pages = 0;
 }
 
 /* Unpins and hands the result over; no locks held. */
@@ -125,9 +168,7 @@ void vdaq_complete_req(struct vdaq_req *req)
 {
 	struct kiocb *iocb = req->iocb;
 
-	sg_free_table(&req->sgt);
-	unpin_user_pages_dirty_lock(req->pages, req->nr_pages, true);
-	req->nr_pages = 0;
+	vdaq_release_buffer(req, true);
 	if (iocb) {
 		/*
 		 * Free after ki_complete(): until AIO has taken the kiocb off
@@ -143,53 +184,139 @@ void vdaq_complete_req(struct vdaq_req *req)
 }
 
 /*
- * Pins the caller's buffer and builds its scatterlist. With @nowait
- * (IOCB_NOWAIT: io_uring's inline issue, RWF_NOWAIT) allocations are
- * GFP_NOWAIT (failing with -EAGAIN, and io_uring retries from a worker);
- * pinning may still fault the caller's pages in (see below).
+ * A request for @len bytes. Only the fields before the inline arrays are
+ * cleared: zeroing 1.2 KiB of page pointers and scatterlist entries per read
+ * costs more than the rest of the allocation, and each is set before use.
  */
-static struct vdaq_req *vdaq_prepare(struct vdaq_dev *vd, struct iov_iter *to,
-				     bool nowait)
+static struct vdaq_req *vdaq_alloc_req(struct vdaq_dev *vd, size_t len,
+				       gfp_t gfp)
 {
-	gfp_t gfp = nowait ? GFP_NOWAIT | __GFP_NOWARN : GFP_KERNEL;
-	unsigned long addr, first, last;
-	struct vdaq_req *req;
-	unsigned int frame;
-	size_t len = iov_iter_count(to);
-	int pinned, err;
+	struct vdaq_req *req = kmem_cache_alloc(vdaq_req_cache, gfp);
 
-	if (iter_is_ubuf(to))
-		addr = (unsigned long)to->ubuf + to->iov_offset;
-	else if (iter_is_iovec(to) && to->nr_segs == 1)
-		addr = (unsigned long)to->iov->iov_base + to->iov_offset;
-	else
-		return ERR_PTR(-EINVAL);	/* one buffer per read */
-
-	spin_lock_irq(&vd->lock);
-	frame = vd->frame_bytes;
-	spin_unlock_irq(&vd->lock);
-	if (!frame)
-		return ERR_PTR(-EIO);
-	if (len < VDAQ_HEADER_SIZE + frame || len > U32_MAX)
-		return ERR_PTR(-EINVAL);
-	first = addr >> PAGE_SHIFT;
-	last = (addr + len - 1) >> PAGE_SHIFT;
-	if (last - first + 1 > VDAQ_MAX_PAGES)
-		return ERR_PTR(-EINVAL);
-
-	req = kzalloc(sizeof(*req), gfp);
 	if (!req)
-		return ERR_PTR(nowait ? -EAGAIN : -ENOMEM);
+		return NULL;
+	memset(req, 0, offsetof(struct vdaq_req, inline_pages));
 	INIT_LIST_HEAD(&req->node);
 	init_completion(&req->done);
 	req->vd = vd;
 	req->len = len;
 	req->owner = current->files;
+	req->pages = req->inline_pages;
+	return req;
+}
+
+/*
+ * A scatterlist of @nents entries for @req: its inline one if big enough
+ * (sg_alloc_table() would allocate), else an allocated table.
+ */
+static int vdaq_alloc_sg(struct vdaq_req *req, unsigned int nents, gfp_t gfp)
+{
+	int err;
+
+	if (nents > VDAQ_MAX_CHAIN_DESCRIPTORS)
+		return -EINVAL;	/* the device takes at most 64 per chain */
+	if (nents <= VDAQ_INLINE_PAGES) {
+		sg_init_table(req->inline_sg, nents);
+		req->sgt.sgl = req->inline_sg;
+		req->sgt.nents = nents;
+		req->sgt.orig_nents = nents;
+		req->sg_inline = true;
+		return 0;
+	}
+	err = sg_alloc_table(&req->sgt, nents, gfp);
+	return err == -ENOMEM ? -EAGAIN : err;
+}
+
+/*
+ * One pass over the bio_vec pieces of @to's first @len bytes: counts their
+ * physically contiguous runs and, if @sg is not NULL, fills @sg with them
+ * (a piece may itself span contiguous pages: a huge page). 0: @to is
+ * shorter than @len.
+ */
+static unsigned int vdaq_bvec_runs(const struct iov_iter *to, size_t len,
+				   struct scatterlist *sg)
+{
+	const struct bio_vec *bv = to->bvec;
+	size_t skip = to->iov_offset, piece;
+	unsigned int runs = 0, i, offset;
+	phys_addr_t start, end = 0;
+	struct page *page;
+
+	for (i = 0; i < to->nr_segs && len; i++, skip = 0) {
+		if (skip >= bv[i].bv_len)
+			continue;
+		piece = min(len, bv[i].bv_len - skip);
+		offset = bv[i].bv_offset + skip;
+		page = bv[i].bv_page + (offset >> PAGE_SHIFT);
+		offset = offset_in_page(offset);
+		start = page_to_phys(page) + offset;
+		if (runs && start == end) {
+			if (sg)
+				sg->length += piece;
+		} else {
+			if (sg && runs)
+				sg = sg_next(sg);
+			if (sg)
+				sg_set_page(sg, page, piece, offset);
+			runs++;
+		}
+		end = start + piece;
+		len -= piece;
+	}
+	return len ? 0 : runs;
+}
+
+/*
+ * The scatterlist of a read into an io_uring registered buffer, over pages
+ * io_uring holds pinned until the read completes.
+ */
+static int vdaq_map_bvec(struct vdaq_req *req, const struct iov_iter *to,
+			 gfp_t gfp)
+{
+	unsigned int runs = vdaq_bvec_runs(to, req->len, NULL);
+	int err;
+
+	if (!runs)
+		return -EFAULT;
+	err = vdaq_alloc_sg(req, runs, gfp);
+	if (err)
+		return err;
+	vdaq_bvec_runs(to, req->len, req->sgt.sgl);
+	return 0;
+}
+
+/* Whether pinned page @i of @req directly follows page i - 1 in memory. */
+static bool vdaq_page_continues(const struct vdaq_req *req, unsigned int i)
+{
+	return page_to_pfn(req->pages[i]) == page_to_pfn(req->pages[i - 1]) + 1;
+}
+
+/*
+ * Pins the caller's pages at @addr and builds their scatterlist, one entry
+ * per physically contiguous run (a transparent huge page makes a whole read
+ * one descriptor): by hand for a read that fits the inline arrays, as
+ * sg_alloc_table_from_pages_segment() would but without its allocation,
+ * else with it.
+ */
+static int vdaq_pin_user(struct vdaq_req *req, unsigned long addr, gfp_t gfp)
+{
+	unsigned long first = addr >> PAGE_SHIFT;
+	unsigned long last = (addr + req->len - 1) >> PAGE_SHIFT;
+	size_t left = req->len, len;
+	unsigned int offset = offset_in_page(addr), i, nents;
+	struct scatterlist *sg;
+	int pinned, err;
+
+	if (last - first + 1 > VDAQ_MAX_PAGES)
+		return -EINVAL;
 	req->nr_pages = last - first + 1;
-	req->pages = kvmalloc_array(req->nr_pages, sizeof(*req->pages), gfp);
-	if (!req->pages) {
-		err = nowait ? -EAGAIN : -ENOMEM;
-		goto err_free;
+	if (req->nr_pages > VDAQ_INLINE_PAGES) {
+		req->pages = kvmalloc_array(req->nr_pages, sizeof(*req->pages),
+					    gfp);
+		if (!req->pages) {
+			req->pages = req->inline_pages;
+			return -EAGAIN;
+		}
 	}
 	/*
 	 * Pinning may fault the pages in, also under IOCB_NOWAIT, as block
@@ -203,37 +330,95 @@ static struct vdaq_req *vdaq_prepare(struct vdaq_dev *vd, struct iov_iter *to,
 	if (pinned != req->nr_pages) {
 		if (pinned > 0)
 			unpin_user_pages(req->pages, pinned);
-		err = pinned < 0 ? pinned : -EFAULT;
-		goto err_free;
+		return pinned < 0 ? pinned : -EFAULT;
 	}
-	err = sg_alloc_table_from_pages_segment(&req->sgt, req->pages,
-						req->nr_pages,
-						offset_in_page(addr), len,
-						SZ_1G, gfp);
-	if (err) {
-		err = nowait ? -EAGAIN : err;
+	req->pinned = true;
+	if (req->nr_pages > VDAQ_INLINE_PAGES) {
+		err = sg_alloc_table_from_pages_segment(&req->sgt, req->pages,
+							req->nr_pages, offset,
+							req->len, SZ_1G, gfp);
+		if (!err && req->sgt.orig_nents > VDAQ_MAX_CHAIN_DESCRIPTORS) {
+			sg_free_table(&req->sgt);
+			err = -EINVAL;
+		}
+		if (err)
+			goto err_unpin;
+		return 0;
+	}
+	for (i = 1, nents = 1; i < req->nr_pages; i++)
+		nents += !vdaq_page_continues(req, i);
+	err = vdaq_alloc_sg(req, nents, gfp);
+	if (err)
 		goto err_unpin;
+	sg = req->sgt.sgl;
+	for (i = 0; i < req->nr_pages; i++) {
+		len = min_t(size_t, left, PAGE_SIZE - offset);
+		if (i && vdaq_page_continues(req, i)) {
+			sg->length += len;
+		} else {
+			if (i)
+				sg = sg_next(sg);
+			sg_set_page(sg, req->pages[i], len, offset);
+		}
+		left -= len;
+		offset = 0;
 	}
-	/* the device takes at most 64 descriptors per chain (indirect too) */
-	if (req->sgt.orig_nents > VDAQ_MAX_CHAIN_DESCRIPTORS) {
-		err = -EINVAL;
-		sg_free_table(&req->sgt);
-		goto err_unpin;
-	}
-	return req;
+	return 0;
 
 err_unpin:
 	unpin_user_pages(req->pages, req->nr_pages);
-err_free:
-	vdaq_free_req(req);
-	return ERR_PTR(err);
+	req->pinned = false;
+	return err == -ENOMEM ? -EAGAIN : err;
+}
+
+/*
+ * Takes hold of the caller's buffer and builds its scatterlist. With
+ * @nowait (IOCB_NOWAIT: io_uring's inline issue, RWF_NOWAIT) allocations are
+ * GFP_NOWAIT (failing with -EAGAIN, and io_uring retries from a worker).
+ */
+static struct vdaq_req *vdaq_prepare(struct vdaq_dev *vd, struct iov_iter *to,
+				     bool nowait)
+{
+	gfp_t gfp = nowait ? GFP_NOWAIT | __GFP_NOWARN : GFP_KERNEL;
+	unsigned long addr = 0;
+	struct vdaq_req *req;
+	unsigned int frame;
+	size_t len = iov_iter_count(to);
+	int err;
+
+	if (iter_is_ubuf(to))
+		addr = (unsigned long)to->ubuf + to->iov_offset;
+	else if (iter_is_iovec(to) && to->nr_segs == 1)
+		addr = (unsigned long)to->iov->iov_base + to->iov_offset;
+	else if (!iov_iter_is_bvec(to))
+		return ERR_PTR(-EINVAL);	/* one buffer per read */
+
+	spin_lock_irq(&vd->lock);
+	frame = vd->frame_bytes;
+	spin_unlock_irq(&vd->lock);
+	if (!frame)
+		return ERR_PTR(-EIO);
+	if (len < VDAQ_HEADER_SIZE + frame || len > U32_MAX)
+		return ERR_PTR(-EINVAL);
+
+	req = vdaq_alloc_req(vd, len, gfp);
+	if (!req)
+		return ERR_PTR(nowait ? -EAGAIN : -ENOMEM);
+	if (iov_iter_is_bvec(to))
+		err = vdaq_map_bvec(req, to, gfp);
+	else
+		err = vdaq_pin_user(req, addr, gfp);
+	if (err) {
+		vdaq_free_req(req);
+		return ERR_PTR(err == -EAGAIN && !nowait ? -ENOMEM : err);
+	}
+	return req;
 }
 
 /* Releases a request that was never posted. */
 static void vdaq_discard_req(struct vdaq_req *req)
 {
-	sg_free_table(&req->sgt);
-	unpin_user_pages(req->pages, req->nr_pages);
+	vdaq_release_buffer(req, false);
 	vdaq_free_req(req);
 }
 
@@ -269,8 +454,10 @@ int vdaq_add_req_locked(struct vdaq_dev *vd, struct vdaq_req *req,
 	vd->nr_posted++;
 	if (req->iio)
 		vd->nr_iio_posted++;
-	if (virtqueue_kick_prepare(vq))
+	if (virtqueue_kick_prepare(vq)) {
 		*notify = true;
+		vd->cnt.data_notifications++;
+	}
 	if (vd->nr_posted == 1 && vdaq_watchdog_ms)
 		queue_delayed_work(vdaq_wq, &vd->watchdog,
 				   msecs_to_jiffies(vdaq_watchdog_ms));
@@ -477,7 +664,8 @@ static ssize_t vdaq_read_iter(struct kiocb *iocb, struct iov_iter *to)
 
 	if (!iov_iter_count(to))
 		return 0;
-	if (!user_backed_iter(to))
+	/* the caller's memory, or pages a registered buffer holds pinned */
+	if (!user_backed_iter(to) && !iov_iter_is_bvec(to))
 		return -EINVAL;
 	if (READ_ONCE(vd->iio_claimed))
 		return -EBUSY;	/* checked again, under the lock, when posting */
@@ -798,6 +986,7 @@ static long vdaq_ioctl_stats(struct vdaq_dev *vd, void __user *argp)
 	s.before_reset_delivered = vd->cnt.before_reset_delivered;
 	s.before_reset_dropped = vd->cnt.before_reset_dropped;
 	s.before_reset_pending = vd->cnt.before_reset_pending;
+	s.data_notifications = vd->cnt.data_notifications;
 	spin_unlock_irq(&vd->lock);
 	return copy_to_user(argp, &s, sizeof(s)) ? -EFAULT : 0;
 }

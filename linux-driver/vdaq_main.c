@@ -47,6 +47,7 @@ MODULE_PARM_DESC(watchdog_ms,
 		 "While reads are posted, look for completions without an interrupt this often (ms, 0 = off)");
 
 struct workqueue_struct *vdaq_wq;
+struct kmem_cache *vdaq_req_cache;
 static DEFINE_IDA(vdaq_ida);
 
 static void vdaq_release(struct kref *kref)
@@ -247,22 +248,18 @@ static void vdaq_post_event_buf(struct vdaq_dev *vd, struct vdaq_event *buf)
 }
 
 /*
- * Whether the header of a read the device returned carries the next
- * `sequence` (the device numbers completed buffers one by one, spec
+ * Whether the header @h (NULL: none) of a read the device returned carries
+ * the next `sequence` (the device numbers completed buffers one by one, spec
  * 5.x.6.1); vd->lock held. Reads without a completed header say nothing.
  */
-static bool vdaq_sequence_follows(struct vdaq_dev *vd, struct vdaq_req *req,
-				  unsigned int used)
+static bool vdaq_sequence_follows(struct vdaq_dev *vd,
+				  const struct vdaq_buffer_header *h)
 {
-	struct vdaq_buffer_header h;
 	u64 sequence;
 
-	if (used < VDAQ_HEADER_SIZE || used > req->len ||
-	    sg_pcopy_to_buffer(req->sgt.sgl, req->sgt.orig_nents, &h,
-			       sizeof(h), 0) != sizeof(h) ||
-	    h.status != VDAQ_BUF_STATUS_OK)
+	if (!h || h->status != VDAQ_BUF_STATUS_OK)
 		return true;
-	sequence = le64_to_cpu(h.sequence);
+	sequence = le64_to_cpu(h->sequence);
 	if (vd->sequence_known && sequence != vd->next_sequence)
 		return false;
 	vd->next_sequence = sequence + 1;
@@ -298,6 +295,7 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 				     struct list_head *done, bool repost)
 {
 	struct virtqueue *vq = vd->vqs[q];
+	struct vdaq_buffer_header h, *header;
 	struct vdaq_event *ev;
 	struct vdaq_req *req;
 	unsigned int len, n = 0;
@@ -309,10 +307,15 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 		switch (q) {
 		case VDAQ_QUEUE_DATA:
 			req = token;
+			/* one copy of the header serves every check */
+			header = NULL;
+			if (len >= VDAQ_HEADER_SIZE && len <= req->len &&
+			    vdaq_read_header(req, &h))
+				header = &h;
 			if (vd->data_untrusted ||
 			    req != list_first_entry(&vd->posted, struct vdaq_req,
 						    node) ||
-			    !vdaq_sequence_follows(vd, req, len)) {
+			    !vdaq_sequence_follows(vd, header)) {
 				vdaq_suspect_req(vd, req);
 				break;
 			}
@@ -320,7 +323,7 @@ static unsigned int vdaq_drain_queue(struct vdaq_dev *vd, unsigned int q,
 			vd->nr_posted--;
 			if (req->iio)
 				vd->nr_iio_posted--;
-			vdaq_validate_used(vd, req, len);
+			vdaq_validate_used(vd, req, len, header);
 			req->state = VDAQ_REQ_DONE;
 			list_add_tail(&req->node, done);
 			break;
@@ -746,6 +749,7 @@ VDAQ_COUNTER_ATTR(watchdog_recoveries);
 VDAQ_COUNTER_ATTR(violations);
 VDAQ_COUNTER_ATTR(first_violation);
 VDAQ_COUNTER_ATTR(unknown_events);
+VDAQ_COUNTER_ATTR(data_notifications);
 
 static ssize_t pending_show(struct device *dev, struct device_attribute *attr,
 			    char *buf)
@@ -816,6 +820,7 @@ static struct attribute *vdaq_attrs[] = {
 	&dev_attr_violations.attr,
 	&dev_attr_first_violation.attr,
 	&dev_attr_unknown_events.attr,
+	&dev_attr_data_notifications.attr,
 	&dev_attr_features.attr,
 	&dev_attr_state.attr,
 	NULL,
@@ -1029,7 +1034,7 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_event, arg0) != 16);
 	BUILD_BUG_ON(sizeof(struct vdaq_info) != 168);
 	BUILD_BUG_ON(sizeof(struct vdaq_events) != 8 + VDAQ_EVENTS_MAX * 32);
-	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 26 * 8);
+	BUILD_BUG_ON(sizeof(struct vdaq_stats) != 27 * 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_cmd_hdr) != 8);
 	BUILD_BUG_ON(sizeof(struct vdaq_resp_hdr) != 8);
 	BUILD_BUG_ON(offsetof(struct vdaq_ctrl_buf, payload) != 8);
@@ -1040,12 +1045,20 @@ static int __init vdaq_init(void)
 	int err;
 
 	vdaq_check_layouts();
-	vdaq_wq = alloc_workqueue("vdaq", WQ_HIGHPRI, 0);
-	if (!vdaq_wq)
+	/* a read's request comes from here: no zeroing of its inline arrays */
+	vdaq_req_cache = KMEM_CACHE(vdaq_req, 0);
+	if (!vdaq_req_cache)
 		return -ENOMEM;
+	vdaq_wq = alloc_workqueue("vdaq", WQ_HIGHPRI, 0);
+	if (!vdaq_wq) {
+		kmem_cache_destroy(vdaq_req_cache);
+		return -ENOMEM;
+	}
 	err = register_virtio_driver(&vdaq_driver);
-	if (err)
+	if (err) {
 		destroy_workqueue(vdaq_wq);
+		kmem_cache_destroy(vdaq_req_cache);
+	}
 	return err;
 }
 
@@ -1054,6 +1067,7 @@ static void __exit vdaq_exit(void)
 	/* removes every device: each drains and resets, see vdaq_remove() */
 	unregister_virtio_driver(&vdaq_driver);
 	destroy_workqueue(vdaq_wq);
+	kmem_cache_destroy(vdaq_req_cache);
 }
 
 module_init(vdaq_init);

@@ -315,6 +315,10 @@ pub struct RunArgs {
     /// The card's FIFO depth in frames (default: the backend's; 4096 in --mode overrun).
     #[arg(long)]
     pub fifo_frames: Option<u32>,
+    /// Linux guest: plain io_uring reads, the driver pinning each read's pages, instead of
+    /// reads into io_uring registered buffers (READ_FIXED: pinned once, at registration).
+    #[arg(long)]
+    pub plain_reads: bool,
     /// Linux guest: serve the card with iiod on this host port (QEMU user networking,
     /// 127.0.0.1 only) instead of running a test; the VM runs until Ctrl-C. Then e.g.
     /// `iio_info -u ip:127.0.0.1:PORT`.
@@ -359,6 +363,9 @@ impl RunArgs {
         match self.common.guest {
             GuestKind::BareMetal if self.iiod.is_some() => {
                 Err(GuestMismatch::LinuxOption("--iiod"))
+            }
+            GuestKind::BareMetal if self.plain_reads => {
+                Err(GuestMismatch::LinuxOption("--plain-reads"))
             }
             GuestKind::BareMetal => match self.mode {
                 Mode::Cancel
@@ -462,6 +469,9 @@ impl RunArgs {
         ];
         if self.plot.is_some() {
             guest_args.push(format!("vdaq.progress_ms={}", crate::plots::PROGRESS_MS));
+        }
+        if self.plain_reads {
+            guest_args.push("vdaq.registered=0".into());
         }
         RunConfig {
             qemu: tools.qemu.clone(),
@@ -651,6 +661,28 @@ mod tests {
             check(&["--guest", "linux", "--hash"]),
             Err(GuestMismatch::BareMetalOnly("--hash"))
         );
+        assert_eq!(
+            check(&["--plain-reads"]),
+            Err(GuestMismatch::LinuxOption("--plain-reads"))
+        );
+        assert_eq!(check(&["--guest", "linux", "--plain-reads"]), Ok(()));
+    }
+
+    #[test]
+    fn plain_reads_reach_the_linux_application() {
+        let tools = Tools {
+            qemu: "qemu".into(),
+            backend: "backend".into(),
+            guest: vdaq_launcher::session::GuestImage::BareMetal("guest".into()),
+        };
+        let registered = run_args(&["--guest", "linux"]).run_config(&tools, Accel::Tcg, false);
+        assert!(!registered
+            .guest_args
+            .iter()
+            .any(|a| a.contains("registered")));
+        let plain = run_args(&["--guest", "linux", "--plain-reads"]);
+        let config = plain.run_config(&tools, Accel::Tcg, false);
+        assert!(config.guest_args.contains(&"vdaq.registered=0".to_string()));
     }
 
     #[test]

@@ -129,6 +129,7 @@ fn configuration(
         deterministic: false,
         frames: 0,
         hash: false,
+        plain_reads: false,
         iiod: None,
         fifo_frames: None,
         signal: SignalKind::Counter,

@@ -89,6 +89,16 @@ impl BufferPool {
         unsafe { self.first.add(index * self.stride).as_ptr() }
     }
 
+    /// Every buffer as an iovec, in index order: what io_uring registers for READ_FIXED.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.count)
+            .map(|index| libc::iovec {
+                iov_base: self.ptr(index).cast(),
+                iov_len: self.len,
+            })
+            .collect()
+    }
+
     /// The bytes of buffer `index`. Callers hold no read in flight on it (the kernel writes it
     /// then): `Reader` calls this only for buffers whose completion it has taken.
     pub fn slice(&self, index: usize) -> &[u8] {
@@ -130,6 +140,10 @@ mod tests {
             assert!(pool.slice(i).iter().all(|&b| b == 0));
         }
         assert!(pool.ptr(1) as usize >= pool.ptr(0) as usize + 5000);
+        let iovecs = pool.iovecs();
+        assert_eq!(iovecs.len(), 3);
+        assert_eq!(iovecs[2].iov_base.cast::<u8>(), pool.ptr(2));
+        assert_eq!(iovecs[2].iov_len, 5000);
         assert!(BufferPool::new(0, 4096).is_err());
         assert!(BufferPool::new(usize::MAX / 2, 4096).is_err());
     }

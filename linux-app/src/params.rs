@@ -64,6 +64,9 @@ pub struct Params {
     pub progress_ms: u64,
     /// Also measure the consume-only rate (benchmark), as the bare-metal guest does.
     pub consume_only: bool,
+    /// Read into io_uring registered buffers (IORING_OP_READ_FIXED: io_uring pins them once,
+    /// at registration) rather than with plain reads (the driver pins each read's pages).
+    pub registered_buffers: bool,
 }
 
 /// A parameter with a value the application cannot use.
@@ -127,6 +130,7 @@ impl Params {
             )?,
             progress_ms: number("PROGRESS_MS", 500, 10, 60_000)?,
             consume_only: number("CONSUME_ONLY", 0, 0, 1)? == 1,
+            registered_buffers: number("REGISTERED", 1, 0, 1)? == 1,
         })
     }
 }
@@ -156,6 +160,12 @@ mod tests {
         assert_eq!((p.duration_ms, p.reads, p.buffer), (3000, 16, 65536));
         assert!(!p.crc);
         assert!(!p.consume_only);
+        assert!(p.registered_buffers);
+        assert!(
+            !params(&[("VDAQ_REGISTERED", "0")])
+                .expect("valid")
+                .registered_buffers
+        );
     }
 
     #[test]

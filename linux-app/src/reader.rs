@@ -136,7 +136,10 @@ struct Reader<'p> {
     params: &'p Params,
     ring: IoUring,
     fd: types::Fd,
+    /// Declared after `ring`, so dropped after it: the ring may have the buffers registered.
     buffers: BufferPool,
+    /// The buffers are registered with the ring: reads are READ_FIXED of their index.
+    registered: bool,
     /// Channels per frame of the stream.
     channels: u16,
     /// Reads in flight, by buffer index: their buffers belong to the kernel.
@@ -178,10 +181,16 @@ struct Reader<'p> {
 
 impl Reader<'_> {
     fn submit(&mut self, index: usize) -> io::Result<()> {
-        let read = opcode::Read::new(self.fd, self.buffers.ptr(index), self.buffers.len() as u32)
-            .offset(0)
-            .build()
-            .user_data(index as u64);
+        let (ptr, len) = (self.buffers.ptr(index), self.buffers.len() as u32);
+        let read = if self.registered {
+            // `index` fits: at most 256 reads (params).
+            opcode::ReadFixed::new(self.fd, ptr, len, index as u16)
+                .offset(0)
+                .build()
+        } else {
+            opcode::Read::new(self.fd, ptr, len).offset(0).build()
+        }
+        .user_data(index as u64);
         // SAFETY: the buffer stays allocated and untouched by us until this read's completion
         // arrives: it is in `in_flight` until then, and `Reader`'s drop leaks every buffer
         // while any read is in flight (also when unwinding).
@@ -464,6 +473,25 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         .map_err(|e| Fatal("io_uring_setup failed", e))?;
     let buffers = BufferPool::new(params.reads, params.buffer)
         .map_err(|e| Fatal("cannot allocate read buffers", e))?;
+    let registered = params.registered_buffers && {
+        // SAFETY: the buffers stay mapped while the ring exists: `Reader` drops the ring
+        // before the pool, and leaks the pool while reads are in flight.
+        match unsafe { ring.submitter().register_buffers(&buffers.iovecs()) } {
+            Ok(()) => true,
+            Err(err) => {
+                println!("vdaq-app: cannot register the buffers ({err}): plain reads");
+                false
+            }
+        }
+    };
+    println!(
+        "vdaq-app: {}",
+        if registered {
+            "reads into io_uring registered buffers (READ_FIXED, pinned once)"
+        } else {
+            "plain io_uring reads (the driver pins each read)"
+        }
+    );
     if let Some(kib) = BufferPool::huge_page_kib() {
         println!(
             "vdaq-app: {} KiB of buffers, {kib} KiB on huge pages",
@@ -475,6 +503,7 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         ring,
         fd: types::Fd(device.raw_fd()),
         buffers,
+        registered,
         channels,
         in_flight: InFlight::new(params.reads),
         done: Vec::with_capacity(2 * params.reads),
@@ -848,6 +877,7 @@ fn fill_driver_stats(device: &Device, report: &mut Report<'_>) {
         report.watchdog_recoveries = stats.watchdog_recoveries;
         report.protocol_violations = stats.violations;
         report.unknown_events = stats.unknown_events;
+        report.data_notifications = stats.data_notifications;
     }
 }
 

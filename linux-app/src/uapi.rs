@@ -143,6 +143,8 @@ pub struct Stats {
     pub before_reset_dropped: u64,
     /// … pending.
     pub before_reset_pending: u64,
+    /// Notifications of the data queue the driver sent (kicks).
+    pub data_notifications: u64,
 }
 
 #[cfg(test)]
@@ -296,6 +298,10 @@ mod tests {
             (
                 "offsetof(struct vdaq_stats, before_reset_pending)",
                 u(offset_of!(Stats, before_reset_pending)),
+            ),
+            (
+                "offsetof(struct vdaq_stats, data_notifications)",
+                u(offset_of!(Stats, data_notifications)),
             ),
             ("VDAQ_IOC_GET_CONFIG", u64::from(GET_CONFIG)),
             ("VDAQ_IOC_CONFIGURE", u64::from(CONFIGURE)),

@@ -248,6 +248,7 @@ struct vdaq_stats {
 	__u64 before_reset_delivered;
 	__u64 before_reset_dropped;
 	__u64 before_reset_pending;
+	__u64 data_notifications;	/* data-queue notifications sent */
 };
 
 /*

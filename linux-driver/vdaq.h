@@ -115,7 +115,7 @@ struct vdaq_req {
 	bool pinned;			/* @pages are pinned by this driver */
 	bool sg_inline;			/* @sgt is over @inline_sg */
 	struct sg_table sgt;
-	/* last: not cleared when a request is allocated (vdaq_alloc_req) */
+	/* last: written before use, not when allocated (vdaq_alloc_req) */
 	struct page *inline_pages[VDAQ_INLINE_PAGES];
 	struct scatterlist inline_sg[VDAQ_INLINE_PAGES];
 };

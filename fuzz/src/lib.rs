@@ -127,6 +127,7 @@ impl<'m> Rig<'m> {
             source: None,
             record: None,
             allow_unsealed_memory: false,
+            poll: std::time::Duration::ZERO,
         })
         .expect("valid options");
         let features = u64::from(input.u8() & 0x3)
@@ -474,6 +475,7 @@ pub fn device_slot() -> vhost_device_daq::control::DeviceSlot {
         source: None,
         record: None,
         allow_unsealed_memory: false,
+        poll: std::time::Duration::ZERO,
     })
     .expect("valid options");
     std::sync::Arc::new(std::sync::Mutex::new(Some(std::sync::Arc::new(

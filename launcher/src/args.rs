@@ -315,6 +315,12 @@ pub struct RunArgs {
     /// The card's FIFO depth in frames (default: the backend's; 4096 in --mode overrun).
     #[arg(long)]
     pub fifo_frames: Option<u32>,
+    /// How long the card, holding no read buffer, watches the data queue for new ones before
+    /// it asks the guest for a notification, in µs (0: it asks at once). Spares the guest
+    /// its notifications, for a host core spinning meanwhile; `vdaq bench` uses 50.
+    #[arg(long, default_value_t = 0, value_name = "US",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub poll_us: u32,
     /// Linux guest: plain io_uring reads, the driver pinning each read's pages, instead of
     /// reads into io_uring registered buffers (READ_FIXED: pinned once, at registration).
     #[arg(long)]
@@ -453,6 +459,9 @@ impl RunArgs {
         } else if let Some(frames) = self.fifo_frames {
             backend_args.extend(["--fifo-frames".into(), frames.to_string()]);
         }
+        if self.poll_us > 0 {
+            backend_args.extend(["--poll-us".into(), self.poll_us.to_string()]);
+        }
         let mode = if self.iiod.is_some() {
             "iiod"
         } else {
@@ -518,6 +527,11 @@ pub struct BenchArgs {
     /// Print every figure as one JSON document on stdout (the tables go to stderr).
     #[arg(long)]
     pub json: bool,
+    /// How long the card watches the data queue before asking for a notification, in µs, in
+    /// the sweep and the loopback baseline (see `vdaq --poll-us`; 0 turns polling off).
+    #[arg(long, default_value_t = 50, value_name = "US",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub poll_us: u32,
 }
 
 /// Subcommands (without one, `vdaq` runs once).

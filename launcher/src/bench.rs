@@ -57,13 +57,16 @@ fn loopback_rate(
     reads: u32,
     buffer: u32,
     duration: f64,
+    poll_us: u32,
 ) -> Result<(f64, f64), String> {
     use std::time::{Duration, Instant};
     use vdaq_loopback::{BackendProcess, DriverRig, Resubmit};
     let run_for = Duration::from_secs_f64(duration.max(0.1));
-    let process =
-        BackendProcess::spawn_logging(backend, &vdaq_loopback::BENCH_BACKEND_ARGS, Some("warn"))
-            .map_err(|err| format!("loopback backend: {err}"))?;
+    let poll = poll_us.to_string();
+    let mut backend_args = vdaq_loopback::BENCH_BACKEND_ARGS.to_vec();
+    backend_args.extend(["--poll-us", &poll]);
+    let process = BackendProcess::spawn_logging(backend, &backend_args, Some("warn"))
+        .map_err(|err| format!("loopback backend: {err}"))?;
     let mut rig = DriverRig::connect(
         process.socket(),
         vdaq_driver::DriverOptions::default(),
@@ -129,6 +132,7 @@ fn configuration(
         deterministic: false,
         frames: 0,
         hash: false,
+        poll_us: 0,
         plain_reads: false,
         iiod: None,
         fifo_frames: None,
@@ -255,6 +259,13 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
     const SHAPES: [(u32, u32); 4] = [(8, 4096), (8, 65536), (64, 4096), (64, 65536)];
     say!(
         out,
+        "the card watches the data queue {} µs before asking for a notification (--poll-us)",
+        args.poll_us
+    );
+    out.figures
+        .insert("device_poll_us".into(), Value::from(args.poll_us));
+    say!(
+        out,
         "{:>6} {:>7} {:>14} {:>14}",
         "reads",
         "buffer",
@@ -266,7 +277,13 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
         if INTERRUPTED.load(Ordering::Acquire) {
             return Ok(false);
         }
-        match loopback_rate(&tools.backend, reads, buffer, args.duration.min(2.0)) {
+        match loopback_rate(
+            &tools.backend,
+            reads,
+            buffer,
+            args.duration.min(2.0),
+            args.poll_us,
+        ) {
             Ok((verified, completions)) => {
                 say!(
                     out,
@@ -320,7 +337,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
     for accel in accels {
         for (reads, buffer) in SHAPES {
             for (common, tools) in &guests {
-                let run = configuration(
+                let mut run = configuration(
                     common,
                     args.duration,
                     1_000_000,
@@ -329,6 +346,7 @@ fn sweep(args: &BenchArgs, out: &mut Output) -> Result<bool, Error> {
                     reads,
                     1,
                 );
+                run.poll_us = args.poll_us;
                 if INTERRUPTED.load(Ordering::Acquire) {
                     return Ok(false);
                 }

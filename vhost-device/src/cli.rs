@@ -334,6 +334,12 @@ struct Args {
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     seccomp: SeccompMode,
 
+    /// While running, watch the data queue for new read buffers this many µs after taking
+    /// the last before asking the driver for a notification (0: ask at once). Spares the guest the notifications
+    /// while it posts buffers back to back, for a host core that spins meanwhile.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    poll_us: u32,
+
     /// Period of the device's clock tick, in µs.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
     tick_us: u32,
@@ -469,6 +475,7 @@ where
                 source: None,
                 record: None,
                 allow_unsealed_memory: args.allow_unsealed_memory,
+                poll: Duration::from_micros(u64::from(args.poll_us)),
             },
             seccomp: args.seccomp,
         },

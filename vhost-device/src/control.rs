@@ -435,6 +435,7 @@ mod tests {
             source: None,
             record: None,
             allow_unsealed_memory: false,
+            poll: Duration::ZERO,
         })
         .expect("backend");
         Arc::new(Mutex::new(Some(Arc::new(RwLock::new(backend)))))

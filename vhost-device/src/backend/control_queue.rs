@@ -44,7 +44,7 @@ impl DaqBackend {
             self.update_timer();
             return Ok(());
         }
-        self.drain_available(control_vring, "control", |this, chain, mem| {
+        self.drain_available(control_vring, "control", false, |this, chain, mem| {
             let head = chain.head_index();
             match this.execute_command(chain, mem, vrings) {
                 Some(used_len) => {

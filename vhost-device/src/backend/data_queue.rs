@@ -17,7 +17,7 @@ impl DaqBackend {
         let Some(mem_handle) = self.memory() else {
             return Ok(());
         };
-        self.drain_available(vring, "data", |this, chain, mem| {
+        self.drain_available(vring, "data", true, |this, chain, mem| {
             let head = chain.head_index();
             if this.held_reads.contains(&head) {
                 this.errors.report("data", ChainError::AlreadyHeld);

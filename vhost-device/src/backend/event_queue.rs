@@ -20,7 +20,7 @@ pub(super) struct EventSlot {
 
 impl DaqBackend {
     pub(super) fn process_event_queue(&mut self, vring: &VringRwLock) -> io::Result<()> {
-        self.drain_available(vring, "event", |this, chain, mem| {
+        self.drain_available(vring, "event", false, |this, chain, mem| {
             let head = chain.head_index();
             if this.event_slots.iter().any(|slot| slot.head == head) {
                 this.errors.report("event", ChainError::AlreadyHeld);

@@ -100,7 +100,16 @@ pub struct DeviceOptions {
     pub record: Option<std::sync::Arc<std::fs::File>>,
     /// Accept guest memory in files the frontend could still shrink (not sealed).
     pub allow_unsealed_memory: bool,
+    /// How long the running device keeps looking at the data queue's available ring after
+    /// emptying it, before it asks the driver for a notification (zero: it asks at once).
+    /// A notification costs the driver's vCPU a trip through QEMU and the host kernel to wake
+    /// this process; polling spares it while the driver posts buffers back to back.
+    pub poll: Duration,
 }
+
+/// Longest one data-queue event keeps polling, however much it finds (or the poll time if
+/// longer): the timer, the control queue and the event queue wait meanwhile.
+const POLL_PER_EVENT: Duration = Duration::from_millis(1);
 
 /// The vhost-user backend of one vdaq device.
 pub struct DaqBackend {
@@ -291,18 +300,24 @@ impl DaqBackend {
 
     /// Pops every available chain of `vring`, handing each to `take`. Follows the EVENT_IDX
     /// protocol: notifications are off while draining and the ring is re-checked after
-    /// turning them back on, so a buffer made available in between is not missed.
+    /// turning them back on, so a buffer made available in between is not missed. With
+    /// `poll`, the ring is watched for [`DeviceOptions::poll`] after it is empty, before
+    /// notifications go back on.
     fn drain_available(
         &mut self,
         vring: &VringRwLock,
         queue_name: &'static str,
+        poll: bool,
         mut take: impl FnMut(&mut Self, DescriptorChain<MemorySnapshot>, &GuestMemoryMmap<()>),
     ) -> io::Result<()> {
         let Some(mem_handle) = self.memory() else {
             return Ok(());
         };
+        let event_start = Instant::now();
+        // Without EVENT_IDX notifications stay on, except while polling (NO_NOTIFY).
+        let suppress = self.event_idx || (poll && !self.options.poll.is_zero());
         loop {
-            if self.event_idx {
+            if suppress {
                 vring.disable_notification().map_err(to_io)?;
             }
             let mem = mem_handle.memory();
@@ -340,8 +355,52 @@ impl DaqBackend {
                 }
                 take(self, chain, &mem);
             }
-            if !self.event_idx || !vring.enable_notification().map_err(to_io)? {
+            if poll && self.poll_for_available(vring, &mem, event_start) {
+                continue;
+            }
+            if !suppress || !vring.enable_notification().map_err(to_io)? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Watches the available ring of `vring` (notifications still off) for up to
+    /// [`DeviceOptions::poll`], and no later than [`POLL_PER_EVENT`] (or the poll time) after
+    /// `event_start`.
+    /// True if a buffer was made available meanwhile. Only while the card runs: a stopped
+    /// card fills nothing.
+    fn poll_for_available(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap<()>,
+        event_start: Instant,
+    ) -> bool {
+        if self.options.poll.is_zero() || self.card.state() != vdaq_wire::DeviceState::Running {
+            return false;
+        }
+        let deadline = (Instant::now() + self.options.poll)
+            .min(event_start + self.options.poll.max(POLL_PER_EVENT));
+        let mut spins = 0u32;
+        loop {
+            let made_available = {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                virtio_queue::QueueT::avail_idx(queue, mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|avail| avail.0 != virtio_queue::QueueT::next_avail(queue))
+            };
+            if made_available {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 64 == 0 {
+                // Two cores here: QEMU's main loop (which injects the interrupts) may be
+                // waiting for this one.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
             }
         }
     }

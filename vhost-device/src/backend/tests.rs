@@ -23,7 +23,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -62,6 +62,16 @@ struct Rig<'a> {
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemoryMmap<()>, clock: ClockMode, fifo_frames: u32) -> Self {
+        Self::polling(mem, clock, fifo_frames, Duration::ZERO)
+    }
+
+    /// A rig whose device polls the data queue for `poll` ([`DeviceOptions::poll`]).
+    fn polling(
+        mem: &'a GuestMemoryMmap<()>,
+        clock: ClockMode,
+        fifo_frames: u32,
+        poll: Duration,
+    ) -> Self {
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mut backend = DaqBackend::new(DeviceOptions {
             settings: settings(clock),
@@ -76,6 +86,7 @@ impl<'a> Rig<'a> {
             source: None,
             record: None,
             allow_unsealed_memory: false,
+            poll,
         })
         .expect("backend");
         backend.update_memory(atomic.clone()).expect("memory");
@@ -308,6 +319,83 @@ fn free_running_stream_fills_posted_buffers_in_order() {
         let header = rig.assert_counter_payload(*addr);
         assert_eq!(header.sequence.get(), i as u64);
         assert_eq!(header.first_frame.get(), 100 * i as u64);
+    }
+}
+
+/// Two read buffers on the data queue, only the first of them made available yet: the
+/// avail index is set back to 1 (the second is published by `publish_second`).
+fn two_reads_one_published(rig: &mut Rig<'_>) -> (u16, u16, GuestAddress) {
+    let (first, _) = rig.post_read(16);
+    let (second, _) = rig.post_read(16);
+    let avail_idx = rig.queues[usize::from(queue::DATA)]
+        .avail_addr()
+        .unchecked_add(2);
+    rig.mem.write_obj(1u16, avail_idx).expect("avail idx");
+    (first, second, avail_idx)
+}
+
+/// A running device that polls finds a buffer the driver made available after the device
+/// emptied the ring, without being notified of it; then it asks for notifications again.
+#[test]
+fn a_polling_device_takes_a_buffer_made_available_while_it_watches_the_ring() {
+    let mem = memory();
+    let mut rig = Rig::polling(
+        &mem,
+        ClockMode::FreeRunning,
+        1024,
+        Duration::from_millis(500),
+    );
+    rig.backend
+        .acked_features(1 << feature::VIRTIO_F_VERSION_1 | 1 << feature::VIRTIO_F_EVENT_IDX);
+    rig.backend.set_event_idx(true);
+    rig.vrings[usize::from(queue::DATA)].set_queue_event_idx(true);
+    rig.command(opcode::START, &[], 8);
+    let (first, second, avail_idx) = two_reads_one_published(&mut rig);
+    std::thread::scope(|scope| {
+        let memory = &mem;
+        scope.spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            memory.write_obj(2u16, avail_idx).expect("avail idx");
+        });
+        rig.kick(queue::DATA);
+    });
+    let heads: Vec<u16> = rig.used(queue::DATA).iter().map(|&(h, _)| h).collect();
+    assert_eq!(heads, [first, second], "both taken on the one notification");
+    // Polling over, the device asks to be notified from the next buffer on (avail_event,
+    // after the used ring's 16 entries).
+    let used = rig.queues[usize::from(queue::DATA)].used_addr();
+    let avail_event: u16 = mem
+        .read_obj(used.unchecked_add(4 + 8 * u64::from(QUEUE_SIZE)))
+        .expect("avail_event");
+    assert_eq!(avail_event, 2);
+}
+
+/// Without polling (the default), or with the card stopped, a buffer made available later
+/// waits for its notification.
+#[test]
+fn a_device_that_does_not_poll_waits_for_the_notification() {
+    for (poll, start) in [(Duration::ZERO, true), (Duration::from_millis(100), false)] {
+        let mem = memory();
+        let mut rig = Rig::polling(&mem, ClockMode::FreeRunning, 1024, poll);
+        if start {
+            rig.command(opcode::START, &[], 8);
+        }
+        let (_, _, avail_idx) = two_reads_one_published(&mut rig);
+        std::thread::scope(|scope| {
+            let memory = &mem;
+            scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                memory.write_obj(2u16, avail_idx).expect("avail idx");
+            });
+            rig.kick(queue::DATA);
+        });
+        let used = rig.used(queue::DATA).len();
+        assert_eq!(used, usize::from(start), "poll {poll:?}, started {start}");
+        rig.kick(queue::DATA);
+        if !start {
+            rig.command(opcode::START, &[], 8);
+        }
+        assert_eq!(rig.used(queue::DATA).len(), 2, "the notification brings it");
     }
 }
 

@@ -219,105 +219,119 @@ static struct vdaq_req *vdaq_alloc_req(struct vdaq_dev *vd, size_t len,
 }
 
 /*
- * A scatterlist of @nents entries for @req: its inline one if big enough
- * (sg_alloc_table() would allocate), else an allocated table.
+ * Builds a scatterlist of physically contiguous runs, piece by piece, into
+ * @sgl (@max entries, written from scratch: no sg_init_table() memset, which
+ * TCG emulates byte by byte); runs past @max are only counted.
  */
-static int vdaq_alloc_sg(struct vdaq_req *req, unsigned int nents, gfp_t gfp)
-{
-	int err;
+struct vdaq_runs {
+	struct scatterlist *sgl;
+	unsigned int max;
+	unsigned int count;
+	phys_addr_t end;
+};
 
-	if (nents > VDAQ_MAX_CHAIN_DESCRIPTORS)
-		return -EINVAL;	/* the device takes at most 64 per chain */
-	if (nents <= VDAQ_INLINE_PAGES) {
-		sg_init_table(req->inline_sg, nents);
-		req->sgt.sgl = req->inline_sg;
-		req->sgt.nents = nents;
-		req->sgt.orig_nents = nents;
-		req->sg_inline = true;
-		return 0;
+static void vdaq_runs_add(struct vdaq_runs *runs, struct page *page,
+			  unsigned int offset, unsigned int len)
+{
+	phys_addr_t start = page_to_phys(page) + offset;
+	struct scatterlist *sg;
+
+	if (runs->count && start == runs->end) {
+		if (runs->count <= runs->max)
+			runs->sgl[runs->count - 1].length += len;
+	} else if (++runs->count <= runs->max) {
+		sg = &runs->sgl[runs->count - 1];
+		*sg = (struct scatterlist){};
+		sg_set_page(sg, page, len, offset);
 	}
-	err = sg_alloc_table(&req->sgt, nents, gfp);
-	return err == -ENOMEM ? -EAGAIN : err;
+	runs->end = start + len;
 }
 
 /*
- * One pass over the bio_vec pieces of @to's first @len bytes: counts their
- * physically contiguous runs and, if @sg is not NULL, fills @sg with them
- * (a piece may itself span contiguous pages: a huge page). 0: @to is
- * shorter than @len.
+ * Ends @runs as @req's scatterlist when it fit: true if it did (and it
+ * then lives in @req->sgt).
  */
-static unsigned int vdaq_bvec_runs(const struct iov_iter *to, size_t len,
-				   struct scatterlist *sg)
+static bool vdaq_runs_fit(struct vdaq_req *req, struct vdaq_runs *runs)
+{
+	if (!runs->count || runs->count > runs->max)
+		return false;
+	sg_mark_end(&runs->sgl[runs->count - 1]);
+	req->sgt.sgl = runs->sgl;
+	req->sgt.nents = runs->count;
+	req->sgt.orig_nents = runs->count;
+	return true;
+}
+
+/*
+ * Adds the bio_vec pieces of @to's first @len bytes to @runs (a piece may
+ * itself span contiguous pages: a huge page). False: @to is shorter.
+ */
+static bool vdaq_bvec_runs(const struct iov_iter *to, size_t len,
+			   struct vdaq_runs *runs)
 {
 	const struct bio_vec *bv = to->bvec;
 	size_t skip = to->iov_offset, piece;
-	unsigned int runs = 0, i, offset;
-	phys_addr_t start, end = 0;
-	struct page *page;
+	unsigned int i, offset;
 
 	for (i = 0; i < to->nr_segs && len; i++, skip = 0) {
 		if (skip >= bv[i].bv_len)
 			continue;
 		piece = min(len, bv[i].bv_len - skip);
 		offset = bv[i].bv_offset + skip;
-		page = bv[i].bv_page + (offset >> PAGE_SHIFT);
-		offset = offset_in_page(offset);
-		start = page_to_phys(page) + offset;
-		if (runs && start == end) {
-			if (sg)
-				sg->length += piece;
-		} else {
-			if (sg && runs)
-				sg = sg_next(sg);
-			if (sg)
-				sg_set_page(sg, page, piece, offset);
-			runs++;
-		}
-		end = start + piece;
+		vdaq_runs_add(runs, bv[i].bv_page + (offset >> PAGE_SHIFT),
+			      offset_in_page(offset), piece);
 		len -= piece;
 	}
-	return len ? 0 : runs;
+	return !len;
 }
 
 /*
  * The scatterlist of a read into an io_uring registered buffer, over pages
- * io_uring holds pinned until the read completes.
+ * io_uring holds pinned until the read completes: one pass into the inline
+ * scatterlist, a second into an allocated one if the runs do not fit it.
  */
 static int vdaq_map_bvec(struct vdaq_req *req, const struct iov_iter *to,
 			 gfp_t gfp)
 {
-	unsigned int runs = vdaq_bvec_runs(to, req->len, NULL);
+	struct vdaq_runs runs = {
+		.sgl = req->inline_sg, .max = VDAQ_INLINE_PAGES
+	};
 	int err;
 
-	if (!runs)
+	if (!vdaq_bvec_runs(to, req->len, &runs))
 		return -EFAULT;
-	err = vdaq_alloc_sg(req, runs, gfp);
+	if (vdaq_runs_fit(req, &runs)) {
+		req->sg_inline = true;
+		return 0;
+	}
+	if (runs.count > VDAQ_MAX_CHAIN_DESCRIPTORS)
+		return -EINVAL;	/* the device takes at most 64 per chain */
+	/* at most 64 entries: one chunk, no chaining */
+	err = sg_alloc_table(&req->sgt, runs.count, gfp);
 	if (err)
-		return err;
-	vdaq_bvec_runs(to, req->len, req->sgt.sgl);
+		return err == -ENOMEM ? -EAGAIN : err;
+	runs = (struct vdaq_runs){ .sgl = req->sgt.sgl, .max = req->sgt.nents };
+	vdaq_bvec_runs(to, req->len, &runs);
+	vdaq_runs_fit(req, &runs);
 	return 0;
-}
-
-/* Whether pinned page @i of @req directly follows page i - 1 in memory. */
-static bool vdaq_page_continues(const struct vdaq_req *req, unsigned int i)
-{
-	return page_to_pfn(req->pages[i]) == page_to_pfn(req->pages[i - 1]) + 1;
 }
 
 /*
  * Pins the caller's pages at @addr and builds their scatterlist, one entry
  * per physically contiguous run (a transparent huge page makes a whole read
- * one descriptor): by hand for a read that fits the inline arrays, as
- * sg_alloc_table_from_pages_segment() would but without its allocation,
- * else with it.
+ * one descriptor): by hand, into the inline arrays, for a read that fits
+ * them (as sg_alloc_table_from_pages_segment() would, without allocating),
+ * else with that helper.
  */
 static int vdaq_pin_user(struct vdaq_req *req, unsigned long addr, gfp_t gfp)
 {
 	unsigned long first = addr >> PAGE_SHIFT;
 	unsigned long last = (addr + req->len - 1) >> PAGE_SHIFT;
+	struct vdaq_runs runs = {
+		.sgl = req->inline_sg, .max = VDAQ_INLINE_PAGES
+	};
+	unsigned int offset = offset_in_page(addr), i;
 	size_t left = req->len, len;
-	unsigned int offset = offset_in_page(addr), i, nents;
-	struct scatterlist *sg;
 	int pinned, err;
 
 	if (last - first + 1 > VDAQ_MAX_PAGES)
@@ -358,24 +372,14 @@ static int vdaq_pin_user(struct vdaq_req *req, unsigned long addr, gfp_t gfp)
 			goto err_unpin;
 		return 0;
 	}
-	for (i = 1, nents = 1; i < req->nr_pages; i++)
-		nents += !vdaq_page_continues(req, i);
-	err = vdaq_alloc_sg(req, nents, gfp);
-	if (err)
-		goto err_unpin;
-	sg = req->sgt.sgl;
 	for (i = 0; i < req->nr_pages; i++) {
 		len = min_t(size_t, left, PAGE_SIZE - offset);
-		if (i && vdaq_page_continues(req, i)) {
-			sg->length += len;
-		} else {
-			if (i)
-				sg = sg_next(sg);
-			sg_set_page(sg, req->pages[i], len, offset);
-		}
+		vdaq_runs_add(&runs, req->pages[i], offset, len);
 		left -= len;
 		offset = 0;
 	}
+	/* at most 17 pages, so at most 17 runs: they fit */
+	req->sg_inline = vdaq_runs_fit(req, &runs);
 	return 0;
 
 err_unpin:

@@ -317,7 +317,7 @@ pub struct RunArgs {
     pub fifo_frames: Option<u32>,
     /// How long the card, holding no read buffer, watches the data queue for new ones before
     /// it asks the guest for a notification, in µs (0: it asks at once). Spares the guest
-    /// its notifications, for a host core spinning meanwhile; `vdaq bench` uses 50.
+    /// its notifications, for a host core spinning meanwhile; `vdaq bench` uses 200.
     #[arg(long, default_value_t = 0, value_name = "US",
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub poll_us: u32,
@@ -529,7 +529,7 @@ pub struct BenchArgs {
     pub json: bool,
     /// How long the card watches the data queue before asking for a notification, in µs, in
     /// the sweep and the loopback baseline (see `vdaq --poll-us`; 0 turns polling off).
-    #[arg(long, default_value_t = 50, value_name = "US",
+    #[arg(long, default_value_t = 200, value_name = "US",
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub poll_us: u32,
 }

@@ -47,6 +47,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if std::env::var("VDAQ_SYMBOLS").as_deref() == Ok("1") {
+        // For ci/tcg-profile.sh: where this position-independent binary was loaded.
+        println!("vdaq-app: symbol main at {:#x}", main as fn() -> ExitCode as usize);
+    }
     match reader::run(&params) {
         Ok(report) => {
             print_report(&report);

@@ -2,7 +2,7 @@
 //! counterpart), completions consumed in order of arrival, every sample verified with the wire
 //! crate's verifier, and the same report as the bare-metal guest.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io;
 use std::time::Duration;
 
@@ -77,6 +77,60 @@ pub struct Fatal(pub &'static str, pub io::Error);
 /// The buffer indices with a read in flight, one flag per buffer: the streaming loop's
 /// inserts and removes allocate nothing (a `BTreeSet` allocated and freed nodes per read).
 #[derive(Debug)]
+/// Reads that came back ahead of the stream, by sequence number: a vector sorted with the
+/// lowest sequence last, its capacity the number of buffers (each is parked at most once), so
+/// parking never allocates. A map would allocate and free a node as reads come and go, and
+/// musl's allocator hands the memory back each time: an munmap and a TLB flush per read.
+struct Parked {
+    /// (sequence, buffer index, used length), sequences descending.
+    reads: Vec<(u64, usize, usize)>,
+}
+
+impl Parked {
+    fn new(buffers: usize) -> Self {
+        Parked {
+            reads: Vec::with_capacity(buffers),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.reads.is_empty()
+    }
+
+    fn position(&self, sequence: u64) -> Result<usize, usize> {
+        self.reads
+            .binary_search_by(|&(parked, _, _)| sequence.cmp(&parked))
+    }
+
+    fn contains(&self, sequence: u64) -> bool {
+        self.position(sequence).is_ok()
+    }
+
+    /// Parks a read; false if its sequence is parked already.
+    fn insert(&mut self, sequence: u64, index: usize, used: usize) -> bool {
+        match self.position(sequence) {
+            Ok(_) => false,
+            Err(at) => {
+                self.reads.insert(at, (sequence, index, used));
+                true
+            }
+        }
+    }
+
+    /// The parked read with the lowest sequence.
+    fn first(&self) -> Option<(u64, usize, usize)> {
+        self.reads.last().copied()
+    }
+
+    fn pop_first(&mut self) -> Option<(u64, usize, usize)> {
+        self.reads.pop()
+    }
+
+    fn clear(&mut self) {
+        self.reads.clear();
+    }
+}
+
 struct InFlight {
     flags: Vec<bool>,
     count: usize,
@@ -149,7 +203,7 @@ struct Reader<'p> {
     /// Reads that came back with data, by the sequence number in their header, until the
     /// stream reaches them: io_uring posts completions in the order its task work runs, not
     /// in the order the device completed the reads.
-    waiting: BTreeMap<u64, (usize, usize)>,
+    waiting: Parked,
     /// Sequence number the stream continues with.
     next_sequence: u64,
     verifier: StreamVerifier,
@@ -264,9 +318,9 @@ impl Reader<'_> {
                 }
                 // Ahead of the stream: parked until the stream reaches it.
                 Some(sequence)
-                    if sequence >= self.next_sequence && !self.waiting.contains_key(&sequence) =>
+                    if sequence >= self.next_sequence && !self.waiting.contains(sequence) =>
                 {
-                    self.waiting.insert(sequence, (index, result as usize));
+                    self.waiting.insert(sequence, index, result as usize);
                 }
                 // No data, a sequence seen twice or one the stream has passed: judged at once
                 // (the verifier reports what is wrong with it).
@@ -282,11 +336,11 @@ impl Reader<'_> {
     /// is in flight any more, nothing can fill a gap: the lowest goes to the verifier anyway
     /// (which reports the gap).
     fn release(&mut self, report: &mut Report<'_>, resubmit: bool) -> io::Result<()> {
-        while let Some((&sequence, &(index, used))) = self.waiting.first_key_value() {
+        while let Some((sequence, index, used)) = self.waiting.first() {
             if sequence != self.next_sequence && !self.in_flight.is_empty() {
                 return Ok(());
             }
-            self.waiting.remove(&sequence);
+            self.waiting.pop_first();
             self.next_sequence = sequence + 1;
             self.consume_now(index, used as i32, report, resubmit, false)?;
         }
@@ -507,7 +561,7 @@ pub fn run<'p>(params: &'p Params) -> Result<Report<'p>, Fatal> {
         channels,
         in_flight: InFlight::new(params.reads),
         done: Vec::with_capacity(2 * params.reads),
-        waiting: BTreeMap::new(),
+        waiting: Parked::new(params.reads),
         next_sequence: 0,
         verifier,
         offset_ns,
@@ -883,7 +937,28 @@ fn fill_driver_stats(device: &Device, report: &mut Report<'_>) {
 
 #[cfg(test)]
 mod tests {
-    use super::InFlight;
+    use super::{InFlight, Parked};
+
+    #[test]
+    fn parked_reads_come_out_lowest_sequence_first_without_growing() {
+        let mut parked = Parked::new(4);
+        for (sequence, index) in [(12, 0), (10, 1), (13, 2), (11, 3)] {
+            assert!(parked.insert(sequence, index, 100 + index));
+        }
+        assert!(!parked.insert(13, 3, 0), "a sequence is parked once");
+        assert!(parked.contains(11) && !parked.contains(14));
+        assert_eq!(parked.reads.capacity(), 4);
+        let mut order = Vec::new();
+        while let Some((sequence, index, used)) = parked.first() {
+            assert_eq!(parked.pop_first(), Some((sequence, index, used)));
+            order.push((sequence, index, used));
+        }
+        assert_eq!(order, [(10, 1, 101), (11, 3, 103), (12, 0, 100), (13, 2, 102)]);
+        assert!(parked.is_empty());
+        parked.insert(1, 0, 0);
+        parked.clear();
+        assert!(parked.is_empty());
+    }
 
     #[test]
     fn in_flight_counts_each_index_once_and_lists_them_in_order() {

@@ -49,7 +49,10 @@ fn main() -> ExitCode {
     };
     if std::env::var("VDAQ_SYMBOLS").as_deref() == Ok("1") {
         // For ci/tcg-profile.sh: where this position-independent binary was loaded.
-        println!("vdaq-app: symbol main at {:#x}", main as fn() -> ExitCode as usize);
+        println!(
+            "vdaq-app: symbol main at {:#x}",
+            main as fn() -> ExitCode as usize
+        );
     }
     match reader::run(&params) {
         Ok(report) => {

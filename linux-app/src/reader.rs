@@ -953,7 +953,10 @@ mod tests {
             assert_eq!(parked.pop_first(), Some((sequence, index, used)));
             order.push((sequence, index, used));
         }
-        assert_eq!(order, [(10, 1, 101), (11, 3, 103), (12, 0, 100), (13, 2, 102)]);
+        assert_eq!(
+            order,
+            [(10, 1, 101), (11, 3, 103), (12, 0, 100), (13, 2, 102)]
+        );
         assert!(parked.is_empty());
         parked.insert(1, 0, 0);
         parked.clear();

@@ -1040,13 +1040,28 @@ static void __init vdaq_check_layouts(void)
 	BUILD_BUG_ON(offsetof(struct vdaq_ctrl_buf, payload) != 8);
 }
 
+static void vdaq_req_ctor(void *object)
+{
+	struct vdaq_req *req = object;
+
+	INIT_LIST_HEAD(&req->node);
+}
+
 static int __init vdaq_init(void)
 {
 	int err;
 
 	vdaq_check_layouts();
-	/* a read's request comes from here: no zeroing of its inline arrays */
-	vdaq_req_cache = KMEM_CACHE(vdaq_req, 0);
+	/*
+	 * A read's request comes from here. The constructor also exempts the
+	 * cache from init_on_alloc (on in Debian's kernels), which would zero
+	 * all of a request, inline arrays included, on every read: a memset
+	 * that TCG runs byte by byte (5 % of a TCG guest's time at 64 KiB).
+	 * vdaq_alloc_req() sets every field a read uses.
+	 */
+	vdaq_req_cache = kmem_cache_create("vdaq_req", sizeof(struct vdaq_req),
+					   __alignof__(struct vdaq_req), 0,
+					   vdaq_req_ctor);
 	if (!vdaq_req_cache)
 		return -ENOMEM;
 	vdaq_wq = alloc_workqueue("vdaq", WQ_HIGHPRI, 0);
